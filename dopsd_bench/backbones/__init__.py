@@ -1,0 +1,22 @@
+"""Backbone adapters: one class per architecture over its diffusers pipeline, registered by name in BACKBONES.
+
+    backbone = load_backbone("flux2-klein")                  # the embedded default model
+    backbone = load_backbone("flux2-klein", "path/or/hub-id", device="cuda")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dopsd_bench.registry import BACKBONES
+
+if TYPE_CHECKING:
+    from dopsd_bench.backbones.base import Backbone
+
+__all__ = ["BACKBONES", "load_backbone"]
+
+
+def load_backbone(name: str, model: str | None = None, device: str | None = None) -> Backbone:
+    """The registered backbone `name` loaded from `model` (a local path or hub id; None = its default model)."""
+    cls = BACKBONES.get(name)
+    return cls.from_pretrained(model or cls.default_model, device=device)

@@ -1,0 +1,122 @@
+"""The backbone contract: what methods, the training loop and scoring may ask of a model.
+
+Everything here speaks the suite's flow convention (dopsd_bench/flow.py). Latents are the backbone's own
+normalised latents in a 4-D (B, C, h, w) layout; methods only do element-wise maths on them. A conditioning
+(`Cond`) is a dict of tensors whose first dimension is the batch, so it can be sliced, repeated and
+concatenated without knowing the architecture (see `repeat_cond`, `cat_conds`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dopsd_bench import flow
+
+Cond = dict[str, torch.Tensor]
+
+
+def repeat_cond(cond: Cond, k: int) -> Cond:
+    """Tile a conditioning k times along the batch: [c0, c1] -> [c0, c1, c0, c1] for k=2."""
+    return {key: torch.cat([v] * k, dim=0) for key, v in cond.items()}
+
+
+def cat_conds(conds: list[Cond]) -> Cond:
+    """Concatenate conditionings of the same kind (same keys and sequence lengths) along the batch."""
+    return {key: torch.cat([c[key] for c in conds], dim=0) for key in conds[0]}
+
+
+def index_cond(cond: Cond, index) -> Cond:
+    return {key: v[index] for key, v in cond.items()}
+
+
+class Backbone(ABC):
+    """A text-to-image flow model behind one adapter. Subclasses hide their architecture's conventions."""
+
+    name: str = ""
+    native_steps: int = 4  # the few-step count the model was distilled for
+    resolution: int = 32  # square sample size in pixels
+    denoiser: nn.Module  # the module LoRA adapters attach to (a diffusers transformer)
+    device: torch.device = torch.device("cpu")
+
+    # ---- conditioning -------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Text-only conditioning (the student's view)."""
+
+    @abstractmethod
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
+        """Multimodal conditioning: prompt + reference image(s) (B, 3, H, W) in [-1, 1] (the teacher's view)."""
+
+    # ---- latents ------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> clean latents x0."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> pixels (B, 3, H, W) in [-1, 1]."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent at `resolution`."""
+
+    # ---- the model ----------------------------------------------------------------------------------
+    @abstractmethod
+    def predict_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """v = eps - x0 at noise level sigma (B,) for noisy latents x, in the suite's convention."""
+
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return flow.x0_from_velocity(x, self.predict_velocity(x, sigma, cond), sigma)
+
+    @abstractmethod
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The sampling schedule for `steps` steps: steps + 1 values from 1 down to 0, as the pipeline uses it."""
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """One fixed latent noise per seed, so every method is evaluated from the same starting points."""
+        shape = self.latent_shape()
+        out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(out).to(self.device)
+
+    @torch.no_grad()
+    def sample_latents(self, cond: Cond, seeds: list[int], steps: int | None = None) -> torch.Tensor:
+        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps."""
+        sig = self.sigmas(steps or self.native_steps).to(self.device)
+        x = self.noise(seeds)
+        for i in range(len(sig) - 1):
+            s = sig[i].expand(x.shape[0])
+            x = flow.euler_step(x, self.predict_velocity(x, s, cond), sig[i], sig[i + 1])
+        return x
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None,
+               references: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1]; with `references`, through the teacher (in-context) path."""
+        cond = self.encode_prompts(prompts) if references is None else self.encode_teacher(prompts, references)
+        return self.decode_latents(self.sample_latents(cond, seeds, steps)).clamp(-1, 1)
+
+    # ---- LoRA adapters (peft, saved in the diffusers LoRA format) ------------------------------------
+    @abstractmethod
+    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
+        """Attach a fresh LoRA adapter called `name` to the denoiser and make it active."""
+
+    @abstractmethod
+    def set_adapter(self, name: str | None) -> None:
+        """Activate one adapter by name; None disables all adapters (the untuned model)."""
+
+    @abstractmethod
+    def save_lora(self, path: str | Path, name: str) -> None:
+        """Write adapter `name` in the diffusers LoRA format (readable by `pipe.load_lora_weights`)."""
+
+    @abstractmethod
+    def load_lora(self, path: str | Path, name: str) -> None:
+        """Load a diffusers-format LoRA from `path` as adapter `name` and activate it."""
+
+    def lora_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter `name` (for optimisers and the EMA teacher)."""
+        return [p for n, p in self.denoiser.named_parameters() if f".{name}." in n and "lora_" in n]

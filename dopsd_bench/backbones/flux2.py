@@ -1,0 +1,179 @@
+"""`flux2-klein`: the adapter over diffusers' Flux2KleinPipeline (FLUX.2-klein and the embedded glyphworld model).
+
+Conventions hidden here: 2x2 patchified, batch-norm-normalised VAE latents; packed tokens with 4-D position ids
+(T, H, W, L); the transformer takes sigma (the pipeline passes timestep / 1000) and predicts v = eps - x0, which is
+already the suite's convention. The teacher context is the pipeline's own multi-reference mechanism: the target
+image is VAE-encoded and appended as reference tokens with the time offset T = 10 (`_prepare_image_ids`), and the
+output is sliced back to the generated tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.errors import UserError
+from dopsd_bench.registry import BACKBONES
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# names of the embedded models shipped in the package
+EMBEDDED = {"glyphworld": ASSETS / "glyphworld-turbo", "glyphworld-turbo": ASSETS / "glyphworld-turbo",
+            "glyphworld-base": ASSETS / "glyphworld-base"}
+# FLUX.2-klein's own settings, used when a model dir has no dopsd_bench.json sidecar
+FLUX2_KLEIN_SETTINGS = {"native_steps": 4, "resolution": 1024, "text_encoder_out_layers": [9, 18, 27],
+                        "max_sequence_length": 512}
+LORA_TARGETS = (r".*(attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
+                r"|to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out)$")
+
+
+def resolve_model(model: str) -> tuple[str, dict]:
+    """An embedded name, a local dir or a hub id -> (path or id, adapter settings)."""
+    path = EMBEDDED.get(model, Path(model))
+    if model in EMBEDDED and not (path / "model_index.json").exists():
+        raise UserError(f"embedded model {model!r} is not built: expected {path}/model_index.json; "
+                        "build it with `python scripts/build_world.py`")
+    settings = dict(FLUX2_KLEIN_SETTINGS)
+    sidecar = Path(path) / "dopsd_bench.json"
+    if sidecar.exists():
+        settings.update(json.loads(sidecar.read_text()))
+    return str(path), settings
+
+
+@BACKBONES.register("flux2-klein", description="FLUX.2-klein (Flux2KleinPipeline); default model: embedded glyphworld")
+class Flux2KleinBackbone(Backbone):
+    name = "flux2-klein"
+    default_model = "glyphworld"
+
+    def __init__(self, pipe, settings: dict, model_id: str, device: str | torch.device | None = None):
+        self.pipe = pipe
+        self.settings = settings
+        self.model_id = model_id
+        self.native_steps = int(settings["native_steps"])
+        self.resolution = int(settings["resolution"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.to(self.device)
+        self.denoiser = pipe.transformer
+        for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
+            module.requires_grad_(False)
+            module.eval()
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, device: str | None = None,
+                        dtype: torch.dtype | None = None) -> Flux2KleinBackbone:
+        from diffusers import Flux2KleinPipeline
+
+        model = model or cls.default_model
+        path, settings = resolve_model(model)
+        pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype)
+        return cls(pipe, settings, model_id=model, device=device)
+
+    # ---- conditioning -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            embeds = self.pipe._get_qwen3_prompt_embeds(
+                self.pipe.text_encoder, self.pipe.tokenizer, missing, device=self.device,
+                max_sequence_length=int(self.settings["max_sequence_length"]),
+                hidden_states_layers=list(self.settings["text_encoder_out_layers"]))
+            self._text_cache.update(zip(missing, embeds))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        embeds = self._text_embeds(list(prompts))
+        return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
+        cond = self.encode_prompts(prompts)
+        ref = self.encode_images(images)  # (B, C, h, w)
+        ids = self.pipe._prepare_image_ids([ref[:1]]).to(self.device)  # T = 10: the first reference slot
+        cond["ref_latents"] = self.pipe._pack_latents(ref)
+        cond["ref_ids"] = ids.expand(ref.shape[0], -1, -1).contiguous()
+        return cond
+
+    # ---- latents ------------------------------------------------------------------------------------
+    def _bn(self) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.pipe.vae.dtype)
+        latents = self.pipe.vae.encode(images).latent_dist.mode()
+        mean, std = self._bn()
+        return (self.pipe._patchify_latents(latents) - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._bn()
+        latents = self.pipe._unpatchify_latents(latents.to(self.pipe.vae.dtype) * std + mean)
+        return self.pipe.vae.decode(latents, return_dict=False)[0].float()
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // (self.pipe.vae_scale_factor * 2)
+        return (self.pipe.transformer.config.in_channels, side, side)
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def predict_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.pipe._pack_latents(x)
+        ids = self.pipe._prepare_latent_ids(x).to(self.device)
+        if "ref_latents" in cond:
+            tokens = torch.cat([tokens, cond["ref_latents"].to(tokens.dtype)], dim=1)
+            ids = torch.cat([ids, cond["ref_ids"]], dim=1)
+        sigma = torch.as_tensor(sigma, device=self.device, dtype=tokens.dtype).expand(b)
+        out = self.pipe.transformer(hidden_states=tokens.to(self.denoiser.dtype), timestep=sigma,
+                                    encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["text_ids"],
+                                    img_ids=ids, guidance=None, return_dict=False)[0]
+        return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w).to(x.dtype)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """As Flux2KleinPipeline.__call__ computes them (linspace, then the scheduler's shift)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        seq_len = self.latent_shape()[1] * self.latent_shape()[2]
+        kwargs = {"mu": compute_empirical_mu(seq_len, steps)} if scheduler.config.use_dynamic_shifting else {}
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", **kwargs)
+        return scheduler.sigmas.float()
+
+    # ---- LoRA -----------------------------------------------------------------------------------------
+    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                            target_modules=LORA_TARGETS)
+        self.denoiser.add_adapter(config, adapter_name=name)
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            if name is None:
+                return
+            raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
+        if name is None:
+            self.denoiser.disable_adapters()
+        else:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(name)
+
+    def save_lora(self, path: str | Path, name: str) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=name)
+        # the adapter config as metadata, so load_lora_weights restores lora_alpha (scale) and not only the rank
+        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=self.denoiser.peft_config[name].to_dict())
+
+    def load_lora(self, path: str | Path, name: str) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+        self.set_adapter(name)

@@ -1,0 +1,163 @@
+"""Tiny random-config pipelines of the real diffusers architectures, built in-process with no hub access.
+
+Used by the tests (like diffusers' own tiny configs) and, with trained weights, as the architecture of the embedded
+"glyphworld" model. The tokenizer is a byte-level BPE trained here on a small caption corpus (transformers 5
+builds a Qwen2 tokenizer from a vocab and merges).
+
+    python -c "from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline as t; print(t())"
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+# a plain chat template: the Flux2 pipelines call apply_chat_template on every prompt
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def default_corpus() -> list[str]:
+    """Captions of the embedded world plus filler words, so common words become single tokens."""
+    import numpy as np
+
+    from dopsd_bench.world import render as R
+
+    rng = np.random.default_rng(0)
+    lines = [R.caption(R.random_scene(rng)) for _ in range(400)]
+    lines += [" ".join(R.HELD_OUT_GLYPHS) + " " + " ".join(R.HELD_OUT_STYLES)] * 20
+    lines += ["a photo of a dog", "a painting in the style of sks", "a cat on a mat"] * 5
+    return lines
+
+
+def bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A Qwen2 (byte-level BPE) tokenizer trained on `corpus`, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus or default_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    qtok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    qtok.chat_template = CHAT_TEMPLATE
+    return qtok
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int, int] = (1, 2), latent_channels: int = 8,
+                              vae_channels: tuple[int, ...] = (32, 64, 64), corpus: list[str] | None = None):
+    """A random-init Flux2KleinPipeline: Qwen3 text encoder, Flux2 DiT, Flux2 VAE (4x down), 32x32 images.
+
+    Returns (pipe, settings) where settings is the adapter's sidecar (dopsd_bench.json) for this model.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(corpus)
+    text_hidden = 64
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=128, num_hidden_layers=max(layers),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=True))
+    heads = width // 32
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=3, attention_head_dim=32,
+        num_attention_heads=heads, joint_attention_dim=text_hidden * len(layers), timestep_guidance_channels=64,
+        mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+    n = len(vae_channels)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=vae_channels, layers_per_block=1, latent_channels=latent_channels, norm_num_groups=16,
+        sample_size=32, mid_block_add_attention=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)
+    settings = {"native_steps": 4, "resolution": 32, "text_encoder_out_layers": list(layers),
+                "max_sequence_length": 24}
+    return pipe, settings
+
+
+# Qwen3's chat format (what Z-Image's pipeline applies, with enable_thinking=True) and Qwen3-VL's for [image, text]
+# user turns; enough of the real templates for single user messages
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>"]
+
+
+def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4, corpus: list[str] | None = None):
+    """A random-init ZImagePipeline (Qwen3 text encoder, Z-Image DiT, 4x-down AutoencoderKL, 32x32 images) and
+    its teacher: a tiny Qwen3-VL whose text config is the text encoder's.
+
+    Returns (pipe, settings, teacher): settings is the adapter's sidecar (dopsd_bench.json) and names the teacher's
+    folder inside the model dir, so save with
+
+        pipe.save_pretrained(d); teacher.save_pretrained(d / settings["vl_model"])
+        (d / "dopsd_bench.json").write_text(json.dumps(settings))
+    """
+    import copy
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from dopsd_bench.backbones.zimage import TeacherVL
+
+    torch.manual_seed(seed)
+    tokenizer = bpe_tokenizer(corpus)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
+    text_encoder = Qwen3Model(Qwen3Config(**text_config, tie_word_embeddings=True))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=text_config["hidden_size"],
+        axes_dims=[8, 4, 4], axes_lens=[512, 32, 32])
+    with torch.no_grad():  # created with torch.empty; fix them so saved weights are finite
+        transformer.x_pad_token.normal_(std=0.02)
+        transformer.cap_pad_token.normal_(std=0.02)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+    # the teacher: Qwen3-VL built from the text encoder's config and a tiny vision tower
+    vl_tokenizer = copy.deepcopy(tokenizer)
+    vl_tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    ids = {name: vl_tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    head_dim = text_config["head_dim"]
+    vl_config = Qwen3VLConfig(
+        text_config={**text_config, "rope_parameters": {"rope_type": "default", "rope_theta": text_encoder.config.
+                                                        rope_parameters["rope_theta"],
+                                                        "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+                                                        "mrope_interleaved": True}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+                       "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": text_config["hidden_size"],
+                       "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        **ids)
+    vl_model = Qwen3VLForConditionalGeneration(vl_config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                               min_pixels=32 * 32, max_pixels=32 * 32,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    teacher = TeacherVL(vl_model, vl_tokenizer, image_processor, QWEN3_VL_CHAT_TEMPLATE)
+    settings = {"native_steps": 4, "resolution": 32, "max_sequence_length": 48, "teacher_max_length": 96,
+                "vl_model": "teacher_vl", "vl_min_pixels": 32 * 32, "vl_max_pixels": 32 * 32}
+    return pipe, settings, teacher

@@ -1,0 +1,306 @@
+"""`z-image`: the adapter over diffusers' ZImagePipeline (Z-Image-Turbo).
+
+Conventions hidden here (read off ZImagePipeline.__call__):
+- the transformer takes t = 1 - sigma (the pipeline passes (1000 - timestep) / 1000) and a list of (C, 1, h, w)
+  latents, and predicts -(eps - x0): the pipeline negates its output before the Euler step;
+- latents are normalised as (z - shift_factor) * scaling_factor of the AutoencoderKL;
+- prompts go through the Qwen3 chat template, the text encoder's hidden_states[-2], and are cut to their real
+  length (a list of variable-length embeddings). Here a Cond holds them padded to a fixed length plus a mask, so
+  conds can be sliced, repeated and concatenated; the padding is dropped again before the transformer.
+
+Teacher context, as the paper's released code does it (z-image-turbo_self-distill-vlm/vlm_utils.py): a Qwen3-VL
+model whose language-model weights are those of Z-Image's Qwen3 text encoder reads the chat-templated image +
+prompt, and the DiT gets its hidden_states[-2]. The image reaches the DiT only through these tokens. The VL model
+comes from `vl_model` (a path or hub id; default Qwen/Qwen3-VL-4B-Instruct, as the paper) and is loaded on the
+first teacher call; its processing (chat template, Qwen2-VL image patches, one <|image_pad|> per merged patch) is
+done here with the tokenizer and the PIL image processor, because transformers' Qwen3VLProcessor also needs
+torchvision for its video half.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.errors import UserError
+from dopsd_bench.registry import BACKBONES
+
+# Z-Image-Turbo's own settings, used when a model dir has no dopsd_bench.json sidecar. The model card samples with
+# num_inference_steps=9 and guidance_scale=0; the teacher settings are those of the paper's training script.
+Z_IMAGE_SETTINGS = {"native_steps": 9, "resolution": 1024, "max_sequence_length": 512, "teacher_max_length": 1024,
+                    "vl_model": "Qwen/Qwen3-VL-4B-Instruct", "vl_min_pixels": 512 * 512, "vl_max_pixels": 768 * 768}
+# the paper's LoRA targets (attention and SwiGLU projections of every block, refiners included)
+LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+SIDECAR = "dopsd_bench.json"
+
+
+def resolve_model(model: str) -> tuple[str, dict]:
+    """A local dir or hub id -> (path or id, adapter settings); a local dir may carry a dopsd_bench.json sidecar."""
+    settings = dict(Z_IMAGE_SETTINGS)
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(f"{model} is not a diffusers pipeline folder: expected {path}/model_index.json")
+        if (path / SIDECAR).exists():
+            settings.update(json.loads((path / SIDECAR).read_text()))
+        vl = Path(settings["vl_model"])
+        if not vl.is_absolute() and (path / vl).is_dir():  # a VL model shipped inside the model dir
+            settings["vl_model"] = str(path / vl)
+    return str(model), settings
+
+
+# ---- the teacher's vision-language encoder -------------------------------------------------------------------
+class TeacherVL:
+    """Qwen3-VL with Z-Image's text encoder as its language model: (prompt, image) -> hidden_states[layer]."""
+
+    def __init__(self, model, tokenizer, image_processor, chat_template: str):
+        self.model = model  # transformers Qwen3VLForConditionalGeneration
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor  # Qwen2VLImageProcessorPil
+        self.chat_template = chat_template
+        self.image_token = "<|image_pad|>"
+        self.image_token_id = model.config.image_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                        dtype: torch.dtype | None = None) -> TeacherVL:
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        local = Path(path)
+        if not local.is_dir():
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(path))
+        model = Qwen3VLForConditionalGeneration.from_pretrained(local, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(local, **pixels)
+        # the processor's template (what AutoProcessor would apply) wins over the tokenizer's
+        template = None
+        if (local / "chat_template.jinja").exists():
+            template = (local / "chat_template.jinja").read_text()
+        elif (local / "chat_template.json").exists():
+            template = json.loads((local / "chat_template.json").read_text())["chat_template"]
+        template = template or tokenizer.chat_template
+        if not template:
+            raise UserError(f"the VL model at {path} has no chat template (chat_template.jinja/.json or tokenizer's)")
+        return cls(model, tokenizer, image_processor, template)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        (path / "chat_template.jinja").write_text(self.chat_template)
+
+    def attach_text_encoder(self, text_encoder: torch.nn.Module) -> None:
+        """Make the VL language model use the text encoder's weights (shared tensors, no copy)."""
+        lm = self.model.model.language_model
+        source = text_encoder.state_dict()
+        target = lm.state_dict()
+        missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
+        wrong = [k for k in target if k in source and source[k].shape != target[k].shape]
+        if missing or unexpected or wrong:
+            raise UserError(
+                "the VL model's language model does not match Z-Image's text encoder: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}; "
+                "pass a Qwen3-VL checkpoint of the same text size as --vl-model")
+        p = next(text_encoder.parameters())
+        self.model.to(device=p.device, dtype=p.dtype)
+        lm.load_state_dict(source, strict=True, assign=True)
+
+    def inputs(self, prompt: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What Qwen3VLProcessor would give for one user turn [image, prompt]; `image` (3, H, W) in [0, 1]."""
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.tokenizer.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+        pixels = self.image_processor(images=[image.float().cpu()], do_rescale=False, return_tensors="pt")
+        merge = self.image_processor.merge_size
+        n_tokens = int(pixels["image_grid_thw"][0].prod()) // (merge * merge)
+        if text.count(self.image_token) != 1:
+            raise ValueError(f"the VL chat template must emit one {self.image_token} per image, got: {text!r}")
+        text = text.replace(self.image_token, self.image_token * n_tokens)
+        ids = self.tokenizer(text, return_tensors="pt")
+        return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
+                "mm_token_type_ids": (ids["input_ids"] == self.image_token_id).int(),
+                "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+
+    @torch.no_grad()
+    def hidden_states(self, prompts: list[str], images: torch.Tensor, max_length: int,
+                      layer: int = -2) -> list[torch.Tensor]:
+        """Per sample (L_i, D) hidden states of the language model at `layer`, images (B, 3, H, W) in [0, 1]."""
+        p = next(self.model.parameters())
+        out = []
+        for prompt, image in zip(prompts, images):  # one at a time, as the paper: no padding inside the VL model
+            inputs = {k: v.to(p.device) for k, v in self.inputs(prompt, image).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(p.dtype)
+            hs = self.model.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+            out.append(hs.hidden_states[layer][0][inputs["attention_mask"][0].bool()][:max_length])
+        return out
+
+
+# ---- the backbone ------------------------------------------------------------------------------------------------
+@BACKBONES.register("z-image", description="Z-Image-Turbo (ZImagePipeline)")
+class ZImageBackbone(Backbone):
+    name = "z-image"
+    default_model = "Tongyi-MAI/Z-Image-Turbo"
+
+    def __init__(self, pipe, settings: dict, model_id: str, device: str | torch.device | None = None,
+                 teacher: TeacherVL | None = None):
+        self.pipe = pipe
+        self.settings = settings
+        self.model_id = model_id
+        self.native_steps = int(settings["native_steps"])
+        self.resolution = int(settings["resolution"])
+        self.max_sequence_length = int(settings["max_sequence_length"])
+        self.teacher_max_length = int(settings["teacher_max_length"])
+        # one padded length for text and teacher conds, so any two conds of this backbone concatenate
+        self.cond_length = max(self.max_sequence_length, self.teacher_max_length)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.to(self.device)
+        self.denoiser = pipe.transformer
+        for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
+            module.requires_grad_(False)
+            module.eval()
+        self._teacher = teacher
+        if teacher is not None:
+            self._prepare_teacher(teacher)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+                        vl_model: str | None = None) -> ZImageBackbone:
+        from diffusers import ZImagePipeline
+
+        model = model or cls.default_model
+        path, settings = resolve_model(model)
+        if vl_model is not None:
+            settings["vl_model"] = vl_model
+        pipe = ZImagePipeline.from_pretrained(path, torch_dtype=dtype)
+        return cls(pipe, settings, model_id=model, device=device)
+
+    # ---- conditioning -------------------------------------------------------------------------------
+    def _pad(self, embeds: list[torch.Tensor]) -> Cond:
+        d = embeds[0].shape[-1]
+        out = embeds[0].new_zeros(len(embeds), self.cond_length, d)
+        mask = torch.zeros(len(embeds), self.cond_length, dtype=torch.bool, device=out.device)
+        for i, e in enumerate(embeds):
+            out[i, : len(e)] = e
+            mask[i, : len(e)] = True
+        return {"prompt_embeds": out, "prompt_mask": mask}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            # the pipeline's own encoding (chat template, hidden_states[-2], cut to the real length)
+            embeds = self.pipe._encode_prompt(list(missing), device=self.device,
+                                              max_sequence_length=self.max_sequence_length)
+            self._text_cache.update(zip(missing, embeds))
+        return self._pad([self._text_cache[p] for p in prompts])
+
+    @property
+    def teacher(self) -> TeacherVL:
+        if self._teacher is None:
+            s = self.settings
+            teacher = TeacherVL.from_pretrained(s["vl_model"], s.get("vl_min_pixels"), s.get("vl_max_pixels"),
+                                                dtype=self.pipe.text_encoder.dtype)
+            self._prepare_teacher(teacher)
+            self._teacher = teacher
+        return self._teacher
+
+    def _prepare_teacher(self, teacher: TeacherVL) -> None:
+        teacher.attach_text_encoder(self.pipe.text_encoder)
+        teacher.model.requires_grad_(False)
+        teacher.model.eval()
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"encode_teacher needs one image per prompt, got {len(prompts)} prompts and "
+                             f"{images.shape[0]} images")
+        pixels = ((images.float() + 1) / 2).clamp(0, 1)  # the paper hands the VL processor [0, 1] tensors
+        return self._pad(self.teacher.hidden_states(list(prompts), pixels, self.teacher_max_length))
+
+    # ---- latents ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents, return_dict=False)[0].float()
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+        return (self.pipe.transformer.config.in_channels, side, side)
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def predict_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b = x.shape[0]
+        dtype = self.denoiser.dtype
+        t = 1 - torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(b)  # Z-Image: t = 1 - sigma
+        latents = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, h, w) per sample
+        embeds = cond["prompt_embeds"].to(dtype)
+        caps = [e[m] for e, m in zip(embeds, cond["prompt_mask"])]
+        out = self.denoiser(latents, t, caps, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2).to(x.dtype)  # the model predicts x0 - eps
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """As ZImagePipeline.__call__ computes them: linspace(1, 1/steps), the scheduler's shift, then 0."""
+        from diffusers.pipelines.z_image.pipeline_z_image import (
+            calculate_shift,
+            get_default_z_image_sigmas,
+            retrieve_timesteps,
+        )
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        _, h, w = self.latent_shape()
+        cfg = scheduler.config
+        mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, steps, "cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
+        return scheduler.sigmas.float().cpu()
+
+    # ---- LoRA -----------------------------------------------------------------------------------------
+    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                            target_modules=LORA_TARGETS)
+        self.denoiser.add_adapter(config, adapter_name=name)
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            if name is None:
+                return
+            raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
+        if name is None:
+            self.denoiser.disable_adapters()
+        else:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(name)
+
+    def save_lora(self, path: str | Path, name: str) -> None:
+        """diffusers LoRA format: `transformer.`-prefixed peft keys plus the adapter config as metadata."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=name)
+        metadata = self.denoiser.peft_config[name].to_dict()
+        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=metadata)
+
+    def load_lora(self, path: str | Path, name: str) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+        self.set_adapter(name)

@@ -1,0 +1,192 @@
+"""The `dopsd-bench` command line (typer + rich).
+
+    dopsd-bench run --method dopsd --task style               # train, sample, score one cell -> runs/...
+    dopsd-bench run --method sft --task concept --instance kwel --steps 50 --set weighting=logit_normal
+    dopsd-bench eval --lora path/to/adapter --task style      # score an adapter trained elsewhere
+    dopsd-bench list methods                                  # also: tasks, backbones, metrics
+    dopsd-bench --methods-path my_methods/ list methods       # third-party methods (or DOPSD_BENCH_METHODS_PATH)
+
+Bad input (an unknown name, an invalid task or config) prints one red line to stderr and exits 2, without a
+traceback; anything else is a bug and keeps its traceback. Commands that live in other modules are added at the
+bottom of this file, one line each.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dopsd_bench import __version__
+from dopsd_bench.errors import UnknownNameError, UserError
+from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
+
+app = typer.Typer(name="dopsd-bench", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Benchmark suite and training harness for tuning step-distilled text-to-image models.")
+world_app = typer.Typer(no_args_is_help=True, help="The embedded procedural world and its models.")
+app.add_typer(world_app, name="world")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line, however narrow the terminal
+LIST_KINDS = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES, "metrics": METRICS}
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", highlight=False)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError (unknown names, bad tasks, bad configs) into one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dopsd-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@user_errors
+def main(
+    methods_path: Annotated[list[Path] | None, typer.Option(
+        "--methods-path", help="a .py file or folder of third-party methods to register (repeatable); "
+        "DOPSD_BENCH_METHODS_PATH works too")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    for path in methods_path or []:
+        if not path.exists():
+            raise UserError(f"--methods-path {path} does not exist; give a method .py file or a folder of them")
+        METHODS.add_path(path)
+
+
+# ---- run / eval -----------------------------------------------------------------------------------------------
+def _task_and_instance(task: str, instance: str | None) -> tuple[str, str]:
+    """Validate the task and its instance data before any run dir exists; a task file path becomes absolute."""
+    from dopsd_bench.tasks import load_task
+
+    spec = load_task(task)
+    inst = spec.instance(instance).name
+    spec.check(inst)
+    if spec.path is not None and task.endswith((".yaml", ".yml")):
+        task = str(spec.path.resolve())
+    return task, inst
+
+
+@app.command()
+@user_errors
+def run(
+    method: Annotated[str, typer.Option(help="method name (see `dopsd-bench list methods`)")] = "dopsd",
+    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
+    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
+    backbone: Annotated[str, typer.Option(help="backbone adapter (see `dopsd-bench list backbones`)")] = "flux2-klein",
+    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed (evaluation prompts and seeds are fixed by the task)")] = 0,
+    steps: Annotated[int | None, typer.Option(help="training steps (default: the method's)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="training batch size (default: the method's)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: the method's)")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the method's)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="method config override key=value (repeatable), e.g. --set teacher=frozen")] = None,
+    out_dir: Annotated[str, typer.Option("--out", help="results root; the run dir is OUT/<cell id>")] = "runs",
+    force: Annotated[bool, typer.Option(help="re-run a cell that already has a result.json")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an unfinished cell from its last checkpoint")] = False,
+    checkpoint_every: Annotated[int | None, typer.Option(help="save a training checkpoint every N steps")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
+) -> None:
+    """Train one method on one task instance, sample at the backbone's native steps, score, and write a run dir."""
+    from dopsd_bench.runconfig import RunConfig, parse_overrides
+
+    overrides = parse_overrides(set_ or [])
+    task, instance = _task_and_instance(task, instance)  # cheapest first: methods and backbones import torch
+    METHODS.get(method)
+    BACKBONES.get(backbone)
+    cfg = RunConfig(method=method, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
+                    steps=steps, batch_size=batch_size, lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
+                    force=force, resume=resume, checkpoint_every=checkpoint_every, device=device)
+    from dopsd_bench import runner
+
+    runner.run_cell(cfg)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    lora: Annotated[Path, typer.Option(help="a LoRA in the diffusers format (file or folder), trained anywhere")],
+    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
+    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
+    backbone: Annotated[str, typer.Option(help="backbone adapter the LoRA was trained for")] = "flux2-klein",
+    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
+    name: Annotated[str, typer.Option(help="method label for the results (as `method` in result.json)")] = "lora",
+    seed: Annotated[int, typer.Option(help="seed label of the cell (sampling seeds are fixed by the task)")] = 0,
+    out_dir: Annotated[str, typer.Option("--out", help="results root; the run dir is OUT/<cell id>")] = "runs",
+    force: Annotated[bool, typer.Option(help="re-score a cell that already has a result.json")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
+) -> None:
+    """Score an adapter trained elsewhere with the same protocol as `run` (same prompts, seeds and metrics)."""
+    from dopsd_bench.runconfig import RunConfig
+
+    if not lora.exists():
+        raise UserError(f"--lora {lora} does not exist; give a diffusers-format LoRA file or folder")
+    task, instance = _task_and_instance(task, instance)
+    BACKBONES.get(backbone)
+    cfg = RunConfig(method=name, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
+                    out_dir=out_dir, force=force, device=device, lora=str(lora.resolve()))
+    from dopsd_bench import runner
+
+    runner.eval_cell(cfg)
+
+
+# ---- list -----------------------------------------------------------------------------------------------------
+@app.command("list")
+@user_errors
+def list_(what: Annotated[str, typer.Argument(help="methods, tasks, backbones or metrics")]) -> None:
+    """List the registered methods, tasks, backbones or metrics with one-line descriptions."""
+    if what not in LIST_KINDS:
+        raise UnknownNameError("kind", what, list(LIST_KINDS))
+    registry = LIST_KINDS[what]
+    table = Table(title=f"{what} ({len(registry.names())})", title_justify="left")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    for name, description in registry.describe().items():
+        table.add_row(escape(name), escape(description))  # descriptions may hold [brackets]
+    out.print(table)
+
+
+# ---- commands from other modules: one line each ----------------------------------------------------------------
+def add_command(target: typer.Typer, name: str, ref: str) -> None:
+    """Register `module:function` as a command once that module and function exist (they land independently);
+    an import error inside an existing module is a bug and propagates."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return
+    if hasattr(module, attr):
+        target.command(name)(user_errors(getattr(module, attr)))
+
+
+add_command(app, "sweep", "dopsd_bench.sweep:sweep_command")
+add_command(app, "leaderboard", "dopsd_bench.leaderboard:leaderboard_command")
+add_command(app, "report", "dopsd_bench.report:report_command")
+add_command(app, "check", "dopsd_bench.check:check_command")
+add_command(world_app, "check", "dopsd_bench.world.check:check_command")

@@ -1,0 +1,232 @@
+"""`dopsd-bench leaderboard`: run dirs -> Markdown tables with 95% intervals and deltas vs `base` and `sft`.
+
+    dopsd-bench leaderboard --results runs/grid                       # Markdown to stdout
+    dopsd-bench leaderboard --results runs/grid --out leaderboards/embedded.md --csv --parquet \
+        --save-baseline leaderboards/embedded_baseline.json
+Tiny CPU example (after a tiny sweep): `dopsd-bench leaderboard --results /tmp/sw`.
+
+One section per (backbone, task, budget); rows are methods, columns metrics. Three tables per section: scores
+(mean [95% CI]), the paired delta vs `base` and the paired delta vs `sft` (both with 95% CI), where ▲ marks a
+significantly better and ▼ a significantly worse difference (the interval excludes 0; direction from the metric's
+higher_is_better). Intervals are paired bootstraps, see dopsd_bench/stats.py. CSV/Parquet hold the same numbers
+in long form, one row per (backbone, task, budget, method, metric); they are written next to --out (or into the
+results dir). The baseline file (--save-baseline) is what `dopsd-bench check` compares new results with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from rich.console import Console
+
+from dopsd_bench.stats import REFERENCES, compare
+from dopsd_bench.store import Results, load_results
+
+KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_fd", "diversity",
+               "copying")
+METHOD_ORDER = ("base", "sft")
+BASELINE_SCHEMA = 1
+DEFAULT_TOLERANCE = 0.05  # relative to |baseline mean|
+console = Console(stderr=True)
+
+
+def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "run") -> pd.DataFrame:
+    """The leaderboard in long form (stats.compare over the loaded samples), with rows in display order."""
+    table = compare(res.samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
+    if table.empty:
+        return table
+    table["method_rank"] = table["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    table["metric_rank"] = table["metric"].map(lambda m: KEY_METRICS.index(m) if m in KEY_METRICS else 99)
+    table = table.sort_values(["backbone", "task", "budget", "method_rank", "method", "metric_rank", "metric"])
+    return table.drop(columns=["method_rank", "metric_rank"]).reset_index(drop=True)
+
+
+def fmt(x: float, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    s = f"{x:+.3g}" if signed else f"{x:.3g}"
+    return s
+
+
+def _interval(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    if math.isnan(lo):
+        return fmt(mean, signed)
+    return f"{fmt(mean, signed)} [{fmt(lo, signed)}, {fmt(hi, signed)}]"
+
+
+def _marker(better: int) -> str:
+    return {1: " ▲", -1: " ▼"}.get(int(better), "")
+
+
+def metric_order(table: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(table["metric"]))
+    return [m for m in KEY_METRICS if m in present] + sorted(m for m in present if m not in KEY_METRICS)
+
+
+def display_metrics(table: pd.DataFrame) -> list[str]:
+    """The Markdown columns: everything except the step curve (the report draws it) and the untuned model's and
+    the references' own values (the same in every row). CSV, Parquet and the baseline keep every metric."""
+    return [m for m in metric_order(table)
+            if not m.startswith("step_curve.") and not m.endswith(("_untuned", "_oracle"))]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+Rows = tuple[list[str], list[list[str]]]  # (header, rows) of display strings
+
+
+def section_tables(group: pd.DataFrame, metrics: list[str] | None = None) -> dict[str, Rows]:
+    """For one (backbone, task, budget): {'scores' | 'vs base' | 'vs sft': (header, rows)} of display strings."""
+    metrics = [m for m in (metrics or display_metrics(group)) if m in set(group["metric"])]
+    hib = group.groupby("metric")["higher_is_better"].first().to_dict()
+    header = ["method", "n"] + [f"{m} {'↑' if hib[m] else '↓'}" for m in metrics]
+    methods = list(dict.fromkeys(group["method"]))
+    by = group.set_index(["method", "metric"])
+    out: dict[str, tuple[list[str], list[list[str]]]] = {}
+    scores = []
+    for method in methods:
+        n = int(group[group["method"] == method]["n_cells"].max())
+        row = [method, str(n)]
+        for m in metrics:
+            r = by.loc[(method, m)] if (method, m) in by.index else None
+            row.append("–" if r is None else _interval(r["mean"], r["lo"], r["hi"]))
+        scores.append(row)
+    out["scores"] = (header, scores)
+    for ref in REFERENCES:
+        if ref not in methods:
+            continue
+        rows = []
+        for method in methods:
+            if method == ref:
+                continue
+            row = [method, str(int(group[group["method"] == method]["n_cells"].max()))]
+            for m in metrics:
+                r = by.loc[(method, m)] if (method, m) in by.index else None
+                if r is None or r[f"d_{ref}_n"] == 0:
+                    row.append("–")
+                else:
+                    row.append(_interval(r[f"d_{ref}"], r[f"d_{ref}_lo"], r[f"d_{ref}_hi"], signed=True)
+                               + _marker(r[f"better_{ref}"]))
+            rows.append(row)
+        out[f"vs {ref}"] = (header, rows)
+    return out
+
+
+def sections(table: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.DataFrame]]:
+    return [(key, g) for key, g in table.groupby(["backbone", "task", "budget"], sort=False)]
+
+
+def render_markdown(table: pd.DataFrame, metrics: list[str] | None = None, n_boot: int = 2000,
+                    command: str | None = None) -> str:
+    if table.empty:
+        return "_No complete results found._\n"
+    units = sorted(set(table["unit"]))
+    parts = [(
+        "Mean [95% CI]. Intervals: paired bootstrap over instances × prompts × seeds "
+        f"(resampling unit: {', '.join(units)}; B = {n_boot}). Δ columns are paired differences "
+        "(same task, instance, seed and prompt); ▲ / ▼ = significantly better / worse (CI excludes 0). "
+        "↑ / ↓ = higher / lower is better; n = runs."
+    )]
+    if command:
+        parts.append(f"Produced by: `{command}`")
+    multi_backbone = table["backbone"].nunique() > 1
+    for (backbone, task, budget), g in sections(table):
+        title = f"## {task}" + (f" · {backbone}" if multi_backbone else "") + f" · budget {budget}"
+        parts.append(title)
+        for name, (header, rows) in section_tables(g, metrics).items():
+            if rows:
+                label = "Scores" if name == "scores" else f"Δ {name}"
+                parts.append(f"**{label}**\n\n" + _md_table(header, rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def baseline_from_table(table: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE, results: str = "",
+                        n_boot: int = 2000, unit: str = "run") -> dict[str, Any]:
+    """The file `check` reads: per (backbone, task, budget, method, metric) the mean, its CI and a tolerance."""
+    entries = []
+    for _, r in table.iterrows():
+        entries.append({
+            "backbone": r["backbone"], "task": r["task"], "budget": r["budget"], "method": r["method"],
+            "metric": r["metric"], "higher_is_better": bool(r["higher_is_better"]), "n_cells": int(r["n_cells"]),
+            "mean": float(r["mean"]), "lo": None if math.isnan(r["lo"]) else float(r["lo"]),
+            "hi": None if math.isnan(r["hi"]) else float(r["hi"]),
+            "tolerance": float(tolerance * abs(r["mean"])),
+        })
+    return {
+        "schema_version": BASELINE_SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "results": results,
+        "n_boot": n_boot,
+        "unit": unit,
+        "tolerance_rel": tolerance,
+        "entries": entries,
+    }
+
+
+def write_outputs(table: pd.DataFrame, results: Path, out: Path | None, csv: bool, parquet: bool) -> list[Path]:
+    stem = out.with_suffix("") if out else Path(results) / "leaderboard"
+    written = []
+    if csv:
+        path = stem.with_suffix(".csv")
+        table.to_csv(path, index=False)
+        written.append(path)
+    if parquet:
+        path = stem.with_suffix(".parquet")
+        table.to_parquet(path, index=False)
+        written.append(path)
+    return written
+
+
+def leaderboard_command(
+    results: Annotated[Path, typer.Option(help="results root: a sweep's --out dir")],
+    out: Annotated[Path | None, typer.Option(help="write the Markdown here instead of stdout")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="also write the long table as CSV (next to --out)")] = False,
+    parquet: Annotated[bool, typer.Option("--parquet", help="also write it as Parquet (next to --out)")] = False,
+    save_baseline: Annotated[Path | None, typer.Option(help="write the baseline file that `check` reads")] = None,
+    tolerance: Annotated[float, typer.Option(help="baseline tolerance, relative to |mean|")] = DEFAULT_TOLERANCE,
+    metrics: Annotated[str | None, typer.Option(help="comma-separated metric columns (default: all)")] = None,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    unit: Annotated[str, typer.Option(help="resampling unit: run (cluster bootstrap) or sample")] = "run",
+) -> None:
+    """Aggregate run dirs into a leaderboard with paired-bootstrap 95% intervals."""
+    import shlex
+    import sys
+
+    if unit not in ("run", "sample"):
+        console.print(f"[red]error:[/red] --unit must be run or sample, got {unit!r}")
+        raise typer.Exit(2)
+    try:
+        res = load_results(results)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if res.empty:
+        console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
+        raise typer.Exit(2)
+    table = build_table(res, n_boot=n_boot, seed=seed, unit=unit)
+    md = render_markdown(table, metrics=metrics.split(",") if metrics else None, n_boot=n_boot,
+                         command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md)
+        console.print(f"wrote {out}")
+    else:
+        print(md)
+    for path in write_outputs(table, results, out, csv, parquet):
+        console.print(f"wrote {path}")
+    if save_baseline:
+        baseline = baseline_from_table(table, tolerance, str(results), n_boot, unit)
+        save_baseline.parent.mkdir(parents=True, exist_ok=True)
+        save_baseline.write_text(json.dumps(baseline, indent=1) + "\n")
+        console.print(f"wrote baseline {save_baseline} ({len(baseline['entries'])} entries)")

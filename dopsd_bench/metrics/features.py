@@ -1,0 +1,242 @@
+"""Feature backbones for scoring: the world judge (embedded world) and DINOv2 + CLIP (real images).
+
+A `FeatureExtractor` turns images (B, 3, H, W) in [-1, 1] into what the metrics need:
+- `embed(images) -> (B, D)`: the feature used for Fréchet distance, diversity and copying;
+- `similarity_embeddings(images) -> {name: (B, D)}`: the features fidelity is measured in, by name
+  (the judge: {"judge"}; real images: {"dino", "clip_i"} as DreamBench reports DINO and CLIP-I);
+- `attributes(images) -> {attr: (B, L) probabilities} | None`: the world judge's attribute heads;
+- `text_scores(images, prompts) -> (B,) | None`: CLIP-T, 100 * max(cos, 0) as torchmetrics' CLIPScore defines it.
+
+Everything runs batched under no_grad, `batch_size` images at a time, and returns float32 tensors on the CPU.
+
+    from dopsd_bench.metrics.features import features_for_task
+    features = features_for_task(task)            # the judge for world tasks, DINOv2 + CLIP for folders
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dopsd_bench.taskdata import TaskData
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_DINO = "facebook/dinov2-small"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+
+
+def _batched(fn, images: torch.Tensor, batch_size: int):
+    """Apply fn to chunks of images and concatenate (tensors or dicts of tensors)."""
+    outs = [fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
+
+
+def _preprocess(images: torch.Tensor, size: int, mean, std, device, dtype) -> torch.Tensor:
+    """[-1, 1] -> resized (bicubic, antialiased) and normalised pixels, as the HF image processors do."""
+    x = (images.float() + 1) / 2
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((x - m) / s).to(device=device, dtype=dtype)
+
+
+class FeatureExtractor:
+    """Base class: subclasses implement `embed`; the other views are optional."""
+
+    name: str = ""
+    batch_size: int = 256
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def similarity_embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.name or "embedding": self.embed(images)}
+
+    def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        return None
+
+
+class JudgeFeatures(FeatureExtractor):
+    """The embedded world's judge: attribute probabilities + its embedding (the world's DINO/CLIP)."""
+
+    name = "judge"
+
+    def __init__(self, judge: nn.Module, device: str | torch.device | None = None, batch_size: int = 512):
+        self.judge = judge.eval()
+        self.device = torch.device(device) if device is not None else next(judge.parameters()).device
+        self.judge.to(self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        fn = lambda x: self.judge.embed(x.to(self.device, torch.float32)).float().cpu()
+        return _batched(fn, images, self.batch_size)
+
+    @torch.no_grad()
+    def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_images(images)
+
+        def fn(x):
+            return {k: v.float().softmax(-1).cpu() for k, v in self.judge(x.to(self.device, torch.float32)).items()}
+        return _batched(fn, images, self.batch_size)
+
+
+class DinoFeatures(FeatureExtractor):
+    """DINOv2 (transformers Dinov2Model) CLS features, as DreamBench's DINO score uses a ViT's CLS token."""
+
+    name = "dino"
+
+    def __init__(self, model: nn.Module, resolution: int = 224, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 64):
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self.resolution, self.device, self.dtype, self.batch_size = resolution, torch.device(device), dtype, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path = DEFAULT_DINO, **kwargs) -> DinoFeatures:
+        from transformers import Dinov2Model
+
+        return cls(_load(Dinov2Model, path_or_id), **kwargs)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+
+        def fn(x):
+            x = _preprocess(x, self.resolution, IMAGENET_MEAN, IMAGENET_STD, self.device, self.dtype)
+            return self.model(pixel_values=x).pooler_output.float().cpu()  # layer-normed CLS token
+        return _batched(fn, images, self.batch_size)
+
+
+class ClipFeatures(FeatureExtractor):
+    """CLIP image and text features (transformers CLIPModel); `text_scores` is CLIP-T as CLIPScore computes it.
+
+    Implemented here rather than through torchmetrics' CLIPScore, which reads a field transformers 5 moved.
+    """
+
+    name = "clip_i"
+
+    def __init__(self, model: nn.Module, tokenizer, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 64):
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self.tokenizer = tokenizer
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
+        self.resolution = model.config.vision_config.image_size
+        self.max_length = model.config.text_config.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path = DEFAULT_CLIP, **kwargs) -> ClipFeatures:
+        from transformers import AutoTokenizer, CLIPModel
+
+        return cls(_load(CLIPModel, path_or_id), _load(AutoTokenizer, path_or_id), **kwargs)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+
+        def fn(x):
+            x = _preprocess(x, self.resolution, CLIP_MEAN, CLIP_STD, self.device, self.dtype)
+            pooled = self.model.vision_model(pixel_values=x).pooler_output
+            return self.model.visual_projection(pooled).float().cpu()
+        return _batched(fn, images, self.batch_size)
+
+    @torch.no_grad()
+    def embed_text(self, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            tok = self.tokenizer(prompts[i:i + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            text = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+            pooled = text.pooler_output
+            out.append(self.model.text_projection(pooled).float().cpu())
+        return torch.cat(out)
+
+    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"expected one prompt per image, got {len(prompts)} prompts for {images.shape[0]} images")
+        from dopsd_bench.metrics.scores import clip_text_score
+
+        return clip_text_score(self.embed(images), self.embed_text(prompts))
+
+
+class RealImageFeatures(FeatureExtractor):
+    """DINOv2 for Fréchet distance, diversity, copying and fidelity (DreamBench DINO); CLIP for CLIP-I and CLIP-T."""
+
+    name = "dino"
+
+    def __init__(self, dino: DinoFeatures, clip: ClipFeatures | None = None):
+        self.dino, self.clip = dino, clip
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dino.embed(images)
+
+    def similarity_embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"dino": self.dino.embed(images)}
+        if self.clip is not None:
+            out["clip_i"] = self.clip.embed(images)
+        return out
+
+    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        return None if self.clip is None else self.clip.text_scores(images, prompts)
+
+
+class FeatureModule(nn.Module):
+    """An extractor's `embed` as an nn.Module with `num_features`, for torchmetrics' FID/KID `feature=` argument."""
+
+    def __init__(self, extractor: FeatureExtractor, num_features: int):
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor.embed(images).double()
+
+
+def _load(cls, path_or_id: str | Path):
+    try:
+        return cls.from_pretrained(str(path_or_id))
+    except OSError as err:
+        raise OSError(f"could not load {cls.__name__} from {path_or_id!r}: expected a local directory or a hub id "
+                      f"already in the HF cache (the suite runs offline; download it once with network, or pass "
+                      f"--dino/--clip PATH). Cause: {err}") from err
+
+
+def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
+    """The world judge: an instance, a path for `WorldJudge.load`, or None for the one shipped with the suite."""
+    if isinstance(judge, nn.Module):
+        return judge
+    from dopsd_bench.world import judge as judge_module
+
+    if judge is None:
+        judge = getattr(judge_module, "DEFAULT_PATH", None)
+        if judge is None:
+            raise FileNotFoundError("no world judge given and dopsd_bench.world.judge has no DEFAULT_PATH: pass the "
+                                    "path of a trained judge (scripts/build_world.py writes one)")
+    return judge_module.WorldJudge.load(judge)
+
+
+def features_for_task(task: TaskData, *, judge: nn.Module | str | Path | None = None,
+                      dino: str | Path = DEFAULT_DINO, clip: str | Path | None = DEFAULT_CLIP,
+                      device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The world judge for embedded-world tasks; DINOv2 (+ CLIP unless clip=None) for image-folder tasks."""
+    if task.source == "world":
+        return JudgeFeatures(load_judge(judge), device=device)
+    clip_features = None if clip is None else ClipFeatures.from_pretrained(clip, device=device)
+    return RealImageFeatures(DinoFeatures.from_pretrained(dino, device=device), clip_features)

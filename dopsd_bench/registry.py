@@ -1,0 +1,212 @@
+"""Name -> object registries for methods, tasks, backbones and metrics (lm-evaluation-harness style).
+
+    @METHODS.register("sft", description="flow-matching LoRA fine-tune")
+    class SFT(Method): ...
+
+    METHODS.get("sft")      # -> the class; an unknown name raises UnknownNameError with "did you mean"
+
+Registries fill themselves lazily on first lookup, so importing this module is cheap and plug-in modules can
+import it without cycles:
+- METHODS: every module of the shipped `dopsd_bench.methods` package (the top-level methods/ folder), entry points
+  in the group `dopsd_bench.methods`, and third-party .py files or folders named by DOPSD_BENCH_METHODS_PATH
+  (os.pathsep-separated) or `dopsd-bench --methods-path PATH`.
+- BACKBONES: dopsd_bench.backbones.{flux2,zimage} (skipped while a module does not exist) + group
+  `dopsd_bench.backbones`.
+- METRICS: every module of `dopsd_bench.metrics` + group `dopsd_bench.metrics`.
+- TASKS: the YAML files of the shipped tasks folder and of DOPSD_BENCH_TASKS_PATH folders (see dopsd_bench/tasks.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import pkgutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dopsd_bench.errors import UnknownNameError, UserError
+
+__all__ = ["BACKBONES", "METHODS", "METRICS", "TASKS", "Registry", "UnknownNameError", "load_module_from_path"]
+
+
+class Registry:
+    """A named collection of plug-ins of one kind, filled by `register` and, once, by an optional loader."""
+
+    def __init__(self, kind: str, loader: Callable[[Registry], None] | None = None):
+        self.kind = kind  # singular noun for messages: "method", "task", ...
+        self._entries: dict[str, tuple[Any, str]] = {}
+        self._loader = loader
+        self._loaded = loader is None
+        self.extra_paths: list[Path] = []  # third-party plug-in files/folders (see METHODS)
+
+    def register(self, name: str, description: str = "") -> Callable[[Any], Any]:
+        """Decorator: register the decorated object under `name` and return it unchanged."""
+
+        def decorator(obj: Any) -> Any:
+            self.add(name, obj, description)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: Any, description: str = "") -> None:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValueError(f"{self.kind} name must be a non-empty string without spaces, got {name!r}")
+        if name in self._entries and self._entries[name][0] is not obj:
+            raise ValueError(f"{self.kind} {name!r} is registered twice: {_where(self._entries[name][0])} and "
+                             f"{_where(obj)}; rename one of them")
+        self._entries[name] = (obj, description or _describe(obj))
+
+    def get(self, name: str) -> Any:
+        self._ensure_loaded()
+        if name not in self._entries:
+            raise UnknownNameError(self.kind, name, self.names())
+        return self._entries[name][0]
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._entries)
+
+    def describe(self) -> dict[str, str]:
+        """name -> one-line description, sorted by name."""
+        self._ensure_loaded()
+        return {n: self._entries[n][1] for n in sorted(self._entries)}
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def add_path(self, path: str | Path) -> None:
+        """Also load plug-ins from a .py file or a folder of them (now, if the registry is already loaded)."""
+        path = Path(path)
+        self.extra_paths.append(path)
+        if self._loaded:
+            _load_path(path, f"--methods-path / {self.kind} path")
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # set first: plug-in modules call register() while the loader runs
+        try:
+            self._loader(self)
+        except BaseException:
+            self._loaded = False
+            raise
+
+
+def _describe(obj: Any) -> str:
+    text = getattr(obj, "description", "")
+    if (not isinstance(text, str) or not text) and (inspect.isclass(obj) or inspect.isroutine(obj)):
+        text = inspect.getdoc(obj) or ""  # only code has a docstring worth showing (not a Path's class doc)
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    return text.strip().splitlines()[0]
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+# ---- loaders ------------------------------------------------------------------------------------------------
+def import_submodules(package: str) -> None:
+    """Import `package` and each of its modules (not starting with "_"); a package that does not exist is skipped."""
+    try:
+        pkg = importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name == package:
+            return
+        raise
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
+def import_optional(module: str) -> None:
+    """Import `module` if it exists; a module that is missing itself is skipped, errors inside it are not."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+
+
+def load_entry_points(registry: Registry, group: str) -> None:
+    """Entry points may name a module (which registers on import) or an object (registered under the entry's name)."""
+    for ep in importlib.metadata.entry_points(group=group):
+        obj = ep.load()
+        if inspect.ismodule(obj) or any(o is obj for o, _ in registry._entries.values()):
+            continue
+        registry.add(ep.name, obj)
+
+
+def load_module_from_path(path: Path) -> Any:
+    """Import one .py file under a private, stable module name (so dataclasses and pickling find it)."""
+    path = path.resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = f"dopsd_bench_plugins.{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot import {path}: expected a Python file ending in .py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _load_path(path: Path, origin: str) -> None:
+    if path.is_dir():
+        for file in sorted(path.glob("*.py")):
+            if not file.name.startswith("_"):
+                load_module_from_path(file)
+    elif path.is_file() and path.suffix == ".py":
+        load_module_from_path(path)
+    else:
+        raise UserError(f"plug-in path {str(path)!r} (from {origin}) is neither a .py file nor a folder; "
+                        "give a method file or a folder of them")
+
+
+def _env_paths(var: str) -> list[Path]:
+    return [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p.strip()]
+
+
+def _load_methods(registry: Registry) -> None:
+    import_submodules("dopsd_bench.methods")
+    load_entry_points(registry, "dopsd_bench.methods")
+    for path in _env_paths("DOPSD_BENCH_METHODS_PATH"):
+        _load_path(path, "DOPSD_BENCH_METHODS_PATH")
+    for path in registry.extra_paths:
+        _load_path(path, "--methods-path")
+
+
+def _load_backbones(registry: Registry) -> None:
+    for module in ("dopsd_bench.backbones.flux2", "dopsd_bench.backbones.zimage"):
+        import_optional(module)
+    load_entry_points(registry, "dopsd_bench.backbones")
+
+
+def _load_metrics(registry: Registry) -> None:
+    import_submodules("dopsd_bench.metrics")
+    load_entry_points(registry, "dopsd_bench.metrics")
+
+
+def _load_tasks(registry: Registry) -> None:
+    from dopsd_bench.tasks import register_task_dirs
+
+    register_task_dirs(registry)
+
+
+METHODS = Registry("method", _load_methods)
+TASKS = Registry("task", _load_tasks)
+BACKBONES = Registry("backbone", _load_backbones)
+METRICS = Registry("metric", _load_metrics)

@@ -1,0 +1,141 @@
+"""RunConfig: everything that identifies one cell of the benchmark (method x task instance x backbone x seed x budget).
+
+The CLI builds it (`dopsd-bench run` / `eval`), the sweep builds many, and dopsd_bench/runner.py consumes it.
+`cell_id()` is the run directory below `out_dir`; it is stable across processes, so a finished cell is found again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dopsd_bench.errors import ConfigError
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# fields that change what is trained or scored but are not part of the readable directory name
+_HASHED = ("model", "steps", "batch_size", "lr", "rank", "overrides", "lora")
+
+
+@dataclass
+class RunConfig:
+    method: str
+    task: str  # a registered task name or a path to a task .yaml
+    instance: str | None = None  # None: the task's default instance
+    backbone: str = "flux2-klein"
+    model: str | None = None  # local path or hub id; None: the backbone's default model
+    seed: int = 0
+    steps: int | None = None  # budget; None: the method's / loop's default
+    batch_size: int | None = None
+    lr: float | None = None
+    rank: int | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # method config overrides (`--set key=value`)
+    out_dir: str = "runs"
+    force: bool = False  # re-run even if the cell has a complete result.json
+    resume: bool = False  # continue from the cell's last checkpoint
+    checkpoint_every: int | None = None
+    device: str | None = None  # None: cuda if available, else cpu
+    lora: str | None = None  # `eval`: score this diffusers-format LoRA instead of training
+
+    def __post_init__(self) -> None:
+        for name in ("method", "task", "backbone"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} must be a non-empty name, got {value!r}")
+        for name in ("instance", "model", "device", "lora"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("steps", "batch_size", "rank", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer (or unset for the default), got {value!r}")
+        if self.lr is not None:
+            if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                    or self.lr <= 0:
+                raise ConfigError(f"lr must be a positive finite number (or unset for the default), got {self.lr!r}")
+            self.lr = float(self.lr)
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"overrides must be a dict of key -> value strings, got {type(self.overrides).__name__}")
+        for key, value in self.overrides.items():
+            if not isinstance(key, str) or not _KEY.match(key):
+                raise ConfigError(f"override key {key!r} is not a config field name (letters, digits, _ and .)")
+            if not isinstance(value, str):
+                raise ConfigError(f"override {key}={value!r}: values are strings, as given by --set key=value")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        if self.force and self.resume:
+            raise ConfigError("--force (start the cell again) and --resume (continue it) exclude each other; "
+                              "pick one")
+        if self.device is not None and not re.match(r"^(cpu|cuda|mps|xpu|meta)(:\d+)?$", self.device):
+            raise ConfigError(f"device must look like cpu, cuda, cuda:1, mps or xpu; got {self.device!r}")
+
+    # ---- identity -----------------------------------------------------------------------------------------
+    @property
+    def task_name(self) -> str:
+        """The task's name for paths: a YAML path counts by its file stem."""
+        return Path(self.task).stem if self.task.endswith((".yaml", ".yml")) else self.task
+
+    def resolved_instance(self) -> str:
+        """`instance`, or the task's default instance (reads the task spec; never a model)."""
+        if self.instance is not None:
+            return self.instance
+        from dopsd_bench.tasks import load_task
+
+        return load_task(self.task).default_instance
+
+    def budget(self) -> dict[str, Any]:
+        """The explicitly set budget (None = the default of the method / loop)."""
+        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
+
+    def non_default(self) -> dict[str, Any]:
+        """The fields that make this cell differ from the default cell of the same method/task/instance/seed."""
+        return {k: getattr(self, k) for k in _HASHED if getattr(self, k) not in (None, {}, "")}
+
+    def cell_id(self) -> str:
+        """`{backbone}/{task}-{instance}/{method}/seed{seed}`, plus `-{hash}` of non-default budget/overrides/model."""
+        parts = [self.backbone, f"{self.task_name}-{self.resolved_instance()}", self.method]
+        leaf = f"seed{self.seed}"
+        extra = self.non_default()
+        if extra:
+            leaf += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+        return "/".join(_SAFE.sub("_", p) for p in parts + [leaf])
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.cell_id()
+
+    # ---- (de)serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown RunConfig fields {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """["lr_teacher=0.1", "teacher=ema"] -> {"lr_teacher": "0.1", "teacher": "ema"}; values stay strings."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if not _KEY.match(key):
+            raise ConfigError(f"--set {item!r}: {key!r} is not a config field name")
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
+    return out

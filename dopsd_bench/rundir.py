@@ -1,0 +1,157 @@
+"""The run directory: atomic writes, the result.json schema, and the environment a result was produced in.
+
+Every file is written to a temporary name in its own directory and moved into place with os.replace, so a reader
+(or a re-run after SIGKILL) never sees half a file. result.json is written last: its presence means the cell is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+SAMPLES_FILE = "samples.png"
+ADAPTER_DIR = "adapter"
+RESULT_KEYS = ("schema_version", "method", "task", "instance", "backbone", "model", "seed", "budget", "metrics",
+               "timings", "env")
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+# ---- atomic writes ------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `path`; on success it replaces `path` (old contents removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            # os.replace cannot replace a non-empty directory: move the old one aside first, then drop it
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON: convert it to a number, string, list or dict")
+
+
+# ---- result.json --------------------------------------------------------------------------------------------
+def read_result(run_dir: str | Path) -> dict | None:
+    """The parsed result.json if the cell is complete (current schema, all keys), else None."""
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        result = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(result, dict) or result.get("schema_version") != SCHEMA_VERSION:
+        return None
+    if any(k not in result for k in RESULT_KEYS):
+        return None
+    return result
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    return read_result(run_dir) is not None
+
+
+# ---- environment --------------------------------------------------------------------------------------------
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """The commit of the source tree this package runs from, or None outside a git checkout."""
+    cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def env_info(device: torch.device | str) -> dict:
+    info: dict[str, Any] = {"python": platform.python_version()}
+    info.update({name: package_version(name) for name in PACKAGES})
+    from dopsd_bench import __version__
+
+    info["dopsd_bench"] = __version__
+    info["device"] = device_name(device)
+    info["git_sha"] = git_sha()
+    info["hostname"] = socket.gethostname()
+    return info

@@ -1,0 +1,374 @@
+"""One cell of the benchmark: resolve -> train (shared loop) -> sample + score (metrics.evaluate) -> run dir.
+
+    from dopsd_bench.runconfig import RunConfig
+    from dopsd_bench.runner import run_cell
+    run_cell(RunConfig(method="sft", task="style", steps=2))        # -> runs/flux2-klein/style-dotted/sft/seed0-...
+
+The run dir holds config.json (written first), train_log.jsonl, adapter/ (diffusers LoRA format), samples.png and
+result.json. Every file is written atomically and result.json last, so its presence means the cell is complete:
+such a cell is skipped unless `force`. Errors in user input (names, task data, configs) are raised as
+dopsd_bench.errors.UserError before the model is loaded or any run-dir file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dopsd_bench import rundir
+from dopsd_bench.errors import ConfigError, UserError
+from dopsd_bench.method import Batch, Method, config_from_overrides
+from dopsd_bench.runconfig import RunConfig
+from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
+
+# the metrics shown in the closing comparison table, in this order, when the run reports them
+HEADLINE = ("fidelity", "alignment", "retention_fd", "retention_fd_ratio", "retention_alignment", "diversity",
+            "copying", "teacher_fidelity_after")
+GRID_COLUMNS = 8
+GENERIC_EVAL_NAMES = ("lora", "eval")  # `eval` labels that mean "name it after the LoRA"
+
+
+# ---- resolving a RunConfig (cheap; raises UserError on bad input) --------------------------------------------
+def build_method(name: str, overrides: dict[str, str]) -> Method:
+    from dopsd_bench.registry import METHODS
+
+    cls = METHODS.get(name)
+    try:
+        config = config_from_overrides(cls.Config, overrides)
+    except ValueError as e:
+        raise ConfigError(f"method {name!r}: {e}") from None
+    return cls(config)
+
+
+def train_config(cfg: RunConfig, method: Method) -> TrainConfig:
+    """The resolved budget: the user's values, else the method's default lr, else DEFAULT_BUDGET."""
+    lr = cfg.lr if cfg.lr is not None else (method.default_lr or DEFAULT_BUDGET["lr"])
+    kwargs: dict[str, Any] = {"lr": lr, "seed": cfg.seed}
+    for key in ("steps", "batch_size", "rank", "checkpoint_every"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    return TrainConfig(**kwargs)
+
+
+def _task(cfg: RunConfig):
+    """The task spec and instance name, with the instance's data checked (unreadable images fail here)."""
+    from dopsd_bench.tasks import load_task
+
+    spec = load_task(cfg.task)
+    instance = spec.instance(cfg.instance).name
+    spec.check(instance)
+    return spec, instance
+
+
+def _device(cfg: RunConfig, accelerator) -> torch.device:
+    if cfg.device is not None and accelerator.num_processes == 1:
+        return torch.device(cfg.device)
+    return accelerator.device
+
+
+def _load_backbone(cfg: RunConfig, device: torch.device):
+    from dopsd_bench.backbones import load_backbone
+
+    return load_backbone(cfg.backbone, cfg.model, device=str(device))
+
+
+def _features(data, device: torch.device):
+    from dopsd_bench.metrics.evaluate import features_for_task
+
+    return features_for_task(data, device=device)
+
+
+def _evaluate(backbone, data, method, features, cache_dir: Path, timings: dict) -> dict:
+    from dopsd_bench.metrics.evaluate import evaluate
+
+    return evaluate(backbone, data, method, features=features, cache_dir=cache_dir, timings=timings)
+
+
+def changes_base_weights(method: Method) -> bool:
+    """A full fine-tune changes the weights the untuned model's samples come from."""
+    return bool(getattr(method, "full_finetune", False)) or (method.trains and method.adapter is None)
+
+
+# ---- sampling helpers ---------------------------------------------------------------------------------------
+class _Recorder:
+    """Wraps a method for evaluate(): keeps the text-only samples it draws, so the grid needs no second sampling."""
+
+    def __init__(self, method: Method):
+        self._method = method
+        self.samples: dict[tuple, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+    def sample(self, prompts, seeds, steps=None, references=None) -> torch.Tensor:
+        out = self._method.sample(prompts, seeds, steps, references)
+        if references is None:
+            self.samples[(tuple(prompts), tuple(int(s) for s in seeds), steps)] = out.detach().cpu()
+        return out
+
+
+class _CachedUntuned(Method):
+    """The untuned model, sampled through evaluate()'s cache: scoring the `base` row re-uses the untuned samples
+    that scoring the run has just cached, instead of sampling them again."""
+
+    name = "base"
+    trains = False
+    adapter = None
+
+    def __init__(self, backbone, cache_dir: Path, weights_changed: bool):
+        super().__init__()
+        from dopsd_bench.metrics.cache import SampleCache
+
+        self.backbone, self.weights_changed = backbone, weights_changed
+        self.cache = SampleCache(cache_dir, backbone)
+
+    def sample(self, prompts, seeds, steps=None, references=None) -> torch.Tensor:
+        steps = steps or self.backbone.native_steps
+
+        def compute() -> torch.Tensor:
+            if self.weights_changed:
+                raise RuntimeError("the untuned samples were not cached before the full fine-tune changed the "
+                                   "weights; this is a bug in the runner's pre-training cache fill")
+            self.backbone.set_adapter(None)
+            return self.backbone.sample(prompts, seeds, steps, references=references).detach().cpu()
+
+        kind = "sample" if references is None else "teacher_sample"
+        return self.cache.get_or_compute(kind, list(prompts), list(seeds), steps, references, compute)
+
+
+def _prefill_untuned(backbone, data, cache_dir: Path) -> None:
+    """Before a full fine-tune: cache every untuned output scoring and the base row will ask for."""
+    from dopsd_bench.metrics.evaluate import prepare_untuned
+
+    prepare_untuned(backbone, data, cache_dir=cache_dir)
+    _CachedUntuned(backbone, cache_dir, weights_changed=False).sample(data.eval_prompts, data.eval_seeds)
+
+
+def _tiles(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 tiles of a readable size (tiny 32 px renders are enlarged without blurring)."""
+    size = images.shape[-1]
+    if size < 128:
+        images = F.interpolate(images.float(), scale_factor=max(1, 128 // size), mode="nearest")
+    elif size > 256:
+        images = F.interpolate(images.float(), size=(256, 256), mode="bilinear", antialias=True)
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def samples_grid(rows: list[torch.Tensor], pad: int = 2) -> bytes:
+    """PNG bytes of a grid: one row per image set (B, 3, H, W) in [-1, 1], at most GRID_COLUMNS per row."""
+    from PIL import Image
+
+    tiles = [_tiles(r[:GRID_COLUMNS].detach().cpu()) for r in rows if r.shape[0]]
+    if not tiles:
+        raise ValueError("samples_grid needs at least one non-empty row of images")
+    h, w = tiles[0].shape[-2:]
+    cols = max(t.shape[0] for t in tiles)
+    grid = torch.full((3, len(tiles) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, row in enumerate(tiles):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, y:y + h, x:x + w] = img
+    buf = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- the comparison table -----------------------------------------------------------------------------------
+def _mean(metrics: dict, name: str) -> float | None:
+    entry = metrics.get(name)
+    return float(entry["mean"]) if isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float)) else None
+
+
+def comparison_table(result: dict, base: dict | None, base_source: str):
+    """A rich Table of the headline metrics: this run vs. the untuned model, with the better direction marked."""
+    from rich.table import Table
+
+    metrics = result["metrics"]
+    title = f"{result['method']} on {result['task']}/{result['instance']} ({result['backbone']}, seed {result['seed']})"
+    table = Table(title=title, caption=f"base row: {base_source}")
+    for col in ("metric", "better", "run", "base", "delta"):
+        table.add_column(col, justify="left" if col in ("metric", "better") else "right")
+    for name in HEADLINE:
+        run = _mean(metrics, name)
+        if run is None:
+            continue
+        ref = _mean(base, name) if base is not None else None
+        higher = bool(metrics[name].get("higher_is_better", True))
+        delta = "" if ref is None else f"{run - ref:+.4f}"
+        if ref is not None and abs(run - ref) > 1e-12:
+            delta = f"[{'green' if (run > ref) == higher else 'red'}]{delta}[/]"
+        table.add_row(name, "higher" if higher else "lower", f"{run:.4f}", "" if ref is None else f"{ref:.4f}",
+                      delta)
+    return table
+
+
+def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, features, cache_dir: Path,
+              weights_changed: bool, timings: dict) -> tuple[dict, str]:
+    """The untuned model's metrics for the table: this run (if it is base), the base cell if done, or scored now."""
+    if method_name == "base":
+        return metrics, "this run"
+    # the base cell of the same budget (as a sweep names it), else of the default budget: base trains nothing
+    same = dataclasses.replace(cfg, method="base", overrides={}, lora=None, force=False, resume=False)
+    default = dataclasses.replace(same, steps=None, batch_size=None, lr=None, rank=None)
+    for base_cfg in (same, default):
+        done = rundir.read_result(base_cfg.run_dir())
+        if done is not None:
+            return done["metrics"], str(base_cfg.run_dir())
+    t = time.perf_counter()
+    base = _evaluate(backbone, data, _CachedUntuned(backbone, cache_dir, weights_changed), features, cache_dir, {})
+    timings["base_s"] = time.perf_counter() - t
+    return base, "untuned model, scored now from cached samples"
+
+
+# ---- the cell -----------------------------------------------------------------------------------------------
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    """An incomplete or forced cell: drop the old result first, so a failure below leaves no result.json."""
+    (run_dir / rundir.RESULT_FILE).unlink(missing_ok=True)
+    if cfg.force:  # nothing of the earlier run may be mistaken for this one's
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / rundir.ADAPTER_DIR, ignore_errors=True)
+        (run_dir / rundir.SAMPLES_FILE).unlink(missing_ok=True)
+
+
+def _config_record(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, extra: dict) -> dict:
+    return {"run": cfg.to_dict(),
+            "method": None if method is None else {"name": method.name, "class": type(method).__qualname__,
+                                                   "config": dataclasses.asdict(method.config)},
+            "train": None if tcfg is None else dataclasses.asdict(tcfg), **extra}
+
+
+def run_cell(cfg: RunConfig) -> Path:
+    """Train `cfg.method` on one task instance, score it, and write the run dir. Returns the run dir."""
+    if cfg.lora is not None:
+        raise ConfigError("`run` trains a new adapter; to score an existing LoRA use `dopsd-bench eval --lora PATH`")
+    method = build_method(cfg.method, cfg.overrides)
+    tcfg = train_config(cfg, method)
+    spec, instance = _task(cfg)
+    cfg = dataclasses.replace(cfg, instance=instance)
+    return _run(cfg, method, tcfg, spec, label=method.name or cfg.method)
+
+
+def eval_cell(cfg: RunConfig) -> Path:
+    """Score an adapter trained elsewhere (cfg.lora: a diffusers-format LoRA file or folder) with the same protocol.
+
+    The name is cfg.method when the caller set a label (`dopsd-bench eval --name`), else the LoRA's file or folder
+    name; the run dir is that of method `eval-<name>`, and result.json's method is `eval:<name>`.
+    """
+    if cfg.lora is None:
+        raise ConfigError("eval needs --lora PATH: a LoRA in the diffusers format (a .safetensors file or its folder)")
+    lora = Path(cfg.lora)
+    if not lora.exists():
+        raise UserError(f"LoRA {lora} does not exist: expected a diffusers-format .safetensors file or a folder "
+                        "holding pytorch_lora_weights.safetensors")
+    name = cfg.method
+    if name in GENERIC_EVAL_NAMES:
+        name = lora.stem if lora.is_file() else lora.resolve().name
+    spec, instance = _task(cfg)
+    cfg = dataclasses.replace(cfg, method=f"eval-{name}", instance=instance)
+    return _run(cfg, None, None, spec, label=f"eval:{name}", lora=lora)
+
+
+class _LoadedLora(Method):
+    """An adapter loaded from disk as `student`: nothing trains, it is sampled like a tuned method."""
+
+    name = "eval"
+    trains = True  # so that scoring treats `student` as the tuned adapter
+    adapter = "student"
+
+
+def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, label: str,
+         lora: Path | None = None) -> Path:
+    from rich.console import Console
+
+    console = Console()
+    t0 = time.perf_counter()
+    run_dir = cfg.run_dir()
+    if not cfg.force and rundir.is_complete(run_dir):
+        console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
+        return run_dir
+
+    accelerator = make_accelerator(cfg.device)
+    main = accelerator.is_main_process
+    device = _device(cfg, accelerator)
+    if main:
+        _prepare_run_dir(run_dir, cfg)
+    timings: dict[str, float] = {}
+    backbone = _load_backbone(cfg, device)
+    data = spec.build(cfg.instance, cfg.seed, resolution=backbone.resolution)
+    features = _features(data, device)
+    timings["load_s"] = time.perf_counter() - t0
+    cache_dir = Path(cfg.out_dir) / ".cache"
+    backbone_info = {"backbone": {"name": backbone.name, "model": getattr(backbone, "model_id", cfg.model),
+                                  "native_steps": backbone.native_steps, "resolution": backbone.resolution},
+                     "lora": None if lora is None else str(lora.resolve())}
+    if main:
+        rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, _config_record(cfg, method, tcfg, backbone_info))
+
+    # ---- train (or load the adapter) ------------------------------------------------------------------------
+    weights_changed = False
+    adapter_saved = False
+    if lora is None:
+        weights_changed = changes_base_weights(method)
+        if weights_changed and main:
+            _prefill_untuned(backbone, data, cache_dir)
+        batch = Batch(images=data.train_images, captions=list(data.train_captions))
+        train_t = train(method, backbone, batch, tcfg, run_dir, resume=cfg.resume, accelerator=accelerator)
+        if not main:
+            return run_dir
+        if method.trains and method.adapter is not None:
+            with rundir.atomic_dir(run_dir / rundir.ADAPTER_DIR) as tmp:
+                backbone.save_lora(tmp, method.adapter)
+            adapter_saved = True
+    else:
+        try:
+            backbone.load_lora(lora, "student")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"cannot load LoRA {lora} onto {cfg.backbone} ({cfg.model or 'default model'}): {e}; "
+                            "expected a diffusers-format LoRA trained for this model") from e
+        method = _LoadedLora()
+        method.backbone = backbone
+        train_t = {"train_s": 0.0, "step_s": 0.0, "steps_run": 0}
+        if not main:
+            return run_dir
+    timings.update({k: float(train_t[k]) for k in ("train_s", "setup_s", "step_s") if k in train_t})
+    training = {k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")}
+
+    # ---- sample + score -------------------------------------------------------------------------------------
+    recorder = _Recorder(method)
+    eval_t: dict[str, float] = {}
+    metrics = _evaluate(backbone, data, recorder, features, cache_dir, eval_t)
+    timings["sample_s"] = sum(eval_t.get(k, 0.0) for k in ("sample_tuned", "teacher_tuned", "untuned"))
+    timings["score_s"] = eval_t.get("score", 0.0)
+    base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings)
+
+    native = backbone.native_steps
+    key = (tuple(data.eval_prompts), tuple(int(s) for s in data.eval_seeds), native)
+    tuned = recorder.samples.get(key)
+    if tuned is None:  # evaluate sampled in pieces or at other steps: draw the grid's row directly
+        tuned = method.sample(data.eval_prompts[:GRID_COLUMNS], data.eval_seeds[:GRID_COLUMNS], native)
+    untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
+    rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid([tuned, untuned, data.train_images]))
+
+    budget = tcfg.budget() if tcfg is not None else {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    timings["total_s"] = time.perf_counter() - t0
+    result = {
+        "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,
+        "family": data.family, "backbone": cfg.backbone, "model": backbone_info["backbone"]["model"],
+        "seed": cfg.seed, "budget": budget, "metrics": metrics, "timings": timings, "training": training,
+        "env": rundir.env_info(device), "samples": rundir.SAMPLES_FILE,
+        "adapter": rundir.ADAPTER_DIR if adapter_saved else None,
+        "samples_rows": ["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
+    }
+    rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
+    console.print(comparison_table(result, base, base_source))
+    console.print(f"run dir: {run_dir}  (train {timings.get('train_s', 0):.1f}s, sample {timings['sample_s']:.1f}s, "
+                  f"score {timings['score_s']:.1f}s, total {timings['total_s']:.1f}s)")
+    return run_dir

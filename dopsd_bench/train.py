@@ -1,0 +1,349 @@
+"""The one training loop every method goes through: same optimiser, budget, clipping, logging and checkpoints.
+
+A method supplies `setup`, `trainable_parameters`, `loss(batch, generator)` (through `loss_and_backward`, which
+may split the backward to free memory early), `after_step(step)` and `finish()`; everything else is here,
+which is what makes a comparison between methods a comparison of objectives (DESIGN.md, "Methods").
+
+Randomness: minibatches come from a seeded CPU `torch.Generator`, and `method.loss` gets its own seeded CPU
+generator (draw on the CPU, then move to the device, as `Backbone.noise` does). Both, the global torch RNG, the
+trainable state (all LoRA weights of the denoiser, so an EMA teacher adapter is included), the optimiser and the
+lr schedule are checkpointed, so `resume=True` continues bit-exactly. A method with more state than its
+parameters may define `state_dict()` / `load_state_dict(state)`; they are checkpointed too.
+
+Multi-GPU: run under `accelerate launch`; each process draws its own minibatches, gradients are averaged across
+processes before clipping, and only the main process writes files.
+
+    python -c "from dopsd_bench.train import TrainConfig; print(TrainConfig(steps=2))"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from dopsd_bench.backbones.base import Backbone
+from dopsd_bench.errors import ConfigError
+from dopsd_bench.method import Batch, Method
+from dopsd_bench.rundir import atomic_torch_save, atomic_write_text
+
+# The suite's default budget, shared by every method so comparisons are matched. One place to tune it.
+DEFAULT_BUDGET: dict[str, float | int] = {"steps": 150, "batch_size": 8, "lr": 1e-4, "rank": 8}
+
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+# fields that must match between a checkpoint and the config resuming from it (steps may grow)
+_RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "warmup", "seed")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = int(DEFAULT_BUDGET["steps"])
+    batch_size: int = int(DEFAULT_BUDGET["batch_size"])
+    lr: float = float(DEFAULT_BUDGET["lr"])
+    rank: int = int(DEFAULT_BUDGET["rank"])
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear lr warm-up steps
+    checkpoint_every: int = 50  # 0 turns checkpoints off; the last step is always checkpointed when on
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 0, "an integer >= 0"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("lr", self.lr > 0, "a number > 0"),
+            ("rank", self.rank >= 1, "an integer >= 1"),
+            ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0 = no clipping)"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("warmup", self.warmup >= 0, "an integer >= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0 = no checkpoints)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"training budget: {name} must be {expected}, got {getattr(self, name)!r}; "
+                                 f"fix the --{name.replace('_', '-')} value")
+
+    def budget(self) -> dict:
+        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
+
+
+def make_accelerator(device: str | torch.device | None = None) -> Accelerator:
+    """An Accelerator on the CPU when asked for (or when there is no GPU); we place tensors ourselves."""
+    cpu = (torch.device(device).type == "cpu") if device is not None else not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, device_placement=False)
+
+
+def seed_for(seed: int, stream: str, process: int = 0) -> int:
+    """Independent, reproducible seeds for named random streams (and per process under multi-GPU)."""
+    return zlib.crc32(f"{seed}/{stream}/{process}".encode())
+
+
+def minibatch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random minibatch: without replacement when the set is large enough, with replacement otherwise."""
+    if batch_size <= n:
+        return torch.randperm(n, generator=generator)[:batch_size]
+    return torch.randint(n, (batch_size,), generator=generator)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with their state.pt in place), oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [d for d in root.glob("step_*") if d.is_dir() and (d / "state.pt").exists()]
+    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+
+
+def _param_state(method: Method, backbone: Backbone, params: list[torch.nn.Parameter]) -> dict:
+    """Every LoRA weight of the denoiser and every trainable parameter, by name, so EMA adapters come along."""
+    trainable = {id(p) for p in params}
+    named = {n: p for n, p in backbone.denoiser.named_parameters() if "lora_" in n or id(p) in trainable}
+    known = {id(p) for p in named.values()}
+    loose = [p for p in params if id(p) not in known]  # trainable tensors outside the denoiser
+    return {"named": {n: p.detach().cpu().clone() for n, p in named.items()},
+            "loose": [p.detach().cpu().clone() for p in loose]}
+
+
+def _load_param_state(state: dict, backbone: Backbone, params: list[torch.nn.Parameter]) -> None:
+    named = dict(backbone.denoiser.named_parameters())
+    missing = [n for n in state["named"] if n not in named]
+    if missing:
+        raise ValueError(f"checkpoint has parameters the model lacks ({missing[:3]}...): it was written for "
+                         "another method or backbone; use a fresh run dir or --force")
+    with torch.no_grad():
+        for n, t in state["named"].items():
+            named[n].copy_(t)
+        known = {id(p) for p in named.values()}
+        loose = [p for p in params if id(p) not in known]
+        for p, t in zip(loose, state["loose"], strict=True):
+            p.copy_(t)
+
+
+def _rng_state(data_gen: torch.Generator, loss_gen: torch.Generator) -> dict:
+    state = {"data": data_gen.get_state(), "loss": loss_gen.get_state(), "torch": torch.get_rng_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, data_gen: torch.Generator, loss_gen: torch.Generator) -> None:
+    data_gen.set_state(state["data"])
+    loss_gen.set_state(state["loss"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, rng: dict, accelerator: Accelerator) -> Path:
+    """Write checkpoints/step_N atomically (temp dir, then rename); keep only the newest."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    atomic_torch_save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        atomic_torch_save(state, tmp / "state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+        for old in checkpoint_dirs(run_dir):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, process_index: int) -> tuple[dict, dict]:
+    rng_path = path / f"rng_{process_index}.pt"
+    if not rng_path.exists():
+        raise ValueError(f"checkpoint {path} has no RNG state for process {process_index}: resume with the same "
+                         "number of processes it was written with, or start over with --force")
+    return torch.load(path / "state.pt", weights_only=True), torch.load(rng_path, weights_only=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they will be run again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
+    if int(state["step"]) > cfg.steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past --steps {cfg.steps}; "
+                         "raise --steps, or --force to start over")
+    saved = state["config"]
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"cannot resume from {path}: the budget changed ({diff}, as checkpoint vs now); "
+                         "use the same budget, or --force to start over")
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+def _progress(disable: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[its]:.2f} it/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=disable)
+
+
+def _sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average gradients over processes (the model is not DDP-wrapped: methods call the backbone directly)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConfig, run_dir: str | Path,
+          resume: bool = False, accelerator: Accelerator | None = None) -> dict:
+    """Set the method up and train it for cfg.steps optimiser steps. Returns timings and the final loss.
+
+    Writes run_dir/train_log.jsonl (one line per step: step, loss, lr, grad_norm, time) and, every
+    cfg.checkpoint_every steps and at the last step, run_dir/checkpoints/step_N. With `resume`, continues from
+    the newest checkpoint (bit-exactly); without it, earlier checkpoints and logs in run_dir are discarded.
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    accelerator = accelerator or make_accelerator(backbone.device)
+    main = accelerator.is_main_process
+    pi = accelerator.process_index
+
+    set_seed(cfg.seed)  # the same on every process, so every process attaches the same initial adapter
+    method.setup(backbone, train_batch, cfg.rank, torch.Generator().manual_seed(seed_for(cfg.seed, "setup")))
+    setup_s = time.perf_counter() - t0
+    if not method.trains or cfg.steps == 0:
+        return {"train_s": time.perf_counter() - t0, "setup_s": setup_s, "step_s": 0.0, "steps_run": 0,
+                "start_step": 0, "final_loss": None}
+
+    params = list(method.trainable_parameters())
+    if not params:
+        raise ValueError(f"method {method.name!r} trains but has no trainable parameters: its setup() must attach "
+                         "an adapter (or unfreeze weights) before training")
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    # only the optimiser is prepared: a prepared scheduler steps once per process, which would shorten warm-up
+    optimizer = accelerator.prepare(optimizer)
+    data_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "data", pi))
+    loss_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "loss", pi))
+    images = train_batch.images.to(backbone.device)
+    captions = list(train_batch.captions)
+    if len(captions) != images.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"training set: expected as many captions as images (> 0), got {images.shape[0]} images "
+                         f"and {len(captions)} captions")
+
+    log_path = run_dir / LOG_FILE
+    start = 0
+    ckpts = checkpoint_dirs(run_dir) if resume else []
+    if ckpts:
+        state, rng = load_checkpoint(ckpts[-1], pi)
+        _check_resumable(state, cfg, ckpts[-1])
+        _load_param_state(state["params"], backbone, params)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("method") is not None and hasattr(method, "load_state_dict"):
+            method.load_state_dict(state["method"])
+        _set_rng_state(rng, data_gen, loss_gen)
+        start = int(state["step"])
+        if main:
+            _truncate_log(log_path, start)
+    elif main:
+        # a fresh start: stale checkpoints or logs from an earlier attempt must not be mixed in
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        log_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.print(f"training {method.name or type(method).__name__}: {n_params:,} trainable parameters, "
+                          f"steps {start}->{cfg.steps}, batch {cfg.batch_size} x {accelerator.num_processes} "
+                          f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
+
+    loss_value: float | None = None
+    t_loop = time.perf_counter()
+    with _progress(disable=not main) as progress, open(log_path, "a") if main else _null() as log:
+        bar = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), its=0.0)
+        for step in range(start, cfg.steps):
+            idx = minibatch_indices(len(captions), cfg.batch_size, data_gen)
+            batch = Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()])
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            loss = method.loss_and_backward(batch, loss_gen, accelerator.backward)
+            if loss.ndim != 0:
+                raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the method")
+            if accelerator.num_processes > 1:
+                _sync_gradients(params, accelerator)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            method.after_step(done)  # the number of optimiser steps taken so far (1-based)
+
+            reduced = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
+            loss_value = float(reduced.item())
+            elapsed = time.perf_counter() - t_loop
+            if main:
+                log.write(json.dumps({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                                      "time": round(elapsed, 4)}) + "\n")
+                log.flush()
+            progress.update(bar, advance=1, loss=loss_value, its=(done - start) / max(elapsed, 1e-9))
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                state = {"step": done, "config": asdict(cfg), "params": _param_state(method, backbone, params),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "method": method.state_dict() if hasattr(method, "state_dict") else None}
+                save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)
+
+    loop_s = time.perf_counter() - t_loop
+    method.finish()
+    steps_run = cfg.steps - start
+    return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,
+            "step_s": loop_s / steps_run if steps_run else 0.0, "steps_run": steps_run, "start_step": start,
+            "final_loss": loss_value}
+
+
+class _null:
+    """A do-nothing file for processes that do not write the log."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, _: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass

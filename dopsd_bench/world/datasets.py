@@ -1,0 +1,81 @@
+"""Task data from the embedded world: training sets, evaluation and retention prompts, all from fixed seeds.
+
+Held-out concepts (glyph tokens) and styles are rendered in base-vocabulary contexts; retention prompts are base
+combinations that no task's training or evaluation prompt uses (a fixed hash split of the base grid).
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import torch
+
+from dopsd_bench.world import render as R
+
+
+def _combo_key(c: tuple) -> int:
+    return zlib.crc32("|".join(c).encode())
+
+
+def _base_combos() -> list[tuple[str, str, str, str, str, str]]:
+    """(shape, colour, size, position, style, background) for the whole base grid, in a fixed order."""
+    return list(itertools.product(R.SHAPES, R.COLOURS, R.SIZES, R.POSITIONS, R.STYLES, R.BACKGROUNDS))
+
+
+def is_retention_combo(colour: str, size: str, position: str, background: str) -> bool:
+    """The context split: retention prompts use these contexts, tasks use the others."""
+    return _combo_key((colour, size, position, background)) % 4 == 0
+
+
+def instance_scene(family: str, instance: str, rng: np.random.Generator, retention: bool = False) -> R.Scene:
+    """A scene of the held-out concept/style in a random base context (task contexts unless `retention`)."""
+    while True:
+        s = R.random_scene(rng)
+        if is_retention_combo(s.colour, s.size, s.position, s.background) == retention:
+            break
+    if family == "concept":
+        if instance not in R.HELD_OUT_GLYPHS:
+            raise ValueError(f"unknown world concept {instance!r}: expected one of {list(R.HELD_OUT_GLYPHS)}")
+        style = str(rng.choice(["solid", "outline"]))  # glyph detail is lost in stripes at 32 px
+        return R.Scene(instance, s.colour, s.size, s.position, style, s.background).jitter(rng)
+    if family == "style":
+        if instance not in R.HELD_OUT_STYLES:
+            raise ValueError(f"unknown world style {instance!r}: expected one of {R.HELD_OUT_STYLES}")
+        return R.Scene(s.shape, s.colour, "large", s.position, instance, s.background).jitter(rng)
+    raise ValueError(f"unknown family {family!r}: expected 'concept' or 'style'")
+
+
+def scene_targets(scene: R.Scene) -> dict[str, str]:
+    return {"shape": scene.shape, "colour": scene.colour, "size": scene.size, "position": scene.position,
+            "style": scene.style, "background": scene.background}
+
+
+def training_set(family: str, instance: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n training images of the held-out concept/style with their captions (the token is the instance name)."""
+    rng = np.random.default_rng(seed)
+    scenes = [instance_scene(family, instance, rng) for _ in range(n)]
+    return R.to_tensor_batch([R.render(s) for s in scenes]), [R.caption(s) for s in scenes]
+
+
+def eval_prompts(family: str, instance: str, n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
+    """n prompts that use the token in new contexts, with the attributes a correct image has."""
+    rng = np.random.default_rng(seed + 1)
+    scenes = [instance_scene(family, instance, rng) for _ in range(n)]
+    return [R.caption(s) for s in scenes], [scene_targets(s) for s in scenes]
+
+
+def retention_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]], torch.Tensor]:
+    """n base-vocabulary prompts from the retention split, their attributes and one true render each."""
+    rng = np.random.default_rng(seed + 2)
+    scenes = [R.random_scene(rng) for _ in range(50 * n)]
+    scenes = [s for s in scenes if is_retention_combo(s.colour, s.size, s.position, s.background)][:n]
+    return ([R.caption(s) for s in scenes], [scene_targets(s) for s in scenes],
+            R.to_tensor_batch([R.render(s) for s in scenes]))
+
+
+def true_renders(targets: list[dict[str, str]], seed: int) -> torch.Tensor:
+    """Fresh true renders of given attribute sets (new unsaid factors), for Fréchet references."""
+    rng = np.random.default_rng(seed + 3)
+    return R.to_tensor_batch([R.render(R.Scene(**t).jitter(rng)) for t in targets])

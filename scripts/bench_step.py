@@ -1,0 +1,185 @@
+"""Cost of one D-OPSD training step relative to one SFT step, on 2 CPU threads: time, FLOPs and activation memory.
+
+    python scripts/bench_step.py                       # embedded glyphworld model if built, else the tiny Flux2
+    python scripts/bench_step.py --model tiny --repeats 3 --mem-batch 8     # quick (~1 min)
+
+Both methods run through `Method.loss_and_backward` exactly as the training loop calls it, at equal batch size and
+K = 4 roll-out states, with their default configs (plus `--set key=value` for dopsd, e.g. --set schedule=batched).
+- time_ratio: median D-OPSD step time / median SFT step time (steps interleaved, after a warm-up step).
+- flop_ratio: the same ratio in FLOPs counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
+  attention; element-wise ops are not counted) over one step of each.
+- memory_ratio: peak bytes of tensors saved for backward (activations; parameters and buffers excluded), of our
+  D-OPSD step over the naive step that keeps all K graphs alive until one backward (`DOPSD.loss`, the released
+  loop), at --mem-batch. On the CPU there is no allocator peak counter, so this is measured with
+  torch.autograd.graph.saved_tensors_hooks (each saved storage counted once while any graph holds it); transient
+  no-grad activations (roll-out, teacher forward) are not in it.
+The last printed line is a JSON object with time_ratio, flop_ratio and memory_ratio (plus the details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dopsd_bench.method import Batch, Method, config_from_overrides
+from dopsd_bench.registry import METHODS
+
+K = 4
+
+
+def load(model: str):
+    from dopsd_bench.backbones.flux2 import EMBEDDED, Flux2KleinBackbone
+
+    if model == "auto":
+        model = "glyphworld" if (EMBEDDED["glyphworld"] / "model_index.json").exists() else "tiny"
+    if model == "tiny":
+        from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+
+        pipe, settings = tiny_flux2_klein_pipeline(0)
+        return model, lambda: Flux2KleinBackbone(copy.deepcopy(pipe), settings, "tiny", device="cpu")
+    return model, lambda: Flux2KleinBackbone.from_pretrained(model, device="cpu")
+
+
+def make_batch(n: int, resolution: int) -> Batch:
+    from dopsd_bench.world import render
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1
+    shapes = list(getattr(render, "SHAPES", ["circle", "square"]))
+    captions = [f"a {shapes[i % len(shapes)]} number {i}" for i in range(n)]
+    return Batch(images=images, captions=captions, token="")
+
+
+def make_method(name: str, factory, batch: Batch, rank: int, overrides: dict[str, str]) -> Method:
+    cls = METHODS.get(name)
+    method = cls(config_from_overrides(cls.Config, overrides))
+    if hasattr(method.config, "k"):
+        method.config.k = K
+    method.setup(factory(), batch, rank, torch.Generator().manual_seed(0))
+    return method
+
+
+def step(method: Method, batch: Batch, seed: int) -> None:
+    for p in method.trainable_parameters():
+        p.grad = None
+    method.loss_and_backward(batch, torch.Generator().manual_seed(seed))
+    method.after_step(1)
+
+
+def flops(method: Method, batch: Batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step(method, batch, 0)
+    return counter.get_total_flops()
+
+
+class SavedTensorPeak:
+    """Peak bytes of distinct storages held by autograd graphs (saved for backward), excluding `exclude`."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.count, self.now, self.peak = exclude, {}, 0, 0
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.exclude or t.device.type == "meta":
+            return t
+        return t, _Held(self, ptr, t.untyped_storage().nbytes())
+
+    @staticmethod
+    def unpack(packed):
+        return packed[0] if isinstance(packed, tuple) else packed
+
+    def add(self, ptr: int, nbytes: int) -> None:
+        self.count[ptr] = self.count.get(ptr, 0) + 1
+        if self.count[ptr] == 1:
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+
+    def remove(self, ptr: int, nbytes: int) -> None:
+        self.count[ptr] -= 1
+        if self.count[ptr] == 0:
+            del self.count[ptr]
+            self.now -= nbytes
+
+
+class _Held:
+    def __init__(self, meter: SavedTensorPeak, ptr: int, nbytes: int):
+        self.meter, self.ptr, self.nbytes = meter, ptr, nbytes
+        meter.add(ptr, nbytes)
+
+    def __del__(self):
+        self.meter.remove(self.ptr, self.nbytes)
+
+
+def saved_peak(method: Method, fn) -> int:
+    bb = method.backbone
+    exclude = {t.untyped_storage().data_ptr() for t in list(bb.denoiser.parameters()) + list(bb.denoiser.buffers())}
+    meter = SavedTensorPeak(exclude)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        fn()
+    return meter.peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="auto", help="auto | tiny | glyphworld | a model dir")
+    ap.add_argument("--batch", type=int, default=4, help="batch size for time and FLOPs")
+    ap.add_argument("--mem-batch", type=int, default=16, help="batch size for the memory ratio")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per method")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="dopsd config key=value")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = dict(kv.split("=", 1) for kv in args.overrides)
+
+    model, factory = load(args.model)
+    probe = factory()
+    batch = make_batch(args.batch, probe.resolution)
+    del probe
+    sft = make_method("sft", factory, batch, args.rank, {})
+    dopsd = make_method("dopsd", factory, batch, args.rank, overrides)
+    print(f"model {model}, K={K}, batch {args.batch}, rank {args.rank}, {args.threads} threads, "
+          f"dopsd config {dopsd.config}")
+
+    step(sft, batch, 0), step(dopsd, batch, 0)  # warm-up (caches, allocator)
+    times: dict[str, list[float]] = {"sft": [], "dopsd": []}
+    for r in range(args.repeats):
+        for name, method in (("sft", sft), ("dopsd", dopsd)):
+            t0 = time.perf_counter()
+            step(method, batch, r + 1)
+            times[name].append(time.perf_counter() - t0)
+    t_sft, t_dopsd = statistics.median(times["sft"]), statistics.median(times["dopsd"])
+    f_sft, f_dopsd = flops(sft, batch), flops(dopsd, batch)
+    print(f"step time   sft {t_sft * 1e3:8.1f} ms   dopsd {t_dopsd * 1e3:8.1f} ms   "
+          f"(all: sft {[round(t * 1e3) for t in times['sft']]}, dopsd {[round(t * 1e3) for t in times['dopsd']]})")
+    print(f"step FLOPs  sft {f_sft / 1e9:8.3f} G    dopsd {f_dopsd / 1e9:8.3f} G")
+
+    mem_batch = make_batch(args.mem_batch, batch.images.shape[-1])
+
+    def ours():
+        step(dopsd, mem_batch, 0)
+
+    def naive():
+        for p in dopsd.trainable_parameters():
+            p.grad = None
+        dopsd.loss(mem_batch, torch.Generator().manual_seed(0)).backward()
+
+    m_ours, m_naive = saved_peak(dopsd, ours), saved_peak(dopsd, naive)
+    print(f"saved-activation peak at batch {args.mem_batch}: ours {m_ours / 2**20:.1f} MiB, "
+          f"naive (K graphs alive) {m_naive / 2**20:.1f} MiB")
+    result = {"time_ratio": round(t_dopsd / t_sft, 3), "flop_ratio": round(f_dopsd / f_sft, 3),
+              "memory_ratio": round(m_ours / m_naive, 3), "time_per_flop_ratio": round(
+                  (t_dopsd / t_sft) / (f_dopsd / f_sft), 3), "model": model, "k": K, "batch": args.batch,
+              "mem_batch": args.mem_batch, "schedule": dopsd.config.schedule, "chunk": dopsd.config.chunk,
+              "sft_ms": round(t_sft * 1e3, 2), "dopsd_ms": round(t_dopsd * 1e3, 2)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

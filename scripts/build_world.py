@@ -1,0 +1,374 @@
+"""Build the embedded "glyphworld" models from one seed: world judge, VAE, multi-step base, 4-step turbo.
+
+All four are trained here on renders of dopsd_bench/world, in real diffusers formats (Flux2KleinPipeline:
+Qwen3 text encoder (frozen, random), AutoencoderKLFlux2, Flux2Transformer2DModel), and written to
+dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
+
+    python scripts/build_world.py                                    # full build (CPU: see MODEL_CARD.md)
+    python scripts/build_world.py --scale 0.02 --out /tmp/gw         # tiny smoke build, ~1 minute on CPU
+
+Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
+made-up names, half the time the target itself, through the pipeline's reference tokens) -> trajectories of the
+base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dopsd_bench import flow  # noqa: E402
+from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline  # noqa: E402
+from dopsd_bench.world import render as R  # noqa: E402
+from dopsd_bench.world.judge import WorldJudge  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: what each stage sees
+# ---------------------------------------------------------------------------------------------------------------
+DROPPABLE = ("size", "style", "colour", "position", "background")
+
+
+def judge_scene(rng: np.random.Generator) -> R.Scene:
+    """Judge training/eval distribution: base scenes, held-out glyphs and styles, family glyphs and styles."""
+    kind = rng.choice(["base", "glyph", "style", "family_glyph", "family_style"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
+    s = R.random_scene(rng)
+    if kind == "glyph":
+        return R.Scene(str(rng.choice(list(R.HELD_OUT_GLYPHS))), s.colour, s.size, s.position,
+                       str(rng.choice(["solid", "outline"])), s.background).jitter(rng)
+    if kind == "style":
+        return R.Scene(s.shape, s.colour, s.size, s.position, str(rng.choice(R.HELD_OUT_STYLES)), s.background).jitter(rng)
+    if kind == "family_glyph":
+        return R.Scene(f"glyph:{rng.integers(1_000_000)}", s.colour, s.size, s.position,
+                       str(rng.choice(["solid", "outline"])), s.background).jitter(rng)
+    if kind == "family_style":
+        return R.Scene(s.shape, s.colour, s.size, s.position, f"tile:{rng.integers(1_000_000)}", s.background).jitter(rng)
+    return s
+
+
+def pretrain_example(rng: np.random.Generator) -> tuple[R.Scene, str, R.Scene | None]:
+    """(target scene, caption, reference scene or None) for the base model's training mixture."""
+    kind = rng.choice(["base", "base_ref", "glyph_ref", "style_ref", "glyph_text"], p=[0.45, 0.1, 0.2, 0.2, 0.05])
+    s = R.random_scene(rng)
+    drop = frozenset(a for a in DROPPABLE if rng.random() < 0.12)
+    if kind == "base":
+        return s, R.caption(s, drop=drop), None
+    other = R.random_scene(rng)
+    if kind == "base_ref":
+        ref = s if rng.random() < 0.5 else R.Scene(s.shape, other.colour, other.size, other.position, s.style,
+                                                   other.background).jitter(rng)
+        return s, R.caption(s, drop=drop), ref
+    if kind in ("glyph_ref", "glyph_text"):
+        seed = int(rng.integers(1_000_000))
+        style = str(rng.choice(["solid", "outline"]))
+        t = R.Scene(f"glyph:{seed}", s.colour, s.size, s.position, style, s.background).jitter(rng)
+        ref = None
+        if kind == "glyph_ref":
+            ref = t if rng.random() < 0.5 else R.Scene(t.shape, other.colour, other.size, other.position,
+                                                       str(rng.choice(["solid", "outline"])), other.background).jitter(rng)
+        return t, R.caption(t, name=R.made_up_name(seed)), ref
+    seed = int(rng.integers(1_000_000))
+    t = R.Scene(s.shape, s.colour, s.size, s.position, f"tile:{seed}", s.background).jitter(rng)
+    ref = t if rng.random() < 0.5 else R.Scene(other.shape, other.colour, "large", other.position, t.style,
+                                               other.background).jitter(rng)
+    return t, R.caption(t, style_name=R.made_up_name(seed + 500_000)), ref
+
+
+def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
+    return R.to_tensor_batch([R.render(s) for s in scenes])
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------------------------
+def train_judge(steps: int, seed: int, device: torch.device) -> tuple[WorldJudge, dict]:
+    rng = np.random.default_rng(seed + 11)
+    judge = WorldJudge(width=32).to(device)
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step in range(steps):
+        scenes = [judge_scene(rng) for _ in range(64)]
+        x = batch_tensor(scenes).to(device)
+        labels = [s.judge_labels() for s in scenes]
+        logits = judge(x)
+        loss = sum(F.cross_entropy(logits[k], torch.tensor([lab[k] for lab in labels], device=device))
+                   for k in logits)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, 2e-3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"judge step {step}/{steps} loss {loss.item():.4f}")
+    judge.eval()
+    acc = judge_accuracy(judge, np.random.default_rng(seed + 12), 2000, device)
+    log(f"judge accuracy on fresh renders: {acc}")
+    return judge, acc
+
+
+@torch.no_grad()
+def judge_accuracy(judge: WorldJudge, rng: np.random.Generator, n: int, device) -> dict[str, float]:
+    scenes = [judge_scene(rng) for _ in range(n)]
+    correct = {k: 0 for k in R.ATTRIBUTES}
+    for i in range(0, n, 250):
+        chunk = scenes[i:i + 250]
+        logits = judge(batch_tensor(chunk).to(device))
+        for k in correct:
+            pred = logits[k].argmax(-1).cpu()
+            correct[k] += int((pred == torch.tensor([s.judge_labels()[k] for s in chunk])).sum())
+    return {k: round(v / n, 4) for k, v in correct.items()}
+
+
+def train_vae(vae, steps: int, seed: int, device: torch.device) -> None:
+    rng = np.random.default_rng(seed + 21)
+    vae.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in range(steps):
+        x = batch_tensor([judge_scene(rng) for _ in range(32)]).to(device)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        kl = dist.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, 1e-3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.4f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def set_latent_stats(pipe, seed: int, device) -> None:
+    """The Flux2 pipelines normalise patchified latents by vae.bn's running stats; set them from data."""
+    rng = np.random.default_rng(seed + 31)
+    lats = []
+    for _ in range(8):
+        x = batch_tensor([judge_scene(rng) for _ in range(256)]).to(device)
+        lats.append(pipe._patchify_latents(pipe.vae.encode(x).latent_dist.mode()))
+    lat = torch.cat(lats)
+    pipe.vae.bn.running_mean.copy_(lat.mean(dim=(0, 2, 3)))
+    pipe.vae.bn.running_var.copy_(lat.var(dim=(0, 2, 3)))
+
+
+@torch.no_grad()
+def make_dataset(bb, n: int, seed: int) -> dict:
+    """Pre-render and pre-encode n pretraining examples: target latents, caption embeds, reference latents."""
+    rng = np.random.default_rng(seed + 41)
+    examples = [pretrain_example(rng) for _ in range(n)]
+    lat, ref, has_ref, caps = [], [], [], []
+    for i in range(0, n, 256):
+        chunk = examples[i:i + 256]
+        lat.append(bb.encode_images(batch_tensor([e[0] for e in chunk])).cpu())
+        refs = [e[2] if e[2] is not None else e[0] for e in chunk]
+        ref.append(bb.encode_images(batch_tensor(refs)).cpu())
+        has_ref += [e[2] is not None for e in chunk]
+        caps += [e[1] for e in chunk]
+        if i % 5120 == 0:
+            log(f"dataset {i}/{n}")
+    return {"latents": torch.cat(lat), "refs": torch.cat(ref), "has_ref": torch.tensor(has_ref), "captions": caps}
+
+
+def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
+    cond = bb.encode_prompts(captions)
+    if ref_latents is not None:
+        ids = bb.pipe._prepare_image_ids([ref_latents[:1]]).to(bb.device)
+        cond["ref_latents"] = bb.pipe._pack_latents(ref_latents)
+        cond["ref_ids"] = ids.expand(ref_latents.shape[0], -1, -1).contiguous()
+    return cond
+
+
+def sample_sigma(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal sigmas (SD3) mixed with 25% uniform, so the high-noise end is not starved."""
+    ln = torch.sigmoid(torch.randn(n, generator=gen))
+    uni = torch.rand(n, generator=gen)
+    return torch.where(torch.rand(n, generator=gen) < 0.25, uni, ln).clamp(1e-3, 1.0)
+
+
+def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int) -> torch.nn.Module:
+    model = bb.denoiser
+    model.train().requires_grad_(True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 51)
+    idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
+    idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
+    for step in range(steps):
+        loss_total = 0.0
+        opt.zero_grad()
+        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
+            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
+            x0 = data["latents"][idx].to(bb.device)
+            caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
+            cond = cond_for(bb, caps, data["refs"][idx].to(bb.device) if use_ref else None)
+            eps = torch.randn(x0.shape, generator=gen).to(bb.device)
+            sigma = sample_sigma(len(idx), gen).to(bb.device)
+            v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
+            loss = F.mse_loss(v, flow.velocity_target(x0, eps))
+            (loss / 2).backward()
+            loss_total += loss.item() / 2
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        opt.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"base step {step}/{steps} loss {loss_total:.4f}")
+    return ema
+
+
+@torch.no_grad()
+def make_trajectories(bb, data: dict, n: int, guidance: float, seed: int, batch: int = 256) -> dict:
+    """Teacher (base, CFG `guidance`) trajectories from fixed noise: states at the 4-step schedule's sigmas."""
+    gen = torch.Generator().manual_seed(seed + 61)
+    sig = bb.sigmas(32).to(bb.device)
+    keep = [0, 8, 16, 24, 32]
+    idx_all = torch.randperm(len(data["captions"]), generator=gen)[:n]
+    states, caps, refs, has_ref = [], [], [], []
+    for b in range(0, n, batch):
+        idx = idx_all[b:b + batch]
+        for use_ref in (False, True):
+            sel = idx[data["has_ref"][idx] == use_ref]
+            if len(sel) == 0:
+                continue
+            c = [data["captions"][i] for i in sel.tolist()]
+            ref = data["refs"][sel].to(bb.device) if use_ref else None
+            cond = cond_for(bb, c, ref)
+            uncond = cond_for(bb, [""] * len(sel), None)
+            x = torch.randn((len(sel), *bb.latent_shape()), generator=gen).to(bb.device)
+            traj = [x]
+            for i in range(32):
+                s = sig[i].expand(len(sel))
+                vc = bb.predict_velocity(x, s, cond)
+                vu = bb.predict_velocity(x, s, uncond)
+                x = flow.euler_step(x, vu + guidance * (vc - vu), sig[i], sig[i + 1])
+                traj.append(x)
+            states.append(torch.stack([traj[k] for k in keep], 1).cpu())
+            caps += c
+            refs.append(data["refs"][sel])
+            has_ref += [use_ref] * len(sel)
+        log(f"trajectories {min(b + batch, n)}/{n}")
+    return {"states": torch.cat(states), "captions": caps, "refs": torch.cat(refs), "has_ref": torch.tensor(has_ref),
+            "sigmas": sig[keep].cpu()}
+
+
+def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int) -> torch.nn.Module:
+    """Trajectory distillation: at each native sigma, the student's Euler step lands on the teacher's next state."""
+    model = bb.denoiser
+    model.train().requires_grad_(True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 71)
+    sig = traj["sigmas"].to(bb.device)
+    idx_text = torch.nonzero(~traj["has_ref"]).squeeze(1)
+    idx_ref = torch.nonzero(traj["has_ref"]).squeeze(1)
+    for step in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
+            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
+            k = torch.randint(4, (len(idx),), generator=gen)
+            x = traj["states"][idx, k].to(bb.device)
+            x_next = traj["states"][idx, k + 1].to(bb.device)
+            s, s_next = sig[k.to(bb.device)], sig[(k + 1).to(bb.device)]
+            target = (x_next - x) / (s_next - s).view(-1, 1, 1, 1)
+            cond = cond_for(bb, [traj["captions"][i] for i in idx.tolist()],
+                            traj["refs"][idx].to(bb.device) if use_ref else None)
+            loss = F.mse_loss(bb.predict_velocity(x, s, cond), target)
+            (loss / 2).backward()
+            total += loss.item() / 2
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup=50)
+        opt.step()
+        with torch.no_grad():
+            d = min(0.995, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"distill step {step}/{steps} loss {total:.4f}")
+    return ema
+
+
+def save_pipeline(pipe, settings: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    (out / "dopsd_bench.json").write_text(json.dumps(settings, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "dopsd_bench" / "assets")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.02 = smoke test)")
+    ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
+    ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+
+    def n(steps: int) -> int:
+        return max(2, int(steps * args.scale))
+
+    log(f"building glyphworld: seed {args.seed}, device {device}, scale {args.scale}, out {args.out}")
+    judge, judge_acc = train_judge(n(1500), args.seed, device)
+    judge.cpu().save(args.out / "judge")
+
+    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+
+    pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32, 64))
+    train_vae(pipe.vae, n(1200), args.seed, device)
+    set_latent_stats(pipe, args.seed, device)
+    bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
+
+    data = make_dataset(bb, max(512, n(30_000)), args.seed)
+    log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
+    base = train_base(bb, data, n(2000), 64, 1e-3, args.seed)
+    pipe.transformer = base
+    bb.denoiser = base
+    save_pipeline(pipe, {**settings, "native_steps": 32, "role": "multi-step base"}, args.out / "glyphworld-base")
+    log("saved base")
+
+    traj = make_trajectories(bb, data, max(256, n(4096)), args.guidance, args.seed)
+    turbo = distill(bb, traj, n(1200), 64, 3e-4, args.seed)
+    pipe.transformer = turbo
+    save_pipeline(pipe, {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance},
+                  args.out / "glyphworld-turbo")
+    summary = {"seed": args.seed, "scale": args.scale, "device": str(device), "threads": torch.get_num_threads(),
+               "wall_s": round(time.time() - T0, 1), "judge_accuracy": judge_acc, "width": args.width}
+    (args.out / "build_summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"done: {summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Backbone adapters over the real diffusers pipelines, on tiny random-config models built in-process (no hub).
+
+Each architecture is built, saved with save_pretrained to a temp dir and loaded back through its adapter's
+from_pretrained, then checked against the pipeline itself: the adapter's sampler, schedule and latent
+normalisation must reproduce the pipeline's own images; the teacher context must reach the DiT; a LoRA must train
+only its own parameters and round-trip through the pipeline's load_lora_weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dopsd_bench import flow
+from dopsd_bench.backbones.base import cat_conds, index_cond, repeat_cond
+from dopsd_bench.registry import BACKBONES
+
+PROMPTS = ["a red circle on the left", "a small blue square"]
+SEEDS = [3, 11]
+
+
+def _save_flux2(path: Path) -> None:
+    from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+
+    pipe, settings = tiny_flux2_klein_pipeline(seed=0)
+    pipe.save_pretrained(path)
+    (path / "dopsd_bench.json").write_text(json.dumps(settings))
+
+
+def _save_zimage(path: Path) -> None:
+    from dopsd_bench.backbones.tiny import tiny_z_image_pipeline
+
+    pipe, settings, teacher = tiny_z_image_pipeline(seed=0)
+    pipe.save_pretrained(path)
+    teacher.save_pretrained(path / settings["vl_model"])
+    (path / "dopsd_bench.json").write_text(json.dumps(settings))
+
+
+def _flux2_call(backbone) -> dict:
+    s = backbone.settings
+    return {"max_sequence_length": s["max_sequence_length"],
+            "text_encoder_out_layers": tuple(s["text_encoder_out_layers"])}
+
+
+def _zimage_call(backbone) -> dict:
+    return {"max_sequence_length": backbone.max_sequence_length, "guidance_scale": 0.0}
+
+
+SPECS = {"flux2-klein": (_save_flux2, _flux2_call), "z-image": (_save_zimage, _zimage_call)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than with intra-op threads fighting over 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def model_dir(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    path = tmp_path_factory.mktemp(name)
+    SPECS[name][0](path)
+    return name, path
+
+
+def _load(model_dir):
+    name, path = model_dir
+    return BACKBONES.get(name).from_pretrained(str(path), device="cpu")
+
+
+def _fresh_pipeline(backbone, path: Path):
+    pipe = type(backbone.pipe).from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_images(backbone, pipe) -> torch.Tensor:
+    """The pipeline's own generation from the backbone's fixed noise at native steps, in [-1, 1]."""
+    call = SPECS[backbone.name][1](backbone)
+    out = pipe(prompt=list(PROMPTS), height=backbone.resolution, width=backbone.resolution,
+               num_inference_steps=backbone.native_steps, latents=backbone.noise(SEEDS), output_type="pt", **call)
+    return out.images * 2 - 1
+
+
+def _references(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+
+
+def test_loads_through_registry(model_dir):
+    name, path = model_dir
+    backbone = _load(model_dir)
+    assert backbone.name == name and backbone.model_id == str(path)
+    assert backbone.native_steps == json.loads((path / "dopsd_bench.json").read_text())["native_steps"]
+
+
+def test_generation_matches_pipeline(model_dir):
+    """Sampling through the adapter (suite convention) gives the pipeline's own images, deterministically."""
+    backbone = _load(model_dir)
+    images = backbone.sample(PROMPTS, SEEDS)
+    assert images.shape == (2, 3, backbone.resolution, backbone.resolution)
+    assert torch.isfinite(images).all()
+    assert torch.equal(images, backbone.sample(PROMPTS, SEEDS))
+    assert not torch.allclose(images[0], images[1])  # different seeds and prompts, different images
+
+    pipe = _fresh_pipeline(backbone, model_dir[1])
+    expected = _pipeline_images(backbone, pipe)
+    torch.testing.assert_close(images, expected, atol=2e-4, rtol=0)
+    # the schedule the pipeline's scheduler used is the adapter's
+    sig = backbone.sigmas(backbone.native_steps)
+    torch.testing.assert_close(sig, pipe.scheduler.sigmas.float().cpu())
+    assert len(sig) == backbone.native_steps + 1 and sig[0] == 1 and sig[-1] == 0 and (sig.diff() < 0).all()
+
+
+def test_convention_translation(model_dir):
+    """The adapter speaks the suite's flow convention: x0 = x - sigma v, and latents round-trip through the VAE."""
+    backbone = _load(model_dir)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = backbone.noise(SEEDS)
+    torch.testing.assert_close(backbone.predict_x0(x, torch.zeros(2), cond), x)
+    sigma = torch.full((2,), 0.6)
+    v = backbone.predict_velocity(x, sigma, cond)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    torch.testing.assert_close(backbone.predict_x0(x, sigma, cond), flow.x0_from_velocity(x, v, sigma))
+    latents = backbone.encode_images(_references(2, 0))
+    assert latents.shape == (2, *backbone.latent_shape())
+    assert backbone.decode_latents(latents).shape == (2, 3, backbone.resolution, backbone.resolution)
+
+
+def test_teacher_context_reaches_the_dit(model_dir):
+    backbone = _load(model_dir)
+    x, sigma = backbone.noise(SEEDS), torch.full((2,), 0.8)
+    text = backbone.encode_prompts(PROMPTS)
+    teacher_a = backbone.encode_teacher(PROMPTS, _references(2, 0))
+    teacher_b = backbone.encode_teacher(PROMPTS, _references(2, 1))
+    v_text = backbone.predict_velocity(x, sigma, text)
+    v_a = backbone.predict_velocity(x, sigma, teacher_a)
+    v_b = backbone.predict_velocity(x, sigma, teacher_b)
+    assert v_a.shape == v_text.shape and torch.isfinite(v_a).all()
+    assert (v_a - v_text).abs().max() > 1e-4  # the teacher's view is not the text-only view
+    assert (v_a - v_b).abs().max() > 1e-4  # and the image itself, not only a template, reaches the DiT
+    # conds are batch-first dicts: slicing, repeating and concatenating them keeps per-sample predictions
+    both = cat_conds([repeat_cond(index_cond(teacher_a, slice(0, 1)), 2), teacher_b])
+    v_both = backbone.predict_velocity(torch.cat([x[:1], x[:1], x]), sigma.repeat(2), both)
+    torch.testing.assert_close(v_both[:2], v_a[:1].expand(2, -1, -1, -1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v_both[2:], v_b, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_trains_only_its_parameters_and_round_trips(model_dir, tmp_path):
+    backbone = _load(model_dir)
+    cond = backbone.encode_prompts(PROMPTS)
+    x0 = backbone.encode_images(_references(2, 0))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.7])
+    xt, target = flow.add_noise(x0, eps, sigma), flow.velocity_target(x0, eps)
+    base_v = backbone.predict_velocity(xt, sigma, cond)
+
+    backbone.add_lora("student", rank=4, alpha=8)  # alpha != rank: the scale must survive saving
+    params = backbone.lora_parameters("student")
+    trainable = [p for p in backbone.denoiser.parameters() if p.requires_grad]
+    assert params and {id(p) for p in trainable} == {id(p) for p in params}
+    torch.testing.assert_close(backbone.predict_velocity(xt, sigma, cond), base_v)  # a fresh LoRA is a no-op
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(backbone.predict_velocity(xt, sigma, cond), target)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad for n, p in backbone.denoiser.named_parameters() if p.grad is not None}
+        assert grads and all("lora_" in n and ".student." in n for n in grads)
+        assert any(g.abs().sum() > 0 for g in grads.values())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    tuned = backbone.sample(PROMPTS, SEEDS)
+    backbone.set_adapter(None)
+    assert (backbone.sample(PROMPTS, SEEDS) - tuned).abs().max() > 1e-4
+    backbone.set_adapter("student")
+
+    backbone.save_lora(tmp_path / "lora", "student")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    # the real pipeline method reads it and gives the same images
+    pipe = _fresh_pipeline(backbone, model_dir[1])
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(_pipeline_images(backbone, pipe), tuned, atol=2e-4, rtol=0)
+    # and so does the adapter's own loader
+    other = _load(model_dir)
+    other.load_lora(tmp_path / "lora", "loaded")
+    torch.testing.assert_close(other.predict_velocity(xt, sigma, cond), backbone.predict_velocity(xt, sigma, cond),
+                               atol=1e-5, rtol=1e-4)
+
+
+# ---- z-image: the teacher's VL encoder ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zimage_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("z-image-teacher")
+    _save_zimage(path)
+    return path
+
+
+def test_zimage_teacher_language_model_is_the_text_encoder(zimage_dir):
+    backbone = BACKBONES.get("z-image").from_pretrained(str(zimage_dir), device="cpu")
+    teacher, text_encoder = backbone.teacher, backbone.pipe.text_encoder
+    lm = teacher.model.model.language_model
+    assert lm.embed_tokens.weight.data_ptr() == text_encoder.embed_tokens.weight.data_ptr()  # shared, not copied
+    ids = backbone.pipe.tokenizer(["a green triangle"], return_tensors="pt")
+    with torch.no_grad():
+        want = text_encoder(**ids, output_hidden_states=True).hidden_states[-2]
+        got = teacher.model.model(**ids, output_hidden_states=True, use_cache=False).hidden_states[-2]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_zimage_teacher_inputs_follow_the_vl_chat_format(zimage_dir):
+    backbone = BACKBONES.get("z-image").from_pretrained(str(zimage_dir), device="cpu")
+    teacher = backbone.teacher
+    inputs = teacher.inputs("a red circle", (_references(1, 0)[0] + 1) / 2)
+    n_image = int(inputs["image_grid_thw"][0].prod()) // teacher.image_processor.merge_size ** 2
+    n_pad = int((inputs["input_ids"] == teacher.image_token_id).sum())
+    assert int(inputs["mm_token_type_ids"].sum()) == n_image == n_pad
+    text = teacher.tokenizer.decode(inputs["input_ids"][0])
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
+    assert text.endswith("<|vision_end|>a red circle<|im_end|>\n<|im_start|>assistant\n")
+    cond = backbone.encode_teacher(["a red circle"], _references(1, 0))
+    assert int(cond["prompt_mask"].sum()) == min(inputs["input_ids"].shape[1], backbone.teacher_max_length)

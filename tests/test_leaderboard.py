@@ -1,0 +1,104 @@
+"""leaderboard and report: Markdown/CSV/Parquet/baseline from synthetic run dirs, and the self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_runs import write_grid
+
+from dopsd_bench.leaderboard import build_table, leaderboard_command, render_markdown
+from dopsd_bench.report import report_command, svg_chart
+from dopsd_bench.store import load_results
+
+app = typer.Typer()
+app.command("leaderboard")(leaderboard_command)
+app.command("report")(report_command)
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    write_grid(root, {"base": 0.0, "sft": 0.15, "dopsd": 0.1, "icl": 0.0}, samples_png=_png())
+    return root
+
+
+def test_markdown_sections_rows_and_markers(results):
+    table = build_table(load_results(results), n_boot=300)
+    md = render_markdown(table, n_boot=300)
+    assert md.count("## concept") == 1 and md.count("## style") == 1
+    assert "**Δ vs base**" in md and "**Δ vs sft**" in md
+    concept = md.split("## concept")[1].split("## style")[0]
+    scores = concept.split("**Δ vs base**")[0]
+    rows = [line for line in scores.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "sft", "dopsd", "icl"]
+    assert "fidelity ↑" in scores and "retention_fd_ratio ↓" in scores
+    assert "step_curve" not in md  # drawn in the report, kept in CSV/Parquet/baseline
+    vs_base = concept.split("**Δ vs base**")[1].split("**Δ vs sft**")[0]
+    sft_row = next(line for line in vs_base.splitlines() if line.startswith("| sft"))
+    cells = [c.strip() for c in sft_row.split("|")[1:-1]]
+    assert float(cells[2].split()[0]) == pytest.approx(0.15, abs=0.02) and cells[2].endswith("▲")  # better
+    assert cells[4].endswith("▼")  # retention_fd_ratio went up: worse
+    icl_row = next(line for line in vs_base.splitlines() if line.startswith("| icl"))
+    assert "▲" not in icl_row.split("|")[3] and "▼" not in icl_row.split("|")[3]  # same as base: not significant
+
+
+def test_cli_writes_markdown_csv_parquet_and_baseline(results, tmp_path):
+    out = tmp_path / "lb" / "board.md"
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--out", str(out), "--csv",
+                                   "--parquet", "--save-baseline", str(tmp_path / "b.json"), "--n-boot", "200"])
+    assert res.exit_code == 0, res.output
+    assert "## concept" in out.read_text()
+    csv = pd.read_csv(out.with_suffix(".csv"))
+    pq = pd.read_parquet(out.with_suffix(".parquet"))
+    assert len(csv) == len(pq) > 0
+    assert {"mean", "lo", "hi", "d_base", "d_sft", "sig_base", "better_sft"} <= set(csv.columns)
+    assert "step_curve.fd@4" in set(csv.metric)
+    baseline = json.loads((tmp_path / "b.json").read_text())
+    assert baseline["schema_version"] == 1 and len(baseline["entries"]) == len(csv)
+
+
+def test_cli_stdout_and_errors(results, tmp_path):
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--n-boot", "100",
+                                   "--metrics", "fidelity"])
+    assert res.exit_code == 0 and "fidelity ↑" in res.output and "alignment" not in res.output
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_report_is_one_self_contained_html(results, tmp_path):
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out), "--n-boot", "100"])
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    assert "src=\"http" not in page and "href=\"http" not in page  # nothing external
+    assert page.count("data:image/png;base64,") == 4 * 3 * 3  # methods x instances x seeds
+    first = page.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(first) == _png()
+    assert "step curve: fd" in page and "step curve: fd_untuned" not in page
+    assert "fidelity vs retention_fd_ratio" in page
+    assert page.count("<svg") == 2 * 2  # per task: scatter + one step-curve series
+    assert "seed 2" in page and "concept · kwel" in page
+
+
+def test_svg_chart_places_points_inside_the_plot():
+    svg = svg_chart({"a": [(1, 0.0, -1.0, 1.0), (8, 2.0, 1.5, 2.5)]}, {"a": "#123456"}, "t", "x", "y", log2_x=True)
+    assert svg.startswith("<svg") and svg.count("<circle") == 2 and "#123456" in svg
+    assert svg_chart({"a": []}, {}, "t", "x", "y") == ""

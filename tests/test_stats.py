@@ -1,0 +1,90 @@
+"""stats: bootstrap intervals against closed forms, pairing, determinism."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_runs import make_result, write_grid, write_run
+
+from dopsd_bench.stats import bootstrap_ci, compare, paired_delta_ci
+from dopsd_bench.store import load_results
+
+
+def test_constant_shift_gives_interval_equal_to_shift():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=200)
+    ci = paired_delta_ci(b + 0.37, b, n_boot=500)
+    assert ci.mean == pytest.approx(0.37)
+    assert ci.lo == pytest.approx(0.37) and ci.hi == pytest.approx(0.37)
+    assert ci.excludes_zero
+
+
+def test_symmetric_data_covers_zero():
+    x = np.concatenate([np.linspace(0.1, 2, 50), -np.linspace(0.1, 2, 50)])
+    ci = bootstrap_ci(x, n_boot=1000)
+    assert ci.mean == pytest.approx(0.0, abs=1e-12)
+    assert ci.lo < 0 < ci.hi and not ci.excludes_zero
+
+
+def test_interval_matches_normal_theory_for_large_iid_sample():
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 1.0, 4000)
+    ci = bootstrap_ci(x, n_boot=2000, seed=3)
+    half = 1.96 * x.std() / np.sqrt(len(x))
+    assert (ci.hi - ci.lo) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_seeded_determinism():
+    x = np.random.default_rng(2).normal(size=30)
+    assert bootstrap_ci(x, seed=5) == bootstrap_ci(x, seed=5)
+    assert bootstrap_ci(x, seed=5) != bootstrap_ci(x, seed=6)
+
+
+def test_cluster_bootstrap_is_wider_than_iid_when_clusters_share_an_offset():
+    rng = np.random.default_rng(3)
+    offsets = rng.normal(0, 1.0, 6)
+    units = np.repeat(np.arange(6), 50)
+    x = offsets[units] + rng.normal(0, 0.1, len(units))
+    iid = bootstrap_ci(x)
+    clustered = bootstrap_ci(x, units=units)
+    assert clustered.n_units == 6 and iid.n_units == 300
+    assert (clustered.hi - clustered.lo) > 3 * (iid.hi - iid.lo)
+
+
+def test_single_unit_has_no_interval():
+    ci = bootstrap_ci([1.0, 1.0, 1.0], units=[0, 0, 0])
+    assert ci.mean == 1.0 and np.isnan(ci.lo) and not ci.excludes_zero
+    assert bootstrap_ci([np.nan]).n_units == 0
+
+
+def test_compare_pairs_by_instance_seed_sample(tmp_path):
+    write_grid(tmp_path, {"base": 0.0, "sft": 0.1, "dopsd": 0.1}, noise=0.01)
+    cmp = compare(load_results(tmp_path).samples, n_boot=500).set_index(["task", "method", "metric"])
+    row = cmp.loc[("concept", "sft", "fidelity")]
+    assert row["unit"] == "run" and row["n_cells"] == 6 and row["n_units"] == 6
+    assert row["d_base"] == pytest.approx(0.1, abs=0.01)
+    assert row["sig_base"] and row["better_base"] == 1
+    assert row["d_base_n"] == 2 * 3 * 8
+    assert row["lo"] < row["mean"] < row["hi"]
+    # dopsd equals sft up to noise: no significant difference
+    d = cmp.loc[("concept", "dopsd", "fidelity")]
+    assert d["d_sft_lo"] < 0 < d["d_sft_hi"] and not d["sig_sft"] and d["better_sft"] == 0
+    # lower-is-better metric: a higher ratio than base is significantly worse
+    r = cmp.loc[("concept", "sft", "retention_fd_ratio")]
+    assert r["d_base"] > 0 and r["better_base"] == -1
+    # a method is not compared with itself
+    assert np.isnan(cmp.loc[("concept", "base", "fidelity")]["d_base"])
+
+
+def test_reference_run_at_one_seed_stands_in_for_all_seeds(tmp_path):
+    for seed in (0, 1, 2):
+        write_run(tmp_path, make_result("sft", "style", "dotted", seed, {"fidelity": ([0.5, 0.7], None, True)}))
+    write_run(tmp_path, make_result("base", "style", "dotted", 0, {"fidelity": ([0.25, 0.45], None, True)}))
+    row = compare(load_results(tmp_path).samples, n_boot=200).set_index("method").loc["sft"]
+    assert row["d_base_n"] == 6
+    assert row["d_base"] == pytest.approx(0.25)

@@ -1,0 +1,169 @@
+"""sweep: grid expansion, sharding, resume, crash isolation, and a SIGKILLed sweep that is restarted.
+
+Cells are run by `fake_run_cell` below (a fast stand-in for dopsd_bench.runner.run_cell, passed with the hidden
+--runner option): these tests check the sweep's bookkeeping, not training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_runs import make_result
+
+from dopsd_bench.errors import UserError
+from dopsd_bench.rundir import atomic_write_json
+from dopsd_bench.sweep import (
+    SweepSpec,
+    _app,
+    expand,
+    make_spec,
+    parse_budget,
+    parse_sets,
+    parse_shard,
+    shard_cells,
+)
+
+RUNNER = "test_sweep:fake_run_cell"
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def fake_run_cell(cfg) -> None:
+    """Write a result.json the way the runner does (atomically, last); log start/done to a ledger."""
+    ledger = Path(cfg.out_dir) / "ledger.txt"
+    cid = cfg.cell_id()
+    with open(ledger, "a") as f:
+        f.write(f"start {cid}\n")
+    if cfg.method == os.environ.get("FAKE_FAIL_METHOD"):
+        raise RuntimeError("this method always fails")
+    run_dir = Path(cfg.out_dir) / cid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    time.sleep(float(os.environ.get("FAKE_CELL_SECONDS", "0")))
+    result = make_result(cfg.method, cfg.task_name, cfg.resolved_instance(), cfg.seed,
+                         {"fidelity": ([0.5, 0.6], None, True)})
+    atomic_write_json(run_dir / "result.json", result)
+    with open(ledger, "a") as f:
+        f.write(f"done {cid}\n")
+
+
+def _ledger(out: Path) -> list[tuple[str, str]]:
+    path = out / "ledger.txt"
+    return [tuple(line.split(" ", 1)) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_grid_expands_families_and_is_sharded_deterministically(tmp_path):
+    spec = SweepSpec(methods=["base", "sft"], tasks=["concept", "style:dotted"], seeds=[0, 1],
+                     budgets=[{}, {"steps": 5}], out=tmp_path)
+    cells = expand(spec)
+    assert len(cells) == 2 * (4 + 1) * 2 * 2
+    ids = [c.cell_id() for c in cells]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert any("concept-drup" in i for i in ids) and not any("style-checkered" in i for i in ids)
+    shards = [shard_cells(expand(spec), i, 3) for i in range(3)]
+    got = [c.cell_id() for s in shards for c in s]
+    assert sorted(got) == ids  # disjoint and complete
+    assert [c.cell_id() for c in shards[1]] == ids[1::3]
+
+
+def test_shard_from_flag_and_slurm():
+    assert parse_shard("2/4", env={}) == (2, 4)
+    assert parse_shard(None, env={}) == (0, 1)
+    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert parse_shard(None, env=slurm) == (2, 4)
+    assert parse_shard("0/2", env=slurm) == (0, 2)  # the flag wins
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(UserError, match="shard"):
+            parse_shard(bad, env={})
+
+
+def test_flag_parsing_and_file_merge():
+    assert parse_budget("steps=100,lr=1e-4") == {"steps": 100, "lr": 1e-4}
+    with pytest.raises(UserError, match="allowed"):
+        parse_budget("epochs=3")
+    assert parse_sets(["a=1", "dopsd:teacher=ema"]) == ({"a": "1"}, {"dopsd": {"teacher": "ema"}})
+    spec = make_spec({"methods": ["base", "dopsd"], "tasks": ["style"], "seeds": [0, 1, 2],
+                      "budgets": [{"steps": 10}], "method_set": {"dopsd": {"teacher": "frozen"}}},
+                     seeds=["4"], sets=({}, {"dopsd": {"decay": "0.9"}}))
+    assert spec.seeds == [4] and spec.budgets == [{"steps": 10}]
+    assert spec.method_overrides == {"dopsd": {"teacher": "frozen", "decay": "0.9"}}
+    with pytest.raises(UserError, match="at least one method"):
+        make_spec({"tasks": ["style"]})
+
+
+def test_unknown_names_exit_2(tmp_path):
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style:dottd", "--out", str(tmp_path),
+                                    "--runner", RUNNER])
+    assert res.exit_code == 2
+    assert "did you mean 'dotted'" in res.output
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base,dopsdd", "--tasks", "style", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "did you mean 'dopsd'" in res.output
+    assert not (tmp_path / "sweep.log").exists()
+
+
+def test_in_process_sweep_resumes_and_isolates_failures(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    monkeypatch.setenv("FAKE_FAIL_METHOD", "icl")
+    args = ["sweep", "--methods", "base,icl", "--tasks", "style", "--seeds", "0,1", "--out", str(tmp_path),
+            "--runner", RUNNER]
+    res = CliRunner().invoke(_app, args)
+    assert res.exit_code == 1, res.output  # the icl cells failed ...
+    done = [c for e, c in _ledger(tmp_path) if e == "done"]
+    assert len(done) == 4 and all("/base/" in c for c in done)  # ... and every base cell still ran
+    log = (tmp_path / "sweep.log").read_text()
+    assert log.count('"event": "fail"') == 4 and "this method always fails" in log
+    res = CliRunner().invoke(_app, args[:2] + ["base"] + args[3:])
+    assert res.exit_code == 0, res.output
+    assert len([c for e, c in _ledger(tmp_path) if e == "start" and "/base/" in c]) == 4  # nothing re-run
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style", "--seeds", "0", "--out",
+                                    str(tmp_path), "--runner", RUNNER, "--dry-run"])
+    assert res.exit_code == 0 and res.output.count("done\t") == 2
+
+
+@pytest.mark.slow  # three interpreters that each import torch: ~10 s apiece on a loaded 2-core machine
+def test_isolated_cells_run_in_subprocesses(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "dopsd_bench.sweep", "sweep", "--methods", "base", "--tasks", "style:dotted",
+           "--seeds", "0,1", "--out", str(tmp_path), "--runner", RUNNER, "--isolate"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pids = {line.split()[0] for line in (tmp_path / "ledger.txt").read_text().splitlines()}
+    assert len(list(tmp_path.glob("**/result.json"))) == 2 and pids == {"start", "done"}
+
+
+def test_sigkilled_sweep_restarts_and_finishes_every_cell_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+           "FAKE_CELL_SECONDS": "0.4"}
+    cmd = [sys.executable, "-m", "dopsd_bench.sweep", "sweep", "--methods", "base,sft,dopsd", "--tasks", "concept",
+           "--seeds", "0", "--out", str(tmp_path), "--runner", RUNNER]
+    n_cells = 3 * 4
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([e for e, _ in _ledger(tmp_path) if e == "done"]) < 4:
+        time.sleep(0.05)
+    time.sleep(0.2)  # land inside a cell
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _ledger(tmp_path)
+    done_before = {c for e, c in before if e == "done"}
+    assert 4 <= len(done_before) < n_cells, "the kill must land mid-grid"
+
+    env["FAKE_CELL_SECONDS"] = "0"
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    after = _ledger(tmp_path)
+    done = [c for e, c in after if e == "done"]
+    assert len(done) == n_cells and len(set(done)) == n_cells  # every cell finished exactly once
+    restarted = {c for e, c in after[len(before):] if e == "start"}
+    assert not restarted & done_before  # finished cells were not run again
+    results = list(tmp_path.glob("**/result.json"))
+    assert len(results) == n_cells
+    assert not [p for p in tmp_path.rglob("*") if "result.json" in p.name and p.name != "result.json"]
