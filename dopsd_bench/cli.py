@@ -17,20 +17,81 @@ import functools
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from dopsd_bench import __version__
 from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
 
-app = typer.Typer(name="dopsd-bench", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+# ---- commands from other modules: one line each, imported only when used -------------------------------------------
+# name -> "module:function" (a typer-annotated function). Loading on demand keeps `run`, `list` and error messages
+# fast, and a command appears as soon as its module and function exist.
+COMMANDS = {
+    "sweep": "dopsd_bench.sweep:sweep_command",
+    "leaderboard": "dopsd_bench.leaderboard:leaderboard_command",
+    "report": "dopsd_bench.report:report_command",
+    "check": "dopsd_bench.check:check_command",
+}
+WORLD_COMMANDS = {
+    "check": "dopsd_bench.world.check:check_command",
+}
+
+
+class LazyGroup(TyperGroup):
+    """A command group that also offers `lazy` commands ("module:function"), imported on first use."""
+
+    lazy: ClassVar[dict[str, str]] = {}
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:  # typer vendors click: its Context/Command types
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            command = load_command(cmd_name, self.lazy[cmd_name])
+            if command is not None:
+                self.commands[cmd_name] = command
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and args[0] not in self.lazy:
+            self.list_commands(ctx)  # a typo: load every command, so "did you mean" can name any of them
+        return super().resolve_command(ctx, args)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        for name in self.lazy:  # help lists every command: load the ones that exist
+            self.get_command(ctx, name)
+        return super().list_commands(ctx)
+
+
+def load_command(name: str, ref: str) -> Any:
+    """The click command for `module:function`, or None while that module or function does not exist;
+    an import error inside an existing module is a bug and propagates."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return None
+    if not hasattr(module, attr):
+        return None
+    single = typer.Typer(add_completion=False)
+    single.command(name)(user_errors(getattr(module, attr)))
+    return typer.main.get_command(single)
+
+
+def lazy_group(commands: dict[str, str]) -> type[LazyGroup]:
+    return type("LazyGroup", (LazyGroup,), {"lazy": commands})
+
+
+app = typer.Typer(name="dopsd-bench", cls=lazy_group(COMMANDS), no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False,
                   help="Benchmark suite and training harness for tuning step-distilled text-to-image models.")
-world_app = typer.Typer(no_args_is_help=True, help="The embedded procedural world and its models.")
+world_app = typer.Typer(cls=lazy_group(WORLD_COMMANDS), no_args_is_help=True,
+                        help="The embedded procedural world and its models.")
 app.add_typer(world_app, name="world")
 
 out = Console()
@@ -170,23 +231,3 @@ def list_(what: Annotated[str, typer.Argument(help="methods, tasks, backbones or
     out.print(table)
 
 
-# ---- commands from other modules: one line each ----------------------------------------------------------------
-def add_command(target: typer.Typer, name: str, ref: str) -> None:
-    """Register `module:function` as a command once that module and function exist (they land independently);
-    an import error inside an existing module is a bug and propagates."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        return
-    if hasattr(module, attr):
-        target.command(name)(user_errors(getattr(module, attr)))
-
-
-add_command(app, "sweep", "dopsd_bench.sweep:sweep_command")
-add_command(app, "leaderboard", "dopsd_bench.leaderboard:leaderboard_command")
-add_command(app, "report", "dopsd_bench.report:report_command")
-add_command(app, "check", "dopsd_bench.check:check_command")
-add_command(world_app, "check", "dopsd_bench.world.check:check_command")

@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 
 from dopsd_bench.stats import REFERENCES, compare
-from dopsd_bench.store import Results, load_results
+from dopsd_bench.store import NO_BUDGET, Results, load_results
 
 KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_fd", "diversity",
                "copying")
@@ -41,10 +41,29 @@ def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "ru
     table = compare(res.samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
     if table.empty:
         return table
+    table = spread_untrained(table)
     table["method_rank"] = table["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
     table["metric_rank"] = table["metric"].map(lambda m: KEY_METRICS.index(m) if m in KEY_METRICS else 99)
     table = table.sort_values(["backbone", "task", "budget", "method_rank", "method", "metric_rank", "metric"])
     return table.drop(columns=["method_rank", "metric_rank"]).reset_index(drop=True)
+
+
+def spread_untrained(table: pd.DataFrame) -> pd.DataFrame:
+    """Show runs that trained nothing (budget 'none': base, icl) in every budget section of their task.
+
+    Their numbers do not depend on the budget, and the deltas of the trained methods already pair with them
+    (stats.compare takes a reference at its only budget); this only puts their rows next to the others.
+    """
+    out = []
+    for _, g in table.groupby(["backbone", "task"], sort=False):
+        budgets = [b for b in dict.fromkeys(g["budget"]) if b != NO_BUDGET]
+        untrained = g[g["budget"] == NO_BUDGET]
+        if untrained.empty or not budgets:
+            out.append(g)
+            continue
+        trained = g[g["budget"] != NO_BUDGET]
+        out += [trained] + [untrained.assign(budget=b) for b in budgets]
+    return pd.concat(out, ignore_index=True)
 
 
 def fmt(x: float, signed: bool = False) -> str:

@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 
 from dopsd_bench.leaderboard import build_table, section_tables, sections
-from dopsd_bench.store import Results, load_results
+from dopsd_bench.store import NO_BUDGET, Results, load_results
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
@@ -206,7 +206,7 @@ def _img(path: str | None) -> str:
 
 
 def image_grids(cells: pd.DataFrame, backbone: str, task: str, budget: str, method_order: list[str]) -> str:
-    c = cells[(cells["backbone"] == backbone) & (cells["task"] == task) & (cells["budget"] == budget)]
+    c = cells[(cells["backbone"] == backbone) & (cells["task"] == task) & cells["budget"].isin([budget, NO_BUDGET])]
     if c.empty:
         return ""
     rows_label = next((s for s in c.get("samples_rows", pd.Series(dtype=str)) if s), "")

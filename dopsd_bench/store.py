@@ -47,13 +47,15 @@ class Results:
         return self.cells.empty
 
 
+NO_BUDGET = "none"  # a run that trained nothing (base, icl): its budget fields are all null
+
+
 def budget_label(budget: dict[str, Any] | None) -> str:
-    """A short stable name for a budget, e.g. 'steps=200,batch_size=4,lr=0.0001,rank=8' ('default' if empty)."""
-    if not budget:
-        return "default"
+    """A short stable name for a budget, e.g. 'steps=200,batch_size=4,lr=0.0001,rank=8' ('none' if all null)."""
+    budget = budget or {}
     keys = [k for k in BUDGET_KEYS if budget.get(k) is not None]
     keys += sorted(k for k in budget if k not in BUDGET_KEYS and budget[k] is not None)
-    return ",".join(f"{k}={budget[k]}" for k in keys) or "default"
+    return ",".join(f"{k}={budget[k]}" for k in keys) or NO_BUDGET
 
 
 def is_complete_result(path: Path) -> bool:

@@ -146,14 +146,20 @@ def _instances(task: str) -> list[tuple[str, str | None]]:
     return [(task, str(n)) for n in names]
 
 
-def expand(spec: SweepSpec) -> list[Cell]:
-    """Every cell of the grid, sorted by run-dir id (the order shards are cut from)."""
-    from dopsd_bench.registry import BACKBONES, METHODS
+def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
+    """Every cell of the grid, sorted by run-dir id (the order shards are cut from).
 
-    for method in spec.methods:
-        METHODS.get(method)  # an unknown name fails before any cell runs, with "did you mean"
-    if spec.backbone is not None:
-        BACKBONES.get(spec.backbone)
+    `check_names` looks methods and backbone up in their registries first, so a typo fails before any cell runs
+    (with "did you mean"); a custom --runner may give names its own meaning, so the sweep skips it there.
+    """
+    trains = dict.fromkeys(spec.methods, True)
+    if check_names:
+        from dopsd_bench.registry import BACKBONES, METHODS
+
+        # a method that trains nothing (base, icl) gets no budget: one cell serves every budget point
+        trains = {m: bool(getattr(METHODS.get(m), "trains", True)) for m in spec.methods}
+        if spec.backbone is not None:
+            BACKBONES.get(spec.backbone)
     cells: dict[str, Cell] = {}
     task_instances = [ti for t in spec.tasks for ti in _instances(t)]
     for method in spec.methods:
@@ -165,7 +171,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
                         "method": method, "task": task, "instance": instance, "seed": int(seed),
                         "backbone": spec.backbone, "model": spec.model, "device": spec.device,
                         "out_dir": str(spec.out), "resume": True, "checkpoint_every": spec.checkpoint_every,
-                        **{k: budget.get(k) for k in BUDGET_KEYS},
+                        **({k: budget.get(k) for k in BUDGET_KEYS} if trains[method] else {}),
                     }
                     if overrides:
                         kwargs["overrides"] = tuple(sorted(overrides.items()))
@@ -423,7 +429,7 @@ def sweep_command(
             sets=parse_sets(set_ or []),
         )
         i, n = parse_shard(shard)
-        all_cells = expand(spec)
+        all_cells = expand(spec, check_names=runner == DEFAULT_RUNNER)
         cells = shard_cells(all_cells, i, n)
     except UserError as e:
         console.print(f"[red]error:[/red] {e}")

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dopsd_bench import flow  # noqa: E402
-from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline  # noqa: E402
-from dopsd_bench.world import render as R  # noqa: E402
-from dopsd_bench.world.judge import WorldJudge  # noqa: E402
+from dopsd_bench import flow
+from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+from dopsd_bench.world import render as R
+from dopsd_bench.world.judge import WorldJudge
+from dopsd_bench.world.mixtures import judge_scene, pretrain_example
 
 T0 = time.time()
 
@@ -44,54 +45,6 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # data: what each stage sees
 # ---------------------------------------------------------------------------------------------------------------
-DROPPABLE = ("size", "style", "colour", "position", "background")
-
-
-def judge_scene(rng: np.random.Generator) -> R.Scene:
-    """Judge training/eval distribution: base scenes, held-out glyphs and styles, family glyphs and styles."""
-    kind = rng.choice(["base", "glyph", "style", "family_glyph", "family_style"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
-    s = R.random_scene(rng)
-    if kind == "glyph":
-        return R.Scene(str(rng.choice(list(R.HELD_OUT_GLYPHS))), s.colour, s.size, s.position,
-                       str(rng.choice(["solid", "outline"])), s.background).jitter(rng)
-    if kind == "style":
-        return R.Scene(s.shape, s.colour, s.size, s.position, str(rng.choice(R.HELD_OUT_STYLES)), s.background).jitter(rng)
-    if kind == "family_glyph":
-        return R.Scene(f"glyph:{rng.integers(1_000_000)}", s.colour, s.size, s.position,
-                       str(rng.choice(["solid", "outline"])), s.background).jitter(rng)
-    if kind == "family_style":
-        return R.Scene(s.shape, s.colour, s.size, s.position, f"tile:{rng.integers(1_000_000)}", s.background).jitter(rng)
-    return s
-
-
-def pretrain_example(rng: np.random.Generator) -> tuple[R.Scene, str, R.Scene | None]:
-    """(target scene, caption, reference scene or None) for the base model's training mixture."""
-    kind = rng.choice(["base", "base_ref", "glyph_ref", "style_ref", "glyph_text"], p=[0.45, 0.1, 0.2, 0.2, 0.05])
-    s = R.random_scene(rng)
-    drop = frozenset(a for a in DROPPABLE if rng.random() < 0.12)
-    if kind == "base":
-        return s, R.caption(s, drop=drop), None
-    other = R.random_scene(rng)
-    if kind == "base_ref":
-        ref = s if rng.random() < 0.5 else R.Scene(s.shape, other.colour, other.size, other.position, s.style,
-                                                   other.background).jitter(rng)
-        return s, R.caption(s, drop=drop), ref
-    if kind in ("glyph_ref", "glyph_text"):
-        seed = int(rng.integers(1_000_000))
-        style = str(rng.choice(["solid", "outline"]))
-        t = R.Scene(f"glyph:{seed}", s.colour, s.size, s.position, style, s.background).jitter(rng)
-        ref = None
-        if kind == "glyph_ref":
-            ref = t if rng.random() < 0.5 else R.Scene(t.shape, other.colour, other.size, other.position,
-                                                       str(rng.choice(["solid", "outline"])), other.background).jitter(rng)
-        return t, R.caption(t, name=R.made_up_name(seed)), ref
-    seed = int(rng.integers(1_000_000))
-    t = R.Scene(s.shape, s.colour, s.size, s.position, f"tile:{seed}", s.background).jitter(rng)
-    ref = t if rng.random() < 0.5 else R.Scene(other.shape, other.colour, "large", other.position, t.style,
-                                               other.background).jitter(rng)
-    return t, R.caption(t, style_name=R.made_up_name(seed + 500_000)), ref
-
-
 def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
     return R.to_tensor_batch([R.render(s) for s in scenes])
 
@@ -330,7 +283,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.02 = smoke test)")
     ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,7 +310,8 @@ def main() -> None:
     base = train_base(bb, data, n(2000), 64, 1e-3, args.seed)
     pipe.transformer = base
     bb.denoiser = base
-    save_pipeline(pipe, {**settings, "native_steps": 32, "role": "multi-step base"}, args.out / "glyphworld-base")
+    base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
+    save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
     log("saved base")
 
     traj = make_trajectories(bb, data, max(256, n(4096)), args.guidance, args.seed)

@@ -46,6 +46,7 @@ class FakeBackbone(Backbone):
         self.denoiser = _Denoiser(3 * 4 * 4)
         self.denoiser.requires_grad_(False)
         self.device = torch.device("cpu")
+        self.model_id = f"fake-{seed}"  # the sample cache keys untuned outputs by it
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         text = torch.zeros(len(prompts), TEXT_DIM)

@@ -194,3 +194,29 @@ def test_run_config_round_trip_and_validation():
     assert parse_overrides(["a=1", "b.c= x "]) == {"a": "1", "b.c": " x "}
     assert Path(RunConfig(method="sft", task="style", out_dir="o").run_dir()) == \
         Path("o/flux2-klein/style-dotted/sft/seed0")
+
+
+# ---- commands from other modules load on demand -----------------------------------------------------------------
+def test_lazy_commands(monkeypatch):
+    from dopsd_bench import cli as cli_module
+    from dopsd_bench.errors import UserError
+
+    def fake_command(fail: bool = False) -> None:
+        """A command from another module."""
+        if fail:
+            raise UserError("bad input for the fake command")
+        print("fake ran")
+
+    module = types.ModuleType("fake_cli_module")
+    module.fake_command = fake_command
+    monkeypatch.setitem(sys.modules, "fake_cli_module", module)
+    monkeypatch.setitem(cli_module.COMMANDS, "fake", "fake_cli_module:fake_command")
+    monkeypatch.setitem(cli_module.COMMANDS, "absent", "module_that_is_not_written_yet:command")
+    monkeypatch.setitem(cli_module.COMMANDS, "unnamed", "fake_cli_module:no_such_function")
+    assert invoke("fake").stdout.strip() == "fake ran"
+    assert_user_error(invoke("fake", "--fail"), "bad input for the fake command")
+    help_text = cli.invoke(app, ["--help"], terminal_width=200).stdout
+    assert "fake" in help_text and "A command from another module." in help_text
+    assert "absent" not in help_text and "unnamed" not in help_text
+    assert invoke("absent").exit_code == 2 and "No such command" in invoke("absent").output
+    assert "Did you mean 'fake'" in invoke("fakee").output

@@ -147,7 +147,8 @@ def test_full_fine_tune_needs_the_untuned_outputs_cached_first(task, features, t
 
 def test_teacher_adapter_prefers_an_existing_teacher():
     class Denoiser:
-        peft_config = {"student": None, "teacher": None}
+        def __init__(self):
+            self.peft_config = {"student": None, "teacher": None}
 
     class BB:
         denoiser = Denoiser()

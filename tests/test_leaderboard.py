@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_runs import write_grid
+from synth_runs import make_result, write_grid, write_run
 
 from dopsd_bench.leaderboard import build_table, leaderboard_command, render_markdown
 from dopsd_bench.report import report_command, svg_chart
@@ -102,3 +102,21 @@ def test_svg_chart_places_points_inside_the_plot():
     svg = svg_chart({"a": [(1, 0.0, -1.0, 1.0), (8, 2.0, 1.5, 2.5)]}, {"a": "#123456"}, "t", "x", "y", log2_x=True)
     assert svg.startswith("<svg") and svg.count("<circle") == 2 and "#123456" in svg
     assert svg_chart({"a": []}, {}, "t", "x", "y") == ""
+
+
+def test_untrained_runs_appear_in_every_budget_section(tmp_path):
+    none = {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    for seed in (0, 1):
+        write_run(tmp_path, make_result("base", "style", "dotted", seed, {"fidelity": ([0.1, 0.2], None, True)},
+                                        budget=none))
+        for steps in (5, 10):
+            write_run(tmp_path, make_result("sft", "style", "dotted", seed,
+                                            {"fidelity": ([0.1 + steps / 100, 0.2 + steps / 100], None, True)},
+                                            budget={"steps": steps}), name=f"sft{steps}/seed{seed}")
+    table = build_table(load_results(tmp_path), n_boot=100)
+    assert set(table.budget) == {"steps=5", "steps=10"}
+    sft10 = table[(table.budget == "steps=10") & (table.method == "sft")].iloc[0]
+    assert sft10["d_base"] == pytest.approx(0.1)
+    md = render_markdown(table)
+    for section in md.split("## style")[1:]:
+        assert "| base | 2 | 0.15 [" in section.split("**Δ vs base**")[0]

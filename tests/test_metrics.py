@@ -98,7 +98,7 @@ def test_kid_matches_numpy_polynomial_mmd_and_is_deterministic():
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g) + 0.5
     x, y = a.double().numpy(), b.double().numpy()
-    k = lambda u, v: (u @ v.T / 6 + 1) ** 3  # noqa: E731  torchmetrics' default polynomial kernel
+    k = lambda u, v: (u @ v.T / 6 + 1) ** 3  # torchmetrics' default polynomial kernel
     n = 30
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     ref = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.mean()
@@ -253,6 +253,12 @@ def test_judge_features_with_the_real_world_judge():
     for attr, p in probs.items():
         assert p.shape == (5, len(ATTRIBUTES[attr]))
         assert torch.allclose(p.sum(1), torch.ones(5), atol=1e-5)
+    one_pass = feats.extract(images)  # embed_and_logits: one trunk pass gives the same views
+    assert torch.allclose(one_pass.embedding, emb, atol=1e-6)
+    assert one_pass.similarity == {"judge": one_pass.embedding}
+    assert all(torch.allclose(one_pass.attributes[k], probs[k], atol=1e-6) for k in ATTRIBUTES)
+    fallback = JudgeFeatures(FakeJudge()).extract(images)  # a judge without embed_and_logits
+    assert fallback.embedding.shape == (5, 12) and set(fallback.attributes) == set(ATTRIBUTES)
     with pytest.raises(ValueError, match="B, 3, H, W"):
         feats.embed(torch.zeros(3, 32, 32))
 
@@ -266,10 +272,10 @@ def _tiny_clip():
     tok.pad_token = tok.pad_token or "<|endoftext|>"
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "eos_token_id": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
         projection_dim=16)
     return CLIPModel(cfg).eval(), tok
 

@@ -208,6 +208,17 @@ def test_resume_after_a_failure_skips_finished_training(tmp_path, world_task, fa
     assert result["training"] == {"steps_run": 0, "start_step": 2, "final_loss": None}
 
 
+@pytest.mark.parametrize("method", ["dopsd", "sft-full", "icl"])
+def test_registered_methods_run_through_the_runner(tmp_path, world_task, fakes, method):
+    run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs", method=method))
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["method"] == method
+    # a LoRA method saves its adapter; a full fine-tune and a method without training have none
+    assert (result["adapter"] == "adapter") == (method == "dopsd")
+    steps = 0 if method == "icl" else 2
+    assert result["training"]["steps_run"] == steps
+
+
 def test_method_without_training_has_no_adapter(tmp_path, world_task, fakes):
     run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs", method="base"))
     result = json.loads((run_dir / "result.json").read_text())

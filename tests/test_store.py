@@ -71,5 +71,5 @@ def test_empty_dir_gives_empty_frames_and_missing_dir_errors(tmp_path):
 
 
 def test_budget_label():
-    assert budget_label({}) == "default"
+    assert budget_label({}) == "none" and budget_label({"steps": None}) == "none"
     assert budget_label({"lr": 1e-3, "steps": 5, "rank": None}) == "steps=5,lr=0.001"

@@ -6,6 +6,7 @@ Cells are run by `fake_run_cell` below (a fast stand-in for dopsd_bench.runner.r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from dopsd_bench.rundir import atomic_write_json
 from dopsd_bench.sweep import (
     SweepSpec,
     _app,
+    build_run_config,
+    cell_command,
     expand,
     make_spec,
     parse_budget,
@@ -62,15 +65,26 @@ def _ledger(out: Path) -> list[tuple[str, str]]:
 def test_grid_expands_families_and_is_sharded_deterministically(tmp_path):
     spec = SweepSpec(methods=["base", "sft"], tasks=["concept", "style:dotted"], seeds=[0, 1],
                      budgets=[{}, {"steps": 5}], out=tmp_path)
-    cells = expand(spec)
+    cells = expand(spec, check_names=False)
     assert len(cells) == 2 * (4 + 1) * 2 * 2
     ids = [c.cell_id() for c in cells]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert any("concept-drup" in i for i in ids) and not any("style-checkered" in i for i in ids)
-    shards = [shard_cells(expand(spec), i, 3) for i in range(3)]
+    shards = [shard_cells(expand(spec, check_names=False), i, 3) for i in range(3)]
     got = [c.cell_id() for s in shards for c in s]
     assert sorted(got) == ids  # disjoint and complete
     assert [c.cell_id() for c in shards[1]] == ids[1::3]
+
+
+def test_cell_command_uses_accelerate_for_several_processes(tmp_path):
+    spec = SweepSpec(methods=["dopsd"], tasks=["style:dotted"], overrides={"teacher": "frozen"}, out=tmp_path)
+    cell = expand(spec, check_names=False)[0]
+    cmd = cell_command(cell, RUNNER, 4)
+    assert cmd[:7] == ["accelerate", "launch", "--num_processes", "4", "-m", "dopsd_bench.sweep", "cell"]
+    assert cell_command(cell, RUNNER, 1)[:4] == [sys.executable, "-m", "dopsd_bench.sweep", "cell"]
+    payload = json.loads(cmd[cmd.index("--config-json") + 1])
+    cfg = build_run_config(payload)
+    assert cfg.cell_id() == cell.cell_id() and cfg.overrides == {"teacher": "frozen"} and cfg.resume
 
 
 def test_shard_from_flag_and_slurm():
@@ -106,6 +120,14 @@ def test_unknown_names_exit_2(tmp_path):
     res = CliRunner().invoke(_app, ["sweep", "--methods", "base,dopsdd", "--tasks", "style", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "did you mean 'dopsd'" in res.output
     assert not (tmp_path / "sweep.log").exists()
+
+
+def test_untrained_methods_run_once_for_all_budgets(tmp_path):
+    spec = SweepSpec(methods=["base", "sft"], tasks=["style:dotted"], budgets=[{"steps": 5}, {"steps": 10}],
+                     out=tmp_path)
+    cells = expand(spec)  # looks up `trains` in the method registry
+    assert sorted(c.config["method"] for c in cells) == ["base", "sft", "sft"]
+    assert "steps" not in next(c for c in cells if c.config["method"] == "base").config
 
 
 def test_in_process_sweep_resumes_and_isolates_failures(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ class Backbone(ABC):
 
     name: str = ""
     native_steps: int = 4  # the few-step count the model was distilled for
+    guidance_scale: float = 1.0  # CFG used by `sample` (1 = none: distilled models have guidance baked in)
     resolution: int = 32  # square sample size in pixels
     denoiser: nn.Module  # the module LoRA adapters attach to (a diffusers transformer)
     device: torch.device = torch.device("cpu")
@@ -85,12 +86,21 @@ class Backbone(ABC):
 
     @torch.no_grad()
     def sample_latents(self, cond: Cond, seeds: list[int], steps: int | None = None) -> torch.Tensor:
-        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps."""
+        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps.
+
+        With guidance_scale > 1, classifier-free guidance against the empty prompt (no reference), as the
+        pipelines do for undistilled models.
+        """
         sig = self.sigmas(steps or self.native_steps).to(self.device)
         x = self.noise(seeds)
+        uncond = self.encode_prompts([""] * x.shape[0]) if self.guidance_scale > 1 else None
         for i in range(len(sig) - 1):
             s = sig[i].expand(x.shape[0])
-            x = flow.euler_step(x, self.predict_velocity(x, s, cond), sig[i], sig[i + 1])
+            v = self.predict_velocity(x, s, cond)
+            if uncond is not None:
+                v_uncond = self.predict_velocity(x, s, uncond)
+                v = v_uncond + self.guidance_scale * (v - v_uncond)
+            x = flow.euler_step(x, v, sig[i], sig[i + 1])
         return x
 
     @torch.no_grad()

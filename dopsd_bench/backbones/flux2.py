@@ -18,12 +18,12 @@ import torch
 
 from dopsd_bench.backbones.base import Backbone, Cond
 from dopsd_bench.errors import UserError
+from dopsd_bench.paths import assets_dir
 from dopsd_bench.registry import BACKBONES
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# names of the embedded models shipped in the package
-EMBEDDED = {"glyphworld": ASSETS / "glyphworld-turbo", "glyphworld-turbo": ASSETS / "glyphworld-turbo",
-            "glyphworld-base": ASSETS / "glyphworld-base"}
+# names of the embedded models shipped in the package (dirs under dopsd_bench.paths.assets_dir())
+EMBEDDED = {"glyphworld": "glyphworld-turbo", "glyphworld-turbo": "glyphworld-turbo",
+            "glyphworld-base": "glyphworld-base"}
 # FLUX.2-klein's own settings, used when a model dir has no dopsd_bench.json sidecar
 FLUX2_KLEIN_SETTINGS = {"native_steps": 4, "resolution": 1024, "text_encoder_out_layers": [9, 18, 27],
                         "max_sequence_length": 512}
@@ -33,7 +33,7 @@ LORA_TARGETS = (r".*(attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|add_q_proj
 
 def resolve_model(model: str) -> tuple[str, dict]:
     """An embedded name, a local dir or a hub id -> (path or id, adapter settings)."""
-    path = EMBEDDED.get(model, Path(model))
+    path = assets_dir() / EMBEDDED[model] if model in EMBEDDED else Path(model)
     if model in EMBEDDED and not (path / "model_index.json").exists():
         raise UserError(f"embedded model {model!r} is not built: expected {path}/model_index.json; "
                         "build it with `python scripts/build_world.py`")
@@ -54,6 +54,7 @@ class Flux2KleinBackbone(Backbone):
         self.settings = settings
         self.model_id = model_id
         self.native_steps = int(settings["native_steps"])
+        self.guidance_scale = float(settings.get("guidance_scale", 1.0))
         self.resolution = int(settings["resolution"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe.to(self.device)

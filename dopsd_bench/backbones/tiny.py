@@ -48,13 +48,19 @@ def bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     return qtok
 
 
-def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int, int] = (1, 2), latent_channels: int = 8,
+def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int, int] = (1, 2),
+                              latent_channels: int = 8,
                               vae_channels: tuple[int, ...] = (32, 64, 64), corpus: list[str] | None = None):
     """A random-init Flux2KleinPipeline: Qwen3 text encoder, Flux2 DiT, Flux2 VAE (4x down), 32x32 images.
 
     Returns (pipe, settings) where settings is the adapter's sidecar (dopsd_bench.json) for this model.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ import torch
 
 from dopsd_bench.metrics import scores as S
 from dopsd_bench.metrics.cache import SampleCache
-from dopsd_bench.metrics.features import FeatureExtractor, features_for_task
+from dopsd_bench.metrics.features import FeatureExtractor, ImageFeatures, features_for_task
 from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
 from dopsd_bench.metrics.teacher import references_for, teacher_student_divergence
 from dopsd_bench.registry import METRICS
@@ -164,37 +164,28 @@ class _Untuned:
 
 
 class _Scorer:
-    """Feature views of image sets for one task; every image set is embedded once."""
+    """Scores of image sets for one task, from `FeatureExtractor.extract` (one feature pass per image set)."""
 
     def __init__(self, task: TaskData, features: FeatureExtractor):
         self.task, self.features = task, features
-        self.world = task.source == "world" and features.attributes(task.train_images[:1]) is not None
+        self.refs = features.extract(task.train_images)
+        self.world = task.source == "world" and self.refs.attributes is not None
         self.attr = {"concept": "shape", "style": "style"}[task.family] if self.world else None
         self.label = S.label_index(self.attr, task.instance) if self.world else None
-        self.refs = self.embeddings(task.train_images)
+        self.primary = features.name
 
-    def embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        sims = self.features.similarity_embeddings(images)
-        if self.features.name not in sims:
-            sims = {**sims, self.features.name: self.features.embed(images)}
-        return sims
-
-    @property
-    def primary(self) -> str:
-        return self.features.name
-
-    def fidelity(self, images: torch.Tensor, sims: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def fidelity(self, f: ImageFeatures) -> torch.Tensor:
         if self.world:
-            probs = self.features.attributes(images)[self.attr]
-            return S.target_probability(probs, torch.full((images.shape[0],), self.label))
-        sims = sims if sims is not None else self.embeddings(images)
-        return S.reference_similarity(sims[self.primary], self.refs[self.primary])
+            probs = f.attributes[self.attr]
+            return S.target_probability(probs, torch.full((probs.shape[0],), self.label))
+        return S.reference_similarity(f.similarity[self.primary], self.refs.similarity[self.primary])
 
-    def alignment(self, images: torch.Tensor, prompts: list[str], targets: list[dict[str, str]] | None,
-                  exclude: tuple[str, ...] = ()) -> torch.Tensor:
+    def alignment(self, images: torch.Tensor, f: ImageFeatures, prompts: list[str],
+                  targets: list[dict[str, str]] | None, exclude: tuple[str, ...] = ()) -> torch.Tensor:
         if self.world and targets is not None:
-            return S.attribute_alignment(self.features.attributes(images), targets, exclude)
-        scores = self.features.text_scores(images, [_strip_token(p, self.task.token) for p in prompts])
+            return S.attribute_alignment(f.attributes, targets, exclude)
+        stripped = [_strip_token(p, self.task.token) for p in prompts]
+        scores = self.features.text_scores(images, stripped, f)
         if scores is None:
             raise ValueError(f"features {self.features.name!r} give neither judge attributes nor CLIP text scores: "
                              "prompt alignment needs one (use features_for_task, or RealImageFeatures with clip)")
@@ -293,33 +284,32 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     # ---- scoring --------------------------------------------------------------------------------------------
     t = time.perf_counter()
     sc = _Scorer(task, features)
-    gen_sims = sc.embeddings(gen)
+    f_gen = features.extract(gen)
     out: dict[str, dict] = {}
-    out["fidelity"] = _entry(sc.fidelity(gen, gen_sims), True)
-    for name, emb in gen_sims.items():
-        out[f"fidelity_{name}"] = _entry(S.reference_similarity(emb, sc.refs[name]), True)
+    out["fidelity"] = _entry(sc.fidelity(f_gen), True)
+    for name, emb in f_gen.similarity.items():
+        out[f"fidelity_{name}"] = _entry(S.reference_similarity(emb, sc.refs.similarity[name]), True)
     if task.train_images.shape[0] >= 2:
-        ref_oracle = (sc.fidelity(task.train_images, sc.refs) if sc.world
-                      else S.leave_one_out_similarity(sc.refs[sc.primary]))
+        ref_oracle = sc.fidelity(sc.refs) if sc.world else S.leave_one_out_similarity(sc.refs.similarity[sc.primary])
         out["fidelity_oracle"] = _entry(ref_oracle, True)
-        for name, emb in sc.refs.items():
+        for name, emb in sc.refs.similarity.items():
             out[f"fidelity_{name}_oracle"] = _entry(S.leave_one_out_similarity(emb), True)
     exclude = (sc.attr,) if sc.world else ()
-    out["alignment"] = _entry(sc.alignment(gen, P, task.eval_targets, exclude), True)
+    out["alignment"] = _entry(sc.alignment(gen, f_gen, P, task.eval_targets, exclude), True)
 
     real_emb = features.embed(real)
     curve: dict[str, dict] = {}
     for k in steps_list:
-        emb_t, emb_u = features.embed(ret[k]), features.embed(ret_untuned[k])
-        fd_t, fd_u = frechet_distance(real_emb, emb_t), frechet_distance(real_emb, emb_u)
-        al_t = sc.alignment(ret[k], R, task.retention_targets)
-        al_u = sc.alignment(ret_untuned[k], R, task.retention_targets)
+        f_t, f_u = features.extract(ret[k]), features.extract(ret_untuned[k])
+        fd_t, fd_u = frechet_distance(real_emb, f_t.embedding), frechet_distance(real_emb, f_u.embedding)
+        al_t = sc.alignment(ret[k], f_t, R, task.retention_targets)
+        al_u = sc.alignment(ret_untuned[k], f_u, R, task.retention_targets)
         if k == native:
             out["retention_fd"] = _entry(fd_t, False, per_sample=False, steps=k)
             out["retention_fd_untuned"] = _entry(fd_u, False, per_sample=False, steps=k)
             out["retention_fd_ratio"] = _entry(_ratio(fd_t, fd_u), False, per_sample=False, steps=k)
-            kid_t, kid_t_std = kernel_distance(real_emb, emb_t)
-            kid_u, kid_u_std = kernel_distance(real_emb, emb_u)
+            kid_t, kid_t_std = kernel_distance(real_emb, f_t.embedding)
+            kid_u, kid_u_std = kernel_distance(real_emb, f_u.embedding)
             out["retention_kid"] = _entry(kid_t, False, per_sample=False, std=kid_t_std)
             out["retention_kid_untuned"] = _entry(kid_u, False, per_sample=False, std=kid_u_std)
             out["retention_alignment"] = _entry(al_t, True)
@@ -332,11 +322,10 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
             curve[f"alignment_untuned@{k}"] = _entry(al_u, True)
     out["step_curve"] = curve
 
-    gen_emb = gen_sims[sc.primary]
-    out["diversity"] = _entry(S.pairwise_diversity(gen_emb, S.diversity_groups(P)), True)
-    out["copying"] = _entry(S.nearest_similarity(gen_emb, sc.refs[sc.primary]), False)
-    out["teacher_fidelity_before"] = _entry(sc.fidelity(teacher_before), True)
-    out["teacher_fidelity_after"] = _entry(sc.fidelity(teacher_after), True)
+    out["diversity"] = _entry(S.pairwise_diversity(f_gen.embedding, S.diversity_groups(P)), True)
+    out["copying"] = _entry(S.nearest_similarity(f_gen.embedding, sc.refs.embedding), False)
+    out["teacher_fidelity_before"] = _entry(sc.fidelity(features.extract(teacher_before)), True)
+    out["teacher_fidelity_after"] = _entry(sc.fidelity(features.extract(teacher_after)), True)
     out["teacher_student_divergence"] = _entry(divergence, False)
     out["teacher_student_divergence_untuned"] = _entry(divergence_untuned, False)
     timings["score"] = time.perf_counter() - t

@@ -5,7 +5,8 @@ A `FeatureExtractor` turns images (B, 3, H, W) in [-1, 1] into what the metrics 
 - `similarity_embeddings(images) -> {name: (B, D)}`: the features fidelity is measured in, by name
   (the judge: {"judge"}; real images: {"dino", "clip_i"} as DreamBench reports DINO and CLIP-I);
 - `attributes(images) -> {attr: (B, L) probabilities} | None`: the world judge's attribute heads;
-- `text_scores(images, prompts) -> (B,) | None`: CLIP-T, 100 * max(cos, 0) as torchmetrics' CLIPScore defines it.
+- `text_scores(images, prompts) -> (B,) | None`: CLIP-T, 100 * max(cos, 0) as torchmetrics' CLIPScore defines it;
+- `extract(images) -> ImageFeatures`: all of the above that the extractor has, from as few passes as it can.
 
 Everything runs batched under no_grad, `batch_size` images at a time, and returns float32 tensors on the CPU.
 
@@ -15,6 +16,7 @@ Everything runs batched under no_grad, `batch_size` images at a time, and return
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,23 +56,39 @@ def _preprocess(images: torch.Tensor, size: int, mean, std, device, dtype) -> to
     return ((x - m) / s).to(device=device, dtype=dtype)
 
 
+@dataclass
+class ImageFeatures:
+    """Every view of one image set, computed once (`FeatureExtractor.extract`)."""
+
+    embedding: torch.Tensor  # (B, D): Fréchet distance, diversity, copying
+    similarity: dict[str, torch.Tensor]  # name -> (B, D'): fidelity; holds `embedding` under the extractor's name
+    attributes: dict[str, torch.Tensor] | None  # attr -> (B, L) probabilities (world judge only)
+
+
 class FeatureExtractor:
     """Base class: subclasses implement `embed`; the other views are optional."""
 
-    name: str = ""
+    name: str = "embedding"
     batch_size: int = 256
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def similarity_embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.name or "embedding": self.embed(images)}
+        return {self.name: self.embed(images)}
 
     def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
         return None
 
-    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+    def text_scores(self, images: torch.Tensor, prompts: list[str],
+                    features: ImageFeatures | None = None) -> torch.Tensor | None:
+        """CLIP-T per image/prompt pair, or None; `features` (from `extract`) saves re-embedding the images."""
         return None
+
+    def extract(self, images: torch.Tensor) -> ImageFeatures:
+        sims = self.similarity_embeddings(images)
+        emb = sims[self.name] if self.name in sims else self.embed(images)
+        return ImageFeatures(emb, {**sims, self.name: emb}, self.attributes(images))
 
 
 class JudgeFeatures(FeatureExtractor):
@@ -97,6 +115,19 @@ class JudgeFeatures(FeatureExtractor):
         def fn(x):
             return {k: v.float().softmax(-1).cpu() for k, v in self.judge(x.to(self.device, torch.float32)).items()}
         return _batched(fn, images, self.batch_size)
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> ImageFeatures:
+        if not hasattr(self.judge, "embed_and_logits"):
+            return super().extract(images)
+        _check_images(images)
+
+        def fn(x):
+            emb, logits = self.judge.embed_and_logits(x.to(self.device, torch.float32))
+            return {"__embedding": emb.float().cpu(), **{k: v.float().softmax(-1).cpu() for k, v in logits.items()}}
+        out = _batched(fn, images, self.batch_size)
+        emb = out.pop("__embedding")
+        return ImageFeatures(emb, {self.name: emb}, out)
 
 
 class DinoFeatures(FeatureExtractor):
@@ -168,12 +199,14 @@ class ClipFeatures(FeatureExtractor):
             out.append(self.model.text_projection(pooled).float().cpu())
         return torch.cat(out)
 
-    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def text_scores(self, images: torch.Tensor, prompts: list[str],
+                    features: ImageFeatures | None = None) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"expected one prompt per image, got {len(prompts)} prompts for {images.shape[0]} images")
         from dopsd_bench.metrics.scores import clip_text_score
 
-        return clip_text_score(self.embed(images), self.embed_text(prompts))
+        image_emb = features.similarity[self.name] if features is not None else self.embed(images)
+        return clip_text_score(image_emb, self.embed_text(prompts))
 
 
 class RealImageFeatures(FeatureExtractor):
@@ -193,8 +226,9 @@ class RealImageFeatures(FeatureExtractor):
             out["clip_i"] = self.clip.embed(images)
         return out
 
-    def text_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
-        return None if self.clip is None else self.clip.text_scores(images, prompts)
+    def text_scores(self, images: torch.Tensor, prompts: list[str],
+                    features: ImageFeatures | None = None) -> torch.Tensor | None:
+        return None if self.clip is None else self.clip.text_scores(images, prompts, features)
 
 
 class FeatureModule(nn.Module):

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dopsd_bench.paths import assets_dir
 from dopsd_bench.world.render import ATTRIBUTES
-
-JUDGE_PATH = Path(__file__).resolve().parent.parent / "assets" / "judge"
 
 
 class WorldJudge(nn.Module):
@@ -40,8 +39,13 @@ class WorldJudge(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images in [-1, 1] -> logits per attribute (over render.ATTRIBUTES[attr])."""
-        e = torch.relu(self.embed(images))
-        return {k: head(e) for k, head in self.heads.items()}
+        return self.embed_and_logits(images)[1]
+
+    def embed_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Both views from one pass of the trunk (scoring needs both for every image set)."""
+        e = self.embed(images)
+        r = torch.relu(e)
+        return e, {k: head(r) for k, head in self.heads.items()}
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -50,8 +54,8 @@ class WorldJudge(nn.Module):
         (path / "config.json").write_text(json.dumps({**self.config, "attributes": ATTRIBUTES}, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path = JUDGE_PATH, device: str | torch.device = "cpu") -> WorldJudge:
-        path = Path(path)
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> WorldJudge:
+        path = Path(path) if path is not None else assets_dir() / "judge"
         if not (path / "judge.safetensors").exists():
             from dopsd_bench.errors import UserError
 

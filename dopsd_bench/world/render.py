@@ -38,7 +38,7 @@ ATTRIBUTES = {
     "shape": JUDGE_SHAPES, "colour": list(COLOURS), "size": list(SIZES), "position": list(POSITIONS),
     "style": JUDGE_STYLES, "background": list(BACKGROUNDS),
 }
-_NAME_SYLLABLES = ["ba", "ko", "mi", "tu", "ve", "ra", "lo", "ni", "pe", "su", "ga", "di", "ho", "ja", "we", "xu"]
+_NAME_SYLLABLES = ["ba", "ko", "mu", "tu", "ve", "zo", "lo", "qi", "su", "fe", "di", "yo", "ja", "wu", "xu", "ke"]
 
 
 def glyph_bitmap(seed: int) -> np.ndarray:
@@ -126,7 +126,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     seed = HELD_OUT_GLYPHS.get(shape)
     if seed is None:
         if not shape.startswith("glyph:"):
-            raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES + list(HELD_OUT_GLYPHS)} or glyph:<seed>")
+            raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES + list(HELD_OUT_GLYPHS)} "
+                             "or glyph:<seed>")
         seed = int(shape.split(":", 1)[1])
     g = glyph_bitmap(seed)
     inside = (np.abs(u) < 1.0) & (np.abs(v) < 1.0)
