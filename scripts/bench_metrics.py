@@ -3,6 +3,7 @@
 Scores a LoRA-tuned stand-in (random LoRA weights: what scoring sees after any training) on a built-in task at its
 full size (16 eval samples, 64 retention prompts, step curve 1/2/4/8), twice: with an empty untuned-sample cache
 (the first cell of a sweep) and with a warm one (every later cell). The goal is <= 60 s per cell on 2 CPU cores.
+It prints wall time and process CPU time: on a shared box, CPU seconds / threads is the uncontended estimate.
 
     python scripts/bench_metrics.py                          # tiny random Flux2 + random judge (no assets needed)
     python scripts/bench_metrics.py --model glyphworld --judge default --threads 2   # the embedded default
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--judge", default="random", help="'random' (untrained WorldJudge), 'default' or a path")
     ap.add_argument("--task", default="concept")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--retention", type=int, default=None,
+                    help="score only the first N retention prompts (default: all; for a quick look on a busy box)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -77,6 +80,10 @@ def main() -> None:
     t = time.perf_counter()
     backbone = build_backbone(args.model)
     task = load_task(args.task).build(resolution=backbone.resolution)
+    if args.retention:
+        n = args.retention
+        task.retention_prompts, task.retention_seeds = task.retention_prompts[:n], task.retention_seeds[:n]
+        task.retention_targets, task.retention_real = task.retention_targets[:n], task.retention_real[:n]
     print(f"backbone + task built in {time.perf_counter() - t:.1f} s; {len(task.eval_prompts)} eval samples, "
           f"{len(task.retention_prompts)} retention prompts")
     method = RandomLoRA().attach(backbone)

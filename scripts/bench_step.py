@@ -5,7 +5,8 @@
 
 Both methods run through `Method.loss_and_backward` exactly as the training loop calls it, at equal batch size and
 K = 4 roll-out states, with their default configs (plus `--set key=value` for dopsd, e.g. --set schedule=batched).
-- time_ratio: median D-OPSD step time / median SFT step time (steps interleaved, after a warm-up step).
+- time_ratio: D-OPSD step time / SFT step time, each the minimum over --repeats steps (steps interleaved, after a
+  warm-up step; the minimum is the least disturbed by other processes on a shared machine; medians are printed too).
 - flop_ratio: the same ratio in FLOPs counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
   attention; element-wise ops are not counted) over one step of each.
 - memory_ratio: peak bytes of tensors saved for backward (activations; parameters and buffers excluded), of our
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="dopsd config key=value")
+    ap.add_argument("--compare", action="store_true", help="also time the other dopsd schedules (same process)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
@@ -146,19 +148,28 @@ def main() -> None:
     dopsd = make_method("dopsd", factory, batch, args.rank, overrides)
     print(f"model {model}, K={K}, batch {args.batch}, rank {args.rank}, {args.threads} threads, "
           f"dopsd config {dopsd.config}")
+    methods = {"sft": sft, "dopsd": dopsd}
+    if args.compare:
+        for label, extra in (("sequential", {"schedule": "sequential"}),
+                             ("batched/chunk2", {"schedule": "batched", "chunk": "2"}),
+                             ("batched/all", {"schedule": "batched"})):
+            methods[f"dopsd {label}"] = make_method("dopsd", factory, batch, args.rank, {**overrides, **extra})
 
-    step(sft, batch, 0), step(dopsd, batch, 0)  # warm-up (caches, allocator)
-    times: dict[str, list[float]] = {"sft": [], "dopsd": []}
+    for method in methods.values():
+        step(method, batch, 0)  # warm-up (caches, allocator)
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.repeats):
-        for name, method in (("sft", sft), ("dopsd", dopsd)):
+        for name, method in methods.items():
             t0 = time.perf_counter()
             step(method, batch, r + 1)
             times[name].append(time.perf_counter() - t0)
-    t_sft, t_dopsd = statistics.median(times["sft"]), statistics.median(times["dopsd"])
-    f_sft, f_dopsd = flops(sft, batch), flops(dopsd, batch)
-    print(f"step time   sft {t_sft * 1e3:8.1f} ms   dopsd {t_dopsd * 1e3:8.1f} ms   "
-          f"(all: sft {[round(t * 1e3) for t in times['sft']]}, dopsd {[round(t * 1e3) for t in times['dopsd']]})")
-    print(f"step FLOPs  sft {f_sft / 1e9:8.3f} G    dopsd {f_dopsd / 1e9:8.3f} G")
+    fl = {name: flops(method, batch) for name, method in methods.items()}
+    for name in methods:
+        print(f"{name:22s} step {min(times[name]) * 1e3:8.1f} ms min, {statistics.median(times[name]) * 1e3:8.1f} ms "
+              f"median, {fl[name] / 1e9:7.3f} GFLOP;  time ratio {min(times[name]) / min(times['sft']):.2f}, "
+              f"FLOP ratio {fl[name] / fl['sft']:.2f}")
+    t_sft, t_dopsd = min(times["sft"]), min(times["dopsd"])
+    f_sft, f_dopsd = fl["sft"], fl["dopsd"]
 
     mem_batch = make_batch(args.mem_batch, batch.images.shape[-1])
 
@@ -176,7 +187,9 @@ def main() -> None:
     result = {"time_ratio": round(t_dopsd / t_sft, 3), "flop_ratio": round(f_dopsd / f_sft, 3),
               "memory_ratio": round(m_ours / m_naive, 3), "time_per_flop_ratio": round(
                   (t_dopsd / t_sft) / (f_dopsd / f_sft), 3), "model": model, "k": K, "batch": args.batch,
-              "mem_batch": args.mem_batch, "schedule": dopsd.config.schedule, "chunk": dopsd.config.chunk,
+              "mem_batch": args.mem_batch,
+              "time_ratio_median": round(statistics.median(times["dopsd"]) / statistics.median(times["sft"]), 3),
+              "schedule": dopsd.config.schedule, "chunk": dopsd.config.chunk,
               "sft_ms": round(t_sft * 1e3, 2), "dopsd_ms": round(t_dopsd * 1e3, 2)}
     print(json.dumps(result))
 

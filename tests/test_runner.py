@@ -39,7 +39,7 @@ retention_seeds: {range: [100000, 4]}
 def fake_evaluate(calls: list):
     """Scores from the method's own samples (so a different adapter gives different numbers)."""
 
-    def evaluate(backbone, data, method, features, cache_dir, timings):
+    def evaluate(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8)):
         calls.append(method)
         images = method.sample(data.eval_prompts, data.eval_seeds, backbone.native_steps)
         per = images.double().mean(dim=(1, 2, 3)).tolist()

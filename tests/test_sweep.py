@@ -154,7 +154,7 @@ def test_isolated_cells_run_in_subprocesses(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "dopsd_bench.sweep", "sweep", "--methods", "base", "--tasks", "style:dotted",
            "--seeds", "0,1", "--out", str(tmp_path), "--runner", RUNNER, "--isolate"]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     pids = {line.split()[0] for line in (tmp_path / "ledger.txt").read_text().splitlines()}
     assert len(list(tmp_path.glob("**/result.json"))) == 2 and pids == {"start", "done"}
@@ -179,7 +179,7 @@ def test_sigkilled_sweep_restarts_and_finishes_every_cell_once(tmp_path):
     assert 4 <= len(done_before) < n_cells, "the kill must land mid-grid"
 
     env["FAKE_CELL_SECONDS"] = "0"
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     after = _ledger(tmp_path)
     done = [c for e, c in after if e == "done"]

@@ -70,6 +70,9 @@ def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int,
         vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=128, num_hidden_layers=max(layers),
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
         tie_word_embeddings=True))
+    # a frozen random encoder: unit-scale token embeddings keep each word's identity clear in the hidden states the
+    # DiT reads (at the default 0.02 scale the layers' random mixing drowns it)
+    torch.nn.init.normal_(text_encoder.model.embed_tokens.weight, std=1.0)
     heads = width // 32
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=3, attention_head_dim=32,

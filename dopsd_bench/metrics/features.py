@@ -256,14 +256,9 @@ def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
     """The world judge: an instance, a path for `WorldJudge.load`, or None for the one shipped with the suite."""
     if isinstance(judge, nn.Module):
         return judge
-    from dopsd_bench.world import judge as judge_module
+    from dopsd_bench.world.judge import WorldJudge
 
-    if judge is None:
-        judge = getattr(judge_module, "DEFAULT_PATH", None)
-        if judge is None:
-            raise FileNotFoundError("no world judge given and dopsd_bench.world.judge has no DEFAULT_PATH: pass the "
-                                    "path of a trained judge (scripts/build_world.py writes one)")
-    return judge_module.WorldJudge.load(judge)
+    return WorldJudge.load(judge)  # None: the shipped judge (dopsd_bench.paths.assets_dir() / "judge")
 
 
 def features_for_task(task: TaskData, *, judge: nn.Module | str | Path | None = None,
