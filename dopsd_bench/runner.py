@@ -320,7 +320,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         weights_changed = changes_base_weights(method)
         if weights_changed and main:
             _prefill_untuned(backbone, data, cache_dir)
-        batch = Batch(images=data.train_images, captions=list(data.train_captions))
+        batch = Batch(images=data.train_images, captions=list(data.train_captions), token=data.token)
         train_t = train(method, backbone, batch, tcfg, run_dir, resume=cfg.resume, accelerator=accelerator)
         if not main:
             return run_dir

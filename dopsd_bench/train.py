@@ -295,7 +295,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
         bar = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), its=0.0)
         for step in range(start, cfg.steps):
             idx = minibatch_indices(len(captions), cfg.batch_size, data_gen)
-            batch = Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()])
+            batch = Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
+                          token=train_batch.token)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             loss = method.loss_and_backward(batch, loss_gen, accelerator.backward)

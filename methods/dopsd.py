@@ -25,10 +25,11 @@ Defaults and why:
   `schedule="batched"` first rolls out the K states without grad (K - 1 extra student forwards), then runs one
   teacher forward on all K states and the student forward/backward on `chunk` states at a time. Both give the
   released loop's gradients (tests/test_methods.py checks it against `loss`, which is that plain loop).
-- Default `schedule="batched", chunk=2`: on the embedded CPU model, per-call overhead dominates and fewer, larger
-  calls win (scripts/bench_step.py, 2 threads on a shared machine: time/FLOP relative to SFT 1.64 batched/chunk 2
-  vs 2.1 sequential), and chunk 2 of K = 4 halves the activation peak (memory_ratio 0.5). For large models on a
-  GPU, where batch 1 already saturates the device, `schedule=sequential` saves the K - 1 roll-out forwards.
+- Default `schedule="batched", chunk=2`: on the embedded-size CPU model per-call overhead dominates, so fewer and
+  larger calls win (scripts/bench_step.py --compare, tiny Flux2, batch 8, K = 4, 2 threads: step time over SFT's
+  4.2-4.8x batched/chunk 2 vs 5.3x sequential, for FLOP ratios 2.97 vs 2.56), and chunk 2 of K = 4 halves the
+  activation peak (memory_ratio 0.5). For large models on a GPU, where batch 1 already fills the device,
+  `schedule=sequential` saves the K - 1 roll-out forwards (memory_ratio 1/K).
 - `state_subset=m` trains on m of the K states drawn at random per step (an unbiased estimate of the mean over K;
   a cheaper variant, not the paper's algorithm).
 """
