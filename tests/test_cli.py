@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import dopsd_bench
 from dopsd_bench.cli import app
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
@@ -50,6 +51,8 @@ def fake_runner(monkeypatch):
     module.run_cell = run_cell
     module.eval_cell = run_cell
     monkeypatch.setitem(sys.modules, "dopsd_bench.runner", module)
+    # `from dopsd_bench import runner` reads the package attribute first, set once another test imported the real one
+    monkeypatch.setattr(dopsd_bench, "runner", module, raising=False)
     return calls
 
 
