@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.backbones.lora import DiffusersLora
 from dopsd_bench.errors import UserError
 from dopsd_bench.paths import assets_dir
 from dopsd_bench.registry import BACKBONES
@@ -45,7 +46,8 @@ def resolve_model(model: str) -> tuple[str, dict]:
 
 
 @BACKBONES.register("flux2-klein", description="FLUX.2-klein (Flux2KleinPipeline); default model: embedded glyphworld")
-class Flux2KleinBackbone(Backbone):
+class Flux2KleinBackbone(DiffusersLora, Backbone):
+    lora_targets = LORA_TARGETS
     name = "flux2-klein"
     default_model = "glyphworld"
 
@@ -146,35 +148,3 @@ class Flux2KleinBackbone(Backbone):
         kwargs = {"mu": compute_empirical_mu(seq_len, steps)} if scheduler.config.use_dynamic_shifting else {}
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", **kwargs)
         return scheduler.sigmas.float()
-
-    # ---- LoRA -----------------------------------------------------------------------------------------
-    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
-        from peft import LoraConfig
-
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS)
-        self.denoiser.add_adapter(config, adapter_name=name)
-        self.set_adapter(name)
-
-    def set_adapter(self, name: str | None) -> None:
-        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
-            if name is None:
-                return
-            raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
-        if name is None:
-            self.denoiser.disable_adapters()
-        else:
-            self.denoiser.enable_adapters()
-            self.denoiser.set_adapter(name)
-
-    def save_lora(self, path: str | Path, name: str) -> None:
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.denoiser, adapter_name=name)
-        # the adapter config as metadata, so load_lora_weights restores lora_alpha (scale) and not only the rank
-        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
-                                          transformer_lora_adapter_metadata=self.denoiser.peft_config[name].to_dict())
-
-    def load_lora(self, path: str | Path, name: str) -> None:
-        self.pipe.load_lora_weights(str(path), adapter_name=name)
-        self.set_adapter(name)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.backbones.lora import DiffusersLora
 from dopsd_bench.errors import UserError
 from dopsd_bench.registry import BACKBONES
 
@@ -147,7 +148,8 @@ class TeacherVL:
 
 # ---- the backbone ------------------------------------------------------------------------------------------------
 @BACKBONES.register("z-image", description="Z-Image-Turbo (ZImagePipeline)")
-class ZImageBackbone(Backbone):
+class ZImageBackbone(DiffusersLora, Backbone):
+    lora_targets = LORA_TARGETS
     name = "z-image"
     default_model = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -271,36 +273,3 @@ class ZImageBackbone(Backbone):
                              cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         retrieve_timesteps(scheduler, steps, "cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
         return scheduler.sigmas.float().cpu()
-
-    # ---- LoRA -----------------------------------------------------------------------------------------
-    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
-        from peft import LoraConfig
-
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS)
-        self.denoiser.add_adapter(config, adapter_name=name)
-        self.set_adapter(name)
-
-    def set_adapter(self, name: str | None) -> None:
-        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
-            if name is None:
-                return
-            raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
-        if name is None:
-            self.denoiser.disable_adapters()
-        else:
-            self.denoiser.enable_adapters()
-            self.denoiser.set_adapter(name)
-
-    def save_lora(self, path: str | Path, name: str) -> None:
-        """diffusers LoRA format: `transformer.`-prefixed peft keys plus the adapter config as metadata."""
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.denoiser, adapter_name=name)
-        metadata = self.denoiser.peft_config[name].to_dict()
-        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
-                                          transformer_lora_adapter_metadata=metadata)
-
-    def load_lora(self, path: str | Path, name: str) -> None:
-        self.pipe.load_lora_weights(str(path), adapter_name=name)
-        self.set_adapter(name)

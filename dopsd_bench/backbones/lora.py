@@ -1,0 +1,44 @@
+"""LoRA adapters on a diffusers pipeline's denoiser through peft, saved in the diffusers LoRA format.
+
+Shared by the backbone adapters: they set `lora_targets` (which modules get LoRA) and keep `pipe` and `denoiser`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DiffusersLora:
+    lora_targets: str | list[str] = ""
+
+    def add_lora(self, name: str, rank: int, alpha: float | None = None) -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                            target_modules=self.lora_targets)
+        self.denoiser.add_adapter(config, adapter_name=name)
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            if name is None:
+                return
+            raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
+        if name is None:
+            self.denoiser.disable_adapters()
+        else:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(name)
+
+    def save_lora(self, path: str | Path, name: str) -> None:
+        """`transformer.`-prefixed peft keys, plus the adapter config as metadata so that `load_lora_weights`
+        restores lora_alpha (the scale) and not only the rank."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=name)
+        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=self.denoiser.peft_config[name].to_dict())
+
+    def load_lora(self, path: str | Path, name: str) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+        self.set_adapter(name)
