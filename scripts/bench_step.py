@@ -36,9 +36,10 @@ K = 4
 
 def load(model: str):
     from dopsd_bench.backbones.flux2 import EMBEDDED, Flux2KleinBackbone
+    from dopsd_bench.paths import assets_dir
 
     if model == "auto":
-        model = "glyphworld" if (EMBEDDED["glyphworld"] / "model_index.json").exists() else "tiny"
+        model = "glyphworld" if (assets_dir() / EMBEDDED["glyphworld"] / "model_index.json").exists() else "tiny"
     if model == "tiny":
         from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
 
