@@ -150,12 +150,8 @@ def make_dataset(bb, n: int, seed: int) -> dict:
 
 
 def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
-    cond = bb.encode_prompts(captions)
-    if ref_latents is not None:
-        ids = bb.pipe._prepare_image_ids([ref_latents[:1]]).to(bb.device)
-        cond["ref_latents"] = bb.pipe._pack_latents(ref_latents)
-        cond["ref_ids"] = ids.expand(ref_latents.shape[0], -1, -1).contiguous()
-    return cond
+    """Text-only, or the adapter's teacher conditioning from pre-encoded reference latents."""
+    return bb.encode_prompts(captions) if ref_latents is None else bb.teacher_cond(captions, ref_latents)
 
 
 def sample_sigma(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -94,11 +94,14 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
 
     @torch.no_grad()
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
+        return self.teacher_cond(prompts, self.encode_images(images))
+
+    def teacher_cond(self, prompts: list[str], ref_latents: torch.Tensor) -> Cond:
+        """The teacher conditioning from already-encoded reference latents (B, C, h, w)."""
         cond = self.encode_prompts(prompts)
-        ref = self.encode_images(images)  # (B, C, h, w)
-        ids = self.pipe._prepare_image_ids([ref[:1]]).to(self.device)  # T = 10: the first reference slot
-        cond["ref_latents"] = self.pipe._pack_latents(ref)
-        cond["ref_ids"] = ids.expand(ref.shape[0], -1, -1).contiguous()
+        ids = self.pipe._prepare_image_ids([ref_latents[:1]]).to(self.device)  # T = 10: the first reference slot
+        cond["ref_latents"] = self.pipe._pack_latents(ref_latents)
+        cond["ref_ids"] = ids.expand(ref_latents.shape[0], -1, -1).contiguous()
         return cond
 
     # ---- latents ------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ def _judge_all(judge: WorldJudge, images: torch.Tensor) -> tuple[dict[str, torch
     probs = {k: [] for k in R.ATTRIBUTES}
     feats = []
     for chunk in images.split(256):
-        logits = judge(chunk)
+        emb, logits = judge.embed_and_logits(chunk)  # one pass for both
         for k, v in logits.items():
             probs[k].append(v.softmax(-1))
-        feats.append(judge.embed(chunk))
+        feats.append(emb)
     return {k: torch.cat(v) for k, v in probs.items()}, torch.cat(feats)
 
 
