@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.base import Backbone, Cond
@@ -42,6 +41,8 @@ class SFTConfig(MethodConfig):
 
 def sample_sigmas(config: SFTConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Training sigmas (B,) in [1/1000, 1], drawn as diffusers' training scripts draw them."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling  # heavy: only when training
+
     u = compute_density_for_timestep_sampling(config.weighting_scheme, batch_size, config.logit_mean,
                                               config.logit_std, config.mode_scale, generator=generator)
     index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
@@ -56,6 +57,8 @@ def flow_matching_objective(backbone: Backbone, x0: torch.Tensor, cond: Cond, co
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     x = flow.add_noise(x0, eps, sigma)
     v_pred = backbone.predict_velocity(x, sigma, cond)
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
     weights = compute_loss_weighting_for_sd3(config.weighting_scheme, sigma)
     if per_sample:
         return per_sample_mse(v_pred, flow.velocity_target(x0, eps)) * weights.float()

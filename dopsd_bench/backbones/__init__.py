@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["BACKBONES", "load_backbone"]
 
 
-def load_backbone(name: str, model: str | None = None, device: str | None = None) -> Backbone:
-    """The registered backbone `name` loaded from `model` (a local path or hub id; None = its default model)."""
+def load_backbone(name: str, model: str | None = None, device: str | None = None, **options) -> Backbone:
+    """The registered backbone `name` loaded from `model` (a local path or hub id; None = its default model).
+
+    `options` go to the adapter's from_pretrained (e.g. z-image's `vl_model`, the teacher's path or hub id)."""
     cls = BACKBONES.get(name)
-    return cls.from_pretrained(model or cls.default_model, device=device)
+    return cls.from_pretrained(model or cls.default_model, device=device, **options)

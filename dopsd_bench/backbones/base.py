@@ -33,6 +33,27 @@ def index_cond(cond: Cond, index) -> Cond:
     return {key: v[index] for key, v in cond.items()}
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (diffusers' `.dtype` scans every parameter on each call)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def model_identity(model: str, path: str | Path) -> str:
+    """`model` tagged with a digest of the local denoiser weights, so caches of untuned samples never outlive a
+    rebuild or an edit of the model. Small weight files are hashed whole; large ones (real checkpoints) by size
+    and modification time. A hub id (no local dir) is returned as is."""
+    import hashlib
+
+    files = sorted(Path(path).glob("transformer/*.safetensors"))
+    if not files:
+        return model
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f.read_bytes() if st.st_size <= 64 * 2**20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{model}@{h.hexdigest()[:10]}"
+
+
 class Backbone(ABC):
     """A text-to-image flow model behind one adapter. Subclasses hide their architecture's conventions."""
 

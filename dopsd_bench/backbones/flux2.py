@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.backbones.base import Backbone, Cond, model_identity, module_dtype
 from dopsd_bench.backbones.lora import DiffusersLora
 from dopsd_bench.errors import UserError
 from dopsd_bench.paths import assets_dir
@@ -74,7 +74,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         model = model or cls.default_model
         path, settings = resolve_model(model)
         pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype)
-        return cls(pipe, settings, model_id=model, device=device)
+        return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 
     # ---- conditioning -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -113,7 +113,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, self.pipe.vae.dtype)
+        images = images.to(self.device, module_dtype(self.pipe.vae))
         latents = self.pipe.vae.encode(images).latent_dist.mode()
         mean, std = self._bn()
         return (self.pipe._patchify_latents(latents) - mean) / std
@@ -121,7 +121,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._bn()
-        latents = self.pipe._unpatchify_latents(latents.to(self.pipe.vae.dtype) * std + mean)
+        latents = self.pipe._unpatchify_latents(latents.to(module_dtype(self.pipe.vae)) * std + mean)
         return self.pipe.vae.decode(latents, return_dict=False)[0].float()
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -137,7 +137,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
             tokens = torch.cat([tokens, cond["ref_latents"].to(tokens.dtype)], dim=1)
             ids = torch.cat([ids, cond["ref_ids"]], dim=1)
         sigma = torch.as_tensor(sigma, device=self.device, dtype=tokens.dtype).expand(b)
-        out = self.pipe.transformer(hidden_states=tokens.to(self.denoiser.dtype), timestep=sigma,
+        out = self.pipe.transformer(hidden_states=tokens.to(module_dtype(self.denoiser)), timestep=sigma,
                                     encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["text_ids"],
                                     img_ids=ids, guidance=None, return_dict=False)[0]
         return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w).to(x.dtype)

@@ -19,16 +19,34 @@ class DiffusersLora:
         self.denoiser.add_adapter(config, adapter_name=name)
         self.set_adapter(name)
 
+    def _lora_layers(self) -> list:
+        """peft's tuner layers in the denoiser, found once per set of adapters."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        key = tuple(getattr(self.denoiser, "peft_config", {}))
+        cached = getattr(self, "_lora_layer_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)])
+            self._lora_layer_cache = cached
+        return cached[1]
+
     def set_adapter(self, name: str | None) -> None:
+        """Activate adapter `name` (None = no adapter), as diffusers' set_adapter/disable_adapters do at weight 1,
+        but straight on peft's layers: D-OPSD switches student/teacher several times per step, and the
+        model-level calls cost tens of milliseconds each on a small model."""
         if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
             if name is None:
                 return
             raise ValueError(f"no LoRA adapter {name!r} on the model; add it with add_lora or load_lora first")
-        if name is None:
-            self.denoiser.disable_adapters()
-        else:
-            self.denoiser.enable_adapters()
-            self.denoiser.set_adapter(name)
+        if name is not None and name not in self.denoiser.peft_config:
+            raise ValueError(f"no LoRA adapter {name!r} on the model; it has {list(self.denoiser.peft_config)}")
+        for layer in self._lora_layers():
+            if name is None:
+                layer.enable_adapters(False)
+                continue
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+            layer.set_adapter(name)
 
     def save_lora(self, path: str | Path, name: str) -> None:
         """`transformer.`-prefixed peft keys, plus the adapter config as metadata so that `load_lora_weights`

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dopsd_bench.backbones.base import Backbone, Cond
+from dopsd_bench.backbones.base import Backbone, Cond, model_identity, module_dtype
 from dopsd_bench.backbones.lora import DiffusersLora
 from dopsd_bench.errors import UserError
 from dopsd_bench.registry import BACKBONES
@@ -185,7 +185,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         if vl_model is not None:
             settings["vl_model"] = vl_model
         pipe = ZImagePipeline.from_pretrained(path, torch_dtype=dtype)
-        return cls(pipe, settings, model_id=model, device=device)
+        return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 
     # ---- conditioning -------------------------------------------------------------------------------
     def _pad(self, embeds: list[torch.Tensor]) -> Cond:
@@ -212,7 +212,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         if self._teacher is None:
             s = self.settings
             teacher = TeacherVL.from_pretrained(s["vl_model"], s.get("vl_min_pixels"), s.get("vl_max_pixels"),
-                                                dtype=self.pipe.text_encoder.dtype)
+                                                dtype=module_dtype(self.pipe.text_encoder))
             self._prepare_teacher(teacher)
             self._teacher = teacher
         return self._teacher
@@ -234,13 +234,13 @@ class ZImageBackbone(DiffusersLora, Backbone):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode()
+        latents = vae.encode(images.to(self.device, module_dtype(vae))).latent_dist.mode()
         return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        latents = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        latents = latents.to(self.device, module_dtype(vae)) / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(latents, return_dict=False)[0].float()
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -250,7 +250,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
     # ---- the model ----------------------------------------------------------------------------------
     def predict_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         b = x.shape[0]
-        dtype = self.denoiser.dtype
+        dtype = module_dtype(self.denoiser)
         t = 1 - torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(b)  # Z-Image: t = 1 - sigma
         latents = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, h, w) per sample
         embeds = cond["prompt_embeds"].to(dtype)

@@ -6,7 +6,6 @@ combinations that no task's training or evaluation prompt uses (a fixed hash spl
 
 from __future__ import annotations
 
-import itertools
 import zlib
 
 import numpy as np
@@ -19,11 +18,6 @@ def _combo_key(c: tuple) -> int:
     return zlib.crc32("|".join(c).encode())
 
 
-def _base_combos() -> list[tuple[str, str, str, str, str, str]]:
-    """(shape, colour, size, position, style, background) for the whole base grid, in a fixed order."""
-    return list(itertools.product(R.SHAPES, R.COLOURS, R.SIZES, R.POSITIONS, R.STYLES, R.BACKGROUNDS))
-
-
 def is_retention_combo(colour: str, size: str, position: str, background: str) -> bool:
     """The context split: retention prompts use these contexts, tasks use the others."""
     return _combo_key((colour, size, position, background)) % 4 == 0
@@ -33,7 +27,8 @@ def instance_scene(family: str, instance: str, rng: np.random.Generator, retenti
     """A scene of the held-out concept/style in a random base context (task contexts unless `retention`)."""
     while True:
         s = R.random_scene(rng)
-        if is_retention_combo(s.colour, s.size, s.position, s.background) == retention:
+        size = "large" if family == "style" else s.size  # fill patterns need the large size to be seen
+        if is_retention_combo(s.colour, size, s.position, s.background) == retention:
             break
     if family == "concept":
         if instance not in R.HELD_OUT_GLYPHS:
@@ -43,7 +38,7 @@ def instance_scene(family: str, instance: str, rng: np.random.Generator, retenti
     if family == "style":
         if instance not in R.HELD_OUT_STYLES:
             raise ValueError(f"unknown world style {instance!r}: expected one of {R.HELD_OUT_STYLES}")
-        return R.Scene(s.shape, s.colour, "large", s.position, instance, s.background).jitter(rng)
+        return R.Scene(s.shape, s.colour, size, s.position, instance, s.background).jitter(rng)
     raise ValueError(f"unknown family {family!r}: expected 'concept' or 'style'")
 
 

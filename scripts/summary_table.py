@@ -1,0 +1,91 @@
+"""Print the README's leaderboard summary from a sweep's results: one row per method, fidelity / alignment /
+retention FD ratio per task family (mean [95% interval] from the leaderboard CSV), time per training step relative
+to `sft` (median `timings.step_s` over the sweep's runs), and the "is the default budget meaningful" check: does
+each tuned method raise fidelity over `base` by more than the seed-to-seed spread?
+
+    python scripts/summary_table.py --results runs/leaderboard --csv leaderboards/embedded.csv
+    python scripts/summary_table.py --results runs/ci --csv leaderboards/ci.csv --methods base,sft,dopsd  # tiny
+
+The spread of a method on a task is max - min of its per-seed fidelity; a gain counts when the mean gain over
+`base` exceeds the larger of the two methods' spreads (base has none: its samples do not depend on the run seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ("fidelity", "alignment", "retention_fd_ratio")
+ORDER = ("base", "icl", "sft", "sft-full", "dreambooth", "sft-teacher", "offpolicy", "dopsd", "base-transfer")
+
+
+def load_results(results: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(results.rglob("result.json")):
+        r = json.loads(path.read_text())
+        rows.append({"method": r["method"], "family": r["family"], "instance": r["instance"], "seed": r["seed"],
+                     "fidelity": (r["metrics"].get("fidelity") or {}).get("mean"), "step_s": r["timings"].get("step_s")})
+    if not rows:
+        raise SystemExit(f"no result.json under {results}: run the sweep first")
+    return pd.DataFrame(rows)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, required=True, help="the sweep's output dir (holds result.json files)")
+    ap.add_argument("--csv", type=Path, required=True, help="`dopsd-bench leaderboard --csv` output for them")
+    ap.add_argument("--methods", default="", help="comma-separated subset and order (default: the CSV's order)")
+    args = ap.parse_args()
+
+    board = pd.read_csv(args.csv)
+    runs = load_results(args.results)
+    present = list(dict.fromkeys(board["method"]))
+    methods = (args.methods.split(",") if args.methods
+               else [m for m in ORDER if m in present] + [m for m in present if m not in ORDER])
+    families = list(dict.fromkeys(board["task"]))
+    step = runs[runs["step_s"] > 0].groupby("method")["step_s"].median()  # untrained methods have none
+
+    header = ["method"] + [f"{fam} {col.replace('_', ' ')}" for fam in families for col in COLUMNS]
+    header.append("time/step vs sft")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    by = board.set_index(["method", "task", "metric"])
+    for method in methods:
+        row = [method]
+        for fam in families:
+            for col in COLUMNS:
+                if (method, fam, col) not in by.index:
+                    row.append("–")
+                    continue
+                r = by.loc[(method, fam, col)]
+                row.append(f"{fmt(r['mean'])} [{fmt(r['lo'])}, {fmt(r['hi'])}]")
+        row.append(f"{step[method] / step['sft']:.2f}" if method in step and "sft" in step else "no training")
+        print("| " + " | ".join(row) + " |")
+
+    print("\nIs the default budget meaningful? (fidelity gain over base vs seed-to-seed spread)")
+    fid = runs.dropna(subset=["fidelity"])
+    for fam in families:
+        base = fid[(fid["method"] == "base") & (fid["family"] == fam)]["fidelity"]
+        for method in methods:
+            if method == "base":
+                continue
+            per_seed = fid[(fid["method"] == method) & (fid["family"] == fam)]["fidelity"]
+            if per_seed.empty or base.empty:
+                continue
+            gain = per_seed.mean() - base.mean()
+            spread = max(per_seed.max() - per_seed.min(), base.max() - base.min())
+            verdict = "yes" if gain > spread else "no"
+            print(f"  {fam:8s} {method:14s} gain {gain:+.4f}  spread {spread:.4f}  ({len(per_seed)} seeds: "
+                  f"{', '.join(fmt(v) for v in per_seed)}; median {statistics.median(per_seed):.3g})  -> {verdict}")
+
+
+if __name__ == "__main__":
+    main()

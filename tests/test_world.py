@@ -1,0 +1,82 @@
+"""The embedded world's renderer, mixtures and splits: what the model build and the metrics rely on."""
+
+import numpy as np
+import pytest
+
+from dopsd_bench.world import datasets as D
+from dopsd_bench.world import render as R
+from dopsd_bench.world.mixtures import judge_scene, pretrain_example
+
+
+def test_render_is_deterministic_and_in_range():
+    scene = R.random_scene(np.random.default_rng(0))
+    a, b = R.render(scene), R.render(scene)
+    assert a.shape == (R.RES, R.RES, 3) and a.dtype == np.float32
+    assert np.array_equal(a, b) and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_object_is_drawn_in_its_colour_at_its_position():
+    scene = R.Scene("square", "red", "large", "left", "solid", "dark")
+    img = R.render(scene)
+    x, y = (int(v) for v in R.POSITIONS["left"])
+    assert np.allclose(img[y, x], R.COLOURS["red"], atol=1e-6)
+    far = img[R.RES // 2, R.RES - 3]  # the right edge: background grey, no object
+    assert abs(far[0] - far[1]) < 1e-6 and abs(far[1] - far[2]) < 1e-6
+
+
+def test_outlined_ring_is_an_outlined_circle_so_the_world_never_draws_one():
+    # why random_scene excludes it: the judge could not tell them apart (it cost 1.5 points of shape accuracy)
+    ring = R.Scene("ring", "blue", "large", "top", "outline", "light")
+    circle = R.Scene("circle", "blue", "large", "top", "outline", "light")
+    assert np.array_equal(R.render(ring), R.render(circle))
+    rng = np.random.default_rng(1)
+    scenes = [R.random_scene(rng) for _ in range(3000)]
+    assert not any(s.shape == "ring" and s.style == "outline" for s in scenes)
+    assert any(s.shape == "ring" for s in scenes) and any(s.style == "outline" for s in scenes)
+
+
+def test_pretraining_never_shows_held_out_glyphs_or_styles():
+    rng = np.random.default_rng(2)
+    held_out = set(R.HELD_OUT_GLYPHS) | set(R.HELD_OUT_STYLES)
+    words = set()
+    for _ in range(2000):
+        target, caption, ref = pretrain_example(rng)
+        for scene in (target, ref):
+            if scene is not None:
+                assert scene.shape not in R.HELD_OUT_GLYPHS and scene.style not in R.HELD_OUT_STYLES
+        words |= set(caption.replace(",", " ").split())
+    assert not words & held_out
+
+
+def test_judge_mixture_covers_every_label():
+    rng = np.random.default_rng(3)
+    seen = {k: set() for k in R.ATTRIBUTES}
+    for _ in range(3000):
+        for k, v in judge_scene(rng).judge_labels().items():
+            seen[k].add(v)
+    assert all(seen[k] == set(range(len(v))) for k, v in R.ATTRIBUTES.items())
+
+
+def test_family_glyphs_and_styles_are_labelled_other():
+    scene = R.Scene("glyph:123", "red", "small", "top", "tile:45", "dark")
+    labels = scene.judge_labels()
+    assert labels["shape"] == R.JUDGE_SHAPES.index(R.OTHER) and labels["style"] == R.JUDGE_STYLES.index(R.OTHER)
+
+
+@pytest.mark.parametrize("family,instance", [("concept", "zorb"), ("style", "dotted")])
+def test_task_contexts_and_retention_contexts_are_disjoint(family, instance):
+    _, captions = D.training_set(family, instance, 16, 0)
+    assert all(instance in c for c in captions)
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        s = D.instance_scene(family, instance, rng)
+        assert not D.is_retention_combo(s.colour, s.size, s.position, s.background)
+    _, targets, _ = D.retention_prompts(32, 0)
+    assert all(D.is_retention_combo(t["colour"], t["size"], t["position"], t["background"]) for t in targets)
+
+
+def test_caption_drop_and_names():
+    scene = R.Scene("glyph:7", "green", "small", "bottom", "solid", "light")
+    full = R.caption(scene, name="bako")
+    assert full == "a small solid green bako at the bottom, light background"
+    assert R.caption(scene, name="bako", drop=frozenset({"position", "background"})) == "a small solid green bako"
