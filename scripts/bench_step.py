@@ -1,7 +1,7 @@
 """Cost of one D-OPSD training step relative to one SFT step, on 2 CPU threads: time, FLOPs and activation memory.
 
     python scripts/bench_step.py                       # embedded glyphworld model if built, else the tiny Flux2
-    python scripts/bench_step.py --model tiny --repeats 3 --mem-batch 8     # quick (~1 min)
+    python scripts/bench_step.py --model tiny --batch 4 --repeats 3 --mem-batch 8     # quick (~1 min)
 
 Both methods run through `Method.loss_and_backward` exactly as the training loop calls it, at equal batch size and
 K = 4 roll-out states, with their default configs (plus `--set key=value` for dopsd, e.g. --set schedule=batched).
@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dopsd_bench.method import Batch, Method, config_from_overrides
 from dopsd_bench.registry import METHODS
+from dopsd_bench.train import DEFAULT_BUDGET
 
 K = 4
 
@@ -130,7 +131,8 @@ def saved_peak(method: Method, fn) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="auto", help="auto | tiny | glyphworld | a model dir")
-    ap.add_argument("--batch", type=int, default=4, help="batch size for time and FLOPs")
+    ap.add_argument("--batch", type=int, default=int(DEFAULT_BUDGET["batch_size"]),
+                    help="batch size for time and FLOPs (default: the default training budget's)")
     ap.add_argument("--mem-batch", type=int, default=16, help="batch size for the memory ratio")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per method")
     ap.add_argument("--rank", type=int, default=8)

@@ -308,7 +308,7 @@ def main() -> None:
     summary.update({"seed": args.seed, "scale": args.scale, "device": str(device), "threads": torch.get_num_threads()})
     if "judge" in stages:
         t = time.time()
-        judge, summary["judge_accuracy"] = train_judge(n(4000), args.seed, device)
+        judge, summary["judge_accuracy"] = train_judge(n(6000), args.seed, device)
         judge.cpu().save(args.out / "judge")
         summary["judge_wall_s"] = round(time.time() - t, 1)
     if "models" in stages:

@@ -8,12 +8,16 @@ Every number is measured now by the world judge: nothing is read from a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import typer
 
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
@@ -76,6 +80,55 @@ def teacher_figures(bb, judge: WorldJudge, family: str, n: int, seed: int) -> di
             f"text_only_{family}_acc": float(np.mean(text))}
 
 
+@torch.no_grad()
+def vae_figures(bb, judge: WorldJudge, targets, real_feats, n_instance: int, seed: int) -> dict[str, float]:
+    """What the VAE keeps: every sample passes through its decoder, so a round trip of true renders bounds
+    alignment, FD and fidelity from above (encode_images -> decode_latents, as scoring sees samples)."""
+    renders = D.true_renders(targets, seed + 7)
+    probs, feats = _judge_all(judge, bb.decode_latents(bb.encode_images(renders)))
+    out = {"vae_roundtrip_alignment": float(attribute_alignment(probs, targets).mean()),
+           "vae_roundtrip_fd": frechet_distance(real_feats, feats)}
+    for family, attr, instances in (("concept", "shape", R.HELD_OUT_GLYPHS), ("style", "style", R.HELD_OUT_STYLES)):
+        accs = []
+        for j, inst in enumerate(instances):
+            images, _ = D.training_set(family, inst, n_instance, seed + j)
+            accs.append(_target_acc(judge, bb.decode_latents(bb.encode_images(images)), attr, inst))
+        out[f"vae_roundtrip_{family}_acc"] = float(np.mean(accs))
+    return out
+
+
+@torch.no_grad()
+def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, float]:
+    """Copying on the build's procedural family (glyphs and fill styles the in-context path was trained on), checked
+    before the held-out ones: a two-alternative choice per sample. The teacher is given a reference that is the
+    target itself; it scores when its output's judge embedding is closer (cosine) to that reference than to the
+    same scene with another family glyph/style. Chance is 0.5."""
+    rng = np.random.default_rng(seed + 50)
+    out = {}
+    for family in ("glyph", "style"):
+        targets, others, captions = [], [], []
+        for _ in range(n):
+            s = R.random_scene(rng)
+            a, b = (int(v) for v in rng.integers(1_000_000, size=2))
+            if family == "glyph":
+                t = R.Scene(f"glyph:{a}", s.colour, s.size, s.position, str(rng.choice(["solid", "outline"])),
+                            s.background).jitter(rng)
+                other, caption = replace(t, shape=f"glyph:{b}"), R.caption(t, name=R.made_up_name(a))
+            else:
+                t = R.Scene(s.shape, s.colour, "large", s.position, f"tile:{a}", s.background).jitter(rng)
+                other = replace(t, style=f"tile:{b}")
+                caption = R.caption(t, style_name=R.made_up_name(a + 500_000))
+            targets.append(R.render(t))
+            others.append(R.render(other))
+            captions.append(caption)
+        refs, alts = R.to_tensor_batch(targets), R.to_tensor_batch(others)
+        gen = bb.sample(captions, list(range(seed, seed + n)), references=refs)
+        e_gen, e_ref, e_alt = (F.normalize(judge.embed(x), dim=-1) for x in (gen, refs, alts))
+        closer = (e_gen * e_ref).sum(-1) > (e_gen * e_alt).sum(-1)
+        out[f"teacher_family_{family}_2afc"] = float(closer.double().mean())
+    return out
+
+
 def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds, steps=None) -> tuple[float, float]:
     """(attribute alignment, judge-feature FD to true renders) of samples on retention prompts."""
     images = _batched_sample(bb, prompts, seeds, steps)
@@ -124,6 +177,8 @@ def world_check(quick: bool = False, seed: int = 0) -> dict:
     del base
     # same-prompt real-vs-real floor: what FD two independent sets of true renders reach at this N
     out["real_fd_floor"] = frechet_distance(real_feats, _judge_all(judge, D.true_renders(targets, seed + 7))[1])
+    out.update(vae_figures(turbo, judge, targets, real_feats, n_teach, seed))
+    out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))
     out.update(teacher_figures(turbo, judge, "concept", n_teach, seed))
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
     out.update(sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, 20 if quick else None))
@@ -139,7 +194,8 @@ def check_command(
 ) -> None:
     """Recompute the embedded world's figures (judge accuracy, few-step quality, distillation, in-context teacher,
     SFT sensitivity) on fixed seeds."""
-    figures = world_check(quick=quick, seed=seed)
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines (the SFT run's) must not break --json
+        figures = world_check(quick=quick, seed=seed)
     if as_json:
         print(json.dumps(figures))
         return
