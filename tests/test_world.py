@@ -80,3 +80,28 @@ def test_caption_drop_and_names():
     full = R.caption(scene, name="bako")
     assert full == "a small solid green bako at the bottom, light background"
     assert R.caption(scene, name="bako", drop=frozenset({"position", "background"})) == "a small solid green bako"
+
+
+WORLD_CHECK_KEYS = {"judge_accuracy", "turbo_alignment", "turbo_fd", "base_fd_32", "base_fd_native",
+                    "teacher_concept_acc", "teacher_concept_acc_new_context", "text_only_concept_acc",
+                    "teacher_style_acc", "teacher_style_acc_new_context", "text_only_style_acc",
+                    "sft_retention_fd_ratio", "vae_roundtrip_fd", "teacher_family_glyph_2afc"}
+
+
+@pytest.mark.slow
+def test_world_check_json_on_the_shipped_model(capsys):
+    """`world check --json --quick` on the embedded weights: stdout is one JSON object with every key of the world
+    issue, and the figures are recomputed (the judge reads fresh renders; samples sit above the real floor)."""
+    import json
+
+    from dopsd_bench.world.check import check_command
+
+    check_command(as_json=True, quick=True, seed=0)
+    figures = json.loads(capsys.readouterr().out)  # nothing else on stdout (the SFT run's lines go to stderr)
+    assert WORLD_CHECK_KEYS <= set(figures)
+    assert set(figures["judge_accuracy"]) == set(R.ATTRIBUTES)
+    assert min(figures["judge_accuracy"].values()) > 0.9  # the shipped judge on 200 fresh renders
+    assert figures["real_fd_floor"] < figures["vae_roundtrip_fd"] <= figures["turbo_fd"] * 1.5
+    for key in ("turbo_alignment", "teacher_concept_acc", "text_only_concept_acc", "teacher_family_glyph_2afc"):
+        assert 0.0 <= figures[key] <= 1.0
+    assert figures["sft_steps"] == 20 and figures["sft_retention_fd_ratio"] > 0
