@@ -28,7 +28,8 @@ def load_results(results: Path) -> pd.DataFrame:
     for path in sorted(results.rglob("result.json")):
         r = json.loads(path.read_text())
         rows.append({"method": r["method"], "family": r["family"], "instance": r["instance"], "seed": r["seed"],
-                     "fidelity": (r["metrics"].get("fidelity") or {}).get("mean"), "step_s": r["timings"].get("step_s")})
+                     "fidelity": (r["metrics"].get("fidelity") or {}).get("mean"),
+                     "step_s": r["timings"].get("step_s")})
     if not rows:
         raise SystemExit(f"no result.json under {results}: run the sweep first")
     return pd.DataFrame(rows)
