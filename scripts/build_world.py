@@ -5,7 +5,7 @@ Qwen3 text encoder (frozen, random), AutoencoderKLFlux2, Flux2Transformer2DModel
 dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
 
     python scripts/build_world.py                                    # full build (CPU: see MODEL_CARD.md)
-    python scripts/build_world.py --scale 0.02 --out /tmp/gw         # tiny smoke build, ~1 minute on CPU
+    python scripts/build_world.py --scale 0.01 --out /tmp/gw         # tiny smoke build, ~3 minutes on CPU
 
 Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
 made-up names, half the time the target itself, through the pipeline's reference tokens) -> trajectories of the
