@@ -53,12 +53,12 @@ def flow_matching_objective(backbone: Backbone, x0: torch.Tensor, cond: Cond, co
                             generator: torch.Generator, per_sample: bool = False) -> torch.Tensor:
     """The weighted flow-matching loss of `backbone` on clean latents x0 under `cond` (one forward);
     with per_sample, the (B,) weighted per-sample losses whose mean is the loss."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3  # heavy: only when training
+
     sigma = sample_sigmas(config, x0.shape[0], generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     x = flow.add_noise(x0, eps, sigma)
     v_pred = backbone.predict_velocity(x, sigma, cond)
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
     weights = compute_loss_weighting_for_sd3(config.weighting_scheme, sigma)
     if per_sample:
         return per_sample_mse(v_pred, flow.velocity_target(x0, eps)) * weights.float()

@@ -26,7 +26,7 @@ from dopsd_bench.metrics.scores import attribute_alignment, label_index
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
 from dopsd_bench.world.judge import WorldJudge
-from dopsd_bench.world.mixtures import judge_scene
+from dopsd_bench.world.mixtures import family_glyph, family_style, judge_scene
 
 
 @torch.no_grad()
@@ -81,10 +81,10 @@ def teacher_figures(bb, judge: WorldJudge, family: str, n: int, seed: int) -> di
 
 
 @torch.no_grad()
-def vae_figures(bb, judge: WorldJudge, targets, real_feats, n_instance: int, seed: int) -> dict[str, float]:
+def vae_figures(bb, judge: WorldJudge, renders, targets, real_feats, n_instance: int, seed: int) -> dict[str, float]:
     """What the VAE keeps: every sample passes through its decoder, so a round trip of true renders bounds
-    alignment, FD and fidelity from above (encode_images -> decode_latents, as scoring sees samples)."""
-    renders = D.true_renders(targets, seed + 7)
+    alignment, FD and fidelity from above (encode_images -> decode_latents, as scoring sees samples). `renders`
+    are true renders of `targets` independent of the ones `real_feats` come from."""
     probs, feats = _judge_all(judge, bb.decode_latents(bb.encode_images(renders)))
     out = {"vae_roundtrip_alignment": float(attribute_alignment(probs, targets).mean()),
            "vae_roundtrip_fd": frechet_distance(real_feats, feats)}
@@ -111,13 +111,11 @@ def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, f
             s = R.random_scene(rng)
             a, b = (int(v) for v in rng.integers(1_000_000, size=2))
             if family == "glyph":
-                t = R.Scene(f"glyph:{a}", s.colour, s.size, s.position, str(rng.choice(["solid", "outline"])),
-                            s.background).jitter(rng)
-                other, caption = replace(t, shape=f"glyph:{b}"), R.caption(t, name=R.made_up_name(a))
+                t, name = family_glyph(rng, s, a)
+                other, caption = replace(t, shape=f"glyph:{b}"), R.caption(t, name=name)
             else:
-                t = R.Scene(s.shape, s.colour, "large", s.position, f"tile:{a}", s.background).jitter(rng)
-                other = replace(t, style=f"tile:{b}")
-                caption = R.caption(t, style_name=R.made_up_name(a + 500_000))
+                t, name = family_style(rng, s, a, size="large")
+                other, caption = replace(t, style=f"tile:{b}"), R.caption(t, style_name=name)
             targets.append(R.render(t))
             others.append(R.render(other))
             captions.append(caption)
@@ -176,8 +174,9 @@ def world_check(quick: bool = False, seed: int = 0) -> dict:
         base, judge, prompts, targets, real_feats, seeds, turbo.native_steps)
     del base
     # same-prompt real-vs-real floor: what FD two independent sets of true renders reach at this N
-    out["real_fd_floor"] = frechet_distance(real_feats, _judge_all(judge, D.true_renders(targets, seed + 7))[1])
-    out.update(vae_figures(turbo, judge, targets, real_feats, n_teach, seed))
+    other_renders = D.true_renders(targets, seed + 7)
+    out["real_fd_floor"] = frechet_distance(real_feats, _judge_all(judge, other_renders)[1])
+    out.update(vae_figures(turbo, judge, other_renders, targets, real_feats, n_teach, seed))
     out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))
     out.update(teacher_figures(turbo, judge, "concept", n_teach, seed))
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))

@@ -12,6 +12,21 @@ from dopsd_bench.world import render as R
 DROPPABLE = ("size", "style", "colour", "position", "background")
 
 
+def family_glyph(rng: np.random.Generator, context: R.Scene, glyph_seed: int) -> tuple[R.Scene, str]:
+    """A procedural-family glyph drawn solid or outlined in `context`, and its made-up name."""
+    scene = R.Scene(f"glyph:{glyph_seed}", context.colour, context.size, context.position,
+                    str(rng.choice(["solid", "outline"])), context.background).jitter(rng)
+    return scene, R.made_up_name(glyph_seed)
+
+
+def family_style(rng: np.random.Generator, context: R.Scene, style_seed: int, size: str | None = None
+                 ) -> tuple[R.Scene, str]:
+    """The context's shape in a procedural-family fill style (at `size` if given), and the style's made-up name."""
+    scene = R.Scene(context.shape, context.colour, size or context.size, context.position, f"tile:{style_seed}",
+                    context.background).jitter(rng)
+    return scene, R.made_up_name(style_seed + 500_000)
+
+
 def judge_scene(rng: np.random.Generator) -> R.Scene:
     """Judge training/eval distribution: base scenes, held-out glyphs and styles, family glyphs and styles."""
     kind = rng.choice(["base", "glyph", "style", "family_glyph", "family_style"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
@@ -23,11 +38,9 @@ def judge_scene(rng: np.random.Generator) -> R.Scene:
         style = str(rng.choice(R.HELD_OUT_STYLES))
         return R.Scene(s.shape, s.colour, s.size, s.position, style, s.background).jitter(rng)
     if kind == "family_glyph":
-        return R.Scene(f"glyph:{rng.integers(1_000_000)}", s.colour, s.size, s.position,
-                       str(rng.choice(["solid", "outline"])), s.background).jitter(rng)
+        return family_glyph(rng, s, int(rng.integers(1_000_000)))[0]
     if kind == "family_style":
-        style = f"tile:{rng.integers(1_000_000)}"
-        return R.Scene(s.shape, s.colour, s.size, s.position, style, s.background).jitter(rng)
+        return family_style(rng, s, int(rng.integers(1_000_000)))[0]
     return s
 
 
@@ -44,17 +57,14 @@ def pretrain_example(rng: np.random.Generator) -> tuple[R.Scene, str, R.Scene | 
                                                    other.background).jitter(rng)
         return s, R.caption(s, drop=drop), ref
     if kind in ("glyph_ref", "glyph_text"):
-        seed = int(rng.integers(1_000_000))
-        style = str(rng.choice(["solid", "outline"]))
-        t = R.Scene(f"glyph:{seed}", s.colour, s.size, s.position, style, s.background).jitter(rng)
+        t, name = family_glyph(rng, s, int(rng.integers(1_000_000)))
         ref = None
         if kind == "glyph_ref":
             ref = t if rng.random() < 0.5 else R.Scene(
                 t.shape, other.colour, other.size, other.position, str(rng.choice(["solid", "outline"])),
                 other.background).jitter(rng)
-        return t, R.caption(t, name=R.made_up_name(seed)), ref
-    seed = int(rng.integers(1_000_000))
-    t = R.Scene(s.shape, s.colour, s.size, s.position, f"tile:{seed}", s.background).jitter(rng)
+        return t, R.caption(t, name=name), ref
+    t, style_name = family_style(rng, s, int(rng.integers(1_000_000)))
     ref = t if rng.random() < 0.5 else R.Scene(other.shape, other.colour, "large", other.position, t.style,
                                                other.background).jitter(rng)
-    return t, R.caption(t, style_name=R.made_up_name(seed + 500_000)), ref
+    return t, R.caption(t, style_name=style_name), ref
