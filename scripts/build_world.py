@@ -4,8 +4,11 @@ All four are trained here on renders of dopsd_bench/world, in real diffusers for
 Qwen3 text encoder (frozen, random), AutoencoderKLFlux2, Flux2Transformer2DModel), and written to
 dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
 
-    python scripts/build_world.py                                    # full build (CPU: see MODEL_CARD.md)
+    python scripts/build_world.py                                    # full build (GPU: minutes; CPU: MODEL_CARD.md)
     python scripts/build_world.py --scale 0.01 --out /tmp/gw         # tiny smoke build, ~3 minutes on CPU
+
+The recipe (steps, batch sizes, data sizes) is the same on every device and is written to build_summary.json;
+renders are drawn in parallel worker processes (--workers), the networks train on the GPU when there is one.
 
 Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
 made-up names, half the time the target itself, through the pipeline's reference tokens) -> trajectories of the
@@ -18,8 +21,11 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +51,14 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # data: what each stage sees
 # ---------------------------------------------------------------------------------------------------------------
+RENDER_POOL: ProcessPoolExecutor | None = None  # set by main() when --workers > 1
+
+
 def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
-    return R.to_tensor_batch([R.render(s) for s in scenes])
+    """Render scenes to a (N, 3, 32, 32) tensor in [-1, 1]; large batches go to the worker processes."""
+    if RENDER_POOL is None or len(scenes) < 512:
+        return R.to_tensor_batch([R.render(s) for s in scenes])
+    return R.to_tensor_batch(list(RENDER_POOL.map(R.render, scenes, chunksize=256)))
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -95,17 +107,25 @@ def judge_accuracy(judge: WorldJudge, rng: np.random.Generator, n: int, device) 
     return {k: round(v / n, 4) for k, v in correct.items()}
 
 
-def train_vae(vae, steps: int, seed: int, device: torch.device, lr: float = 3e-3) -> None:
+def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: torch.device, lr: float = 3e-3,
+              judge: WorldJudge | None = None) -> None:
     """Reconstruction of judge-distribution renders (held-out glyphs and styles included: the teacher can only
-    copy what the VAE can represent). The decoder reads the posterior mean, as every user of the VAE does
-    (`encode_images` takes the mode). A run that sampled the posterior (at a lower lr) had about twice the
-    round-trip error at 400 steps; not a clean ablation, but no reason to sample."""
+    copy what the VAE can represent), drawn from a pre-rendered pool of `pool_size` scenes. The decoder reads the
+    posterior mean, as every user of the VAE does (`encode_images` takes the mode). A run that sampled the posterior
+    (at a lower lr) had about twice the round-trip error at 400 steps; not a clean ablation, but no reason to sample.
+    With `judge`, the log also reports the held-out styles' judge accuracy after a round trip (diagnostic only)."""
     rng = np.random.default_rng(seed + 21)
+    pool = batch_tensor([judge_scene(rng) for _ in range(pool_size)])
+    log(f"vae pool: {pool_size} renders")
     probe = batch_tensor([judge_scene(np.random.default_rng(seed + 22)) for _ in range(64)]).to(device)
+    fills = {style: batch_tensor([R.Scene(s.shape, s.colour, "large", s.position, style, s.background).jitter(rng)
+                                  for s in (R.random_scene(rng) for _ in range(64))]).to(device)
+             for style in R.HELD_OUT_STYLES}
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 23)
     for step in range(steps):
-        x = batch_tensor([judge_scene(rng) for _ in range(32)]).to(device)
+        x = pool[torch.randint(pool_size, (batch,), generator=gen)].to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.mode()).sample
         kl = dist.kl().mean() / x[0].numel()
@@ -118,10 +138,18 @@ def train_vae(vae, steps: int, seed: int, device: torch.device, lr: float = 3e-3
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == steps - 1:
+        if step % 500 == 0 or step == steps - 1:
             with torch.no_grad():
-                probe_mse = (vae.decode(vae.encode(probe).latent_dist.mode()).sample - probe).pow(2).mean()
-            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.4f} probe mse {probe_mse:.4f}")
+                def roundtrip(im):
+                    return vae.decode(vae.encode(im).latent_dist.mode()).sample
+                msg = f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.4f} probe mse " \
+                      f"{(roundtrip(probe) - probe).pow(2).mean():.4f}"
+                if judge is not None:
+                    style_id = {k: R.JUDGE_STYLES.index(k) for k in fills}
+                    acc = {k: round(float((judge(roundtrip(im).clamp(-1, 1))["style"].argmax(-1) == style_id[k])
+                                          .float().mean()), 3) for k, im in fills.items()}
+                    msg += f" round-trip style acc {acc}"
+            log(msg)
     vae.eval().requires_grad_(False)
 
 
@@ -144,15 +172,16 @@ def make_dataset(bb, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed + 41)
     examples = [pretrain_example(rng) for _ in range(n)]
     lat, ref, has_ref, caps = [], [], [], []
-    for i in range(0, n, 256):
-        chunk = examples[i:i + 256]
-        lat.append(bb.encode_images(batch_tensor([e[0] for e in chunk])).cpu())
-        refs = [e[2] if e[2] is not None else e[0] for e in chunk]
-        ref.append(bb.encode_images(batch_tensor(refs)).cpu())
+    for i in range(0, n, 8192):
+        chunk = examples[i:i + 8192]
+        targets = batch_tensor([e[0] for e in chunk])
+        refs = batch_tensor([e[2] if e[2] is not None else e[0] for e in chunk])
+        for j in range(0, len(chunk), 512):
+            lat.append(bb.encode_images(targets[j:j + 512]).cpu())
+            ref.append(bb.encode_images(refs[j:j + 512]).cpu())
         has_ref += [e[2] is not None for e in chunk]
         caps += [e[1] for e in chunk]
-        if i % 5120 == 0:
-            log(f"dataset {i}/{n}")
+        log(f"dataset {i + len(chunk)}/{n}")
     return {"latents": torch.cat(lat), "refs": torch.cat(ref), "has_ref": torch.tensor(has_ref), "captions": caps}
 
 
@@ -196,9 +225,8 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int) -> 
         opt.step()
         with torch.no_grad():
             d = min(0.999, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        if step % 100 == 0 or step == steps - 1:
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
     return ema
 
@@ -269,9 +297,8 @@ def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int) -> tor
         opt.step()
         with torch.no_grad():
             d = min(0.995, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        if step % 100 == 0 or step == steps - 1:
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        if step % 250 == 0 or step == steps - 1:
             log(f"distill step {step}/{steps} loss {total:.4f}")
     return ema
 
@@ -282,69 +309,122 @@ def save_pipeline(pipe, settings: dict, out: Path) -> None:
     (out / "dopsd_bench.json").write_text(json.dumps(settings, indent=1))
 
 
+RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
+    "judge_steps": 6000, "vae_steps": 10_000, "vae_batch": 64, "vae_pool": 65_536,
+    "examples": 98_304, "base_steps": 4000, "batch": 256, "trajectories": 8192, "distill_steps": 2000,
+}
+
+
 def main() -> None:
+    global RENDER_POOL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "dopsd_bench" / "assets")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.02 = smoke test)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every step count and data size (0.01 = smoke test)")
+    for key, value in RECIPE.items():
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
     ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
     ap.add_argument("--stages", default="judge,models",
-                    help="what to build: 'judge', 'models' (VAE, base, turbo) or both; they are independent")
+                    help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
+                         "'turbo' (trajectories and turbo from the saved base); the judge is independent")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render worker processes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workers > 1:
+        # spawned, not forked: the parent may already hold a CUDA context
+        RENDER_POOL = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
+    recipe = {k: getattr(args, k) if k.endswith("batch") else max(2, int(getattr(args, k) * args.scale))
+              for k in RECIPE}
 
-    def n(steps: int) -> int:
-        return max(2, int(steps * args.scale))
-
-    log(f"building glyphworld: seed {args.seed}, device {device}, scale {args.scale}, out {args.out}")
+    log(f"building glyphworld: seed {args.seed}, device {device}, out {args.out}, recipe {recipe}")
     stages = set(args.stages.split(","))
+    if stages - {"judge", "models", "base", "turbo"}:
+        ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo")
     summary_path = args.out / "build_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.update({"seed": args.seed, "scale": args.scale, "device": str(device), "threads": torch.get_num_threads()})
+    where = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+             "threads": torch.get_num_threads(), "workers": args.workers, "torch": torch.__version__,
+             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    summary["seed"] = args.seed
     if "judge" in stages:
         t = time.time()
-        judge, summary["judge_accuracy"] = train_judge(n(6000), args.seed, device)
+        judge, accuracy = train_judge(recipe["judge_steps"], args.seed, device)
         judge.cpu().save(args.out / "judge")
-        summary["judge_wall_s"] = round(time.time() - t, 1)
-    if "models" in stages:
+        summary["judge"] = {**where, "steps": recipe["judge_steps"], "accuracy": accuracy,
+                            "wall_s": round(time.time() - t, 1)}
+    if stages & {"models", "base", "turbo"}:
         t = time.time()
-        build_models(args, device, n)
-        summary["models_wall_s"] = round(time.time() - t, 1)
+        walls = build_models(args, recipe, device, stages)
+        summary["models"] = {**where, "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
+                             "stage_wall_s": walls, "wall_s": round(time.time() - t, 1)}
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
 
 
-def build_models(args: argparse.Namespace, device: torch.device, n) -> None:
+def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str]) -> dict[str, float]:
+    """VAE -> base -> trajectories -> turbo, saving base and turbo under args.out; stage 'turbo' alone resumes from
+    a saved base (same seed and recipe: the dataset is re-made, deterministically). Returns each stage's wall time."""
+    from diffusers import Flux2KleinPipeline
 
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
-    # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
-    # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
-    pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32))
-    train_vae(pipe.vae, n(2500), args.seed, device)
-    set_latent_stats(pipe, args.seed, device)
+    walls, t = {}, time.time()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        walls[stage] = round(time.time() - t, 1)
+        t = time.time()
+        log(f"{stage} done in {walls[stage]} s")
+
+    if stages & {"models", "base"}:
+        # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
+        # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
+        pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32))
+        judge_dir = args.out / "judge" if (args.out / "judge").exists() else ROOT / "dopsd_bench" / "assets" / "judge"
+        judge = WorldJudge.load(judge_dir).to(device).eval() if judge_dir.exists() else None
+        train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,
+                  judge=judge)
+        set_latent_stats(pipe, args.seed, device)
+    else:
+        base_dir = args.out / "glyphworld-base"
+        if not (base_dir / "model_index.json").exists():
+            raise SystemExit(f"--stages turbo resumes from a saved base, but {base_dir} has none: build it first "
+                             "(--stages base) or use --stages models")
+        pipe = Flux2KleinPipeline.from_pretrained(base_dir)
+        base_settings = json.loads((base_dir / "dopsd_bench.json").read_text())
+        settings = {k: v for k, v in base_settings.items() if k not in ("guidance_scale", "role")} | {"native_steps": 4}
+        log(f"resuming from the base in {base_dir}")
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
+    lap("vae" if stages & {"models", "base"} else "load")
 
-    data = make_dataset(bb, max(512, n(24_000)), args.seed)
+    data = make_dataset(bb, max(512, recipe["examples"]), args.seed)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
-    base = train_base(bb, data, n(4000), 64, 1e-3, args.seed)
-    pipe.transformer = base
-    bb.denoiser = base
-    base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
-    save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
-    log("saved base")
-
-    traj = make_trajectories(bb, data, max(256, n(2048)), args.guidance, args.seed)
-    turbo = distill(bb, traj, n(1200), 64, 3e-4, args.seed)
-    pipe.transformer = turbo
-    save_pipeline(pipe, {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance},
-                  args.out / "glyphworld-turbo")
+    lap("dataset")
+    if stages & {"models", "base"}:
+        base = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3, args.seed)
+        pipe.transformer = base
+        bb.denoiser = base
+        base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
+        save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
+        log("saved base")
+        lap("base")
+    if stages & {"models", "turbo"}:
+        traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
+        lap("trajectories")
+        turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
+        pipe.transformer = turbo
+        save_pipeline(pipe, {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance},
+                      args.out / "glyphworld-turbo")
+        lap("distill")
+    return walls
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def test_world_check_json_on_the_shipped_model(capsys):
     assert WORLD_CHECK_KEYS <= set(figures)
     assert set(figures["judge_accuracy"]) == set(R.ATTRIBUTES)
     assert min(figures["judge_accuracy"].values()) > 0.9  # the shipped judge on 200 fresh renders
-    assert figures["real_fd_floor"] < figures["vae_roundtrip_fd"] <= figures["turbo_fd"] * 1.5
+    # samples pass through the same decoder as the round trips, and true renders are closer to true renders still
+    assert max(figures["real_fd_floor"], figures["vae_roundtrip_fd"]) < figures["turbo_fd"]
     for key in ("turbo_alignment", "teacher_concept_acc", "text_only_concept_acc", "teacher_family_glyph_2afc"):
         assert 0.0 <= figures[key] <= 1.0
     assert figures["sft_steps"] == 20 and figures["sft_retention_fd_ratio"] > 0

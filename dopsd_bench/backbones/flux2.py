@@ -116,7 +116,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         images = images.to(self.device, module_dtype(self.pipe.vae))
         latents = self.pipe.vae.encode(images).latent_dist.mode()
         mean, std = self._bn()
-        return (self.pipe._patchify_latents(latents) - mean) / std
+        return ((self.pipe._patchify_latents(latents) - mean) / std).float()  # as z-image: fp32 latents
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

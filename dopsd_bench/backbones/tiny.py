@@ -50,8 +50,12 @@ def bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
 
 def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int, int] = (1, 2),
                               latent_channels: int = 8,
-                              vae_channels: tuple[int, ...] = (32, 64, 64), corpus: list[str] | None = None):
+                              vae_channels: tuple[int, ...] = (32, 64, 64), corpus: list[str] | None = None,
+                              dit_layers: tuple[int, int] = (1, 3), head_dim: int = 32, resolution: int = 32):
     """A random-init Flux2KleinPipeline: Qwen3 text encoder, Flux2 DiT, Flux2 VAE (4x down), 32x32 images.
+
+    `width` / `head_dim` attention heads; `dit_layers` = (double-stream, single-stream) blocks; `resolution` is the
+    adapter's image size (larger sizes for benchmarks: scripts/bench_gpu.py).
 
     Returns (pipe, settings) where settings is the adapter's sidecar (dopsd_bench.json) for this model.
     """
@@ -73,11 +77,11 @@ def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int,
     # a frozen random encoder: unit-scale token embeddings keep each word's identity clear in the hidden states the
     # DiT reads (at the default 0.02 scale the layers' random mixing drowns it)
     torch.nn.init.normal_(text_encoder.model.embed_tokens.weight, std=1.0)
-    heads = width // 32
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=3, attention_head_dim=32,
-        num_attention_heads=heads, joint_attention_dim=text_hidden * len(layers), timestep_guidance_channels=64,
-        mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+        patch_size=1, in_channels=4 * latent_channels, num_layers=dit_layers[0], num_single_layers=dit_layers[1],
+        attention_head_dim=head_dim, num_attention_heads=width // head_dim,
+        joint_attention_dim=text_hidden * len(layers), timestep_guidance_channels=64, mlp_ratio=3.0,
+        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
     n = len(vae_channels)
     vae = AutoencoderKLFlux2(
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -86,7 +90,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int,
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=True)
-    settings = {"native_steps": 4, "resolution": 32, "text_encoder_out_layers": list(layers),
+    settings = {"native_steps": 4, "resolution": resolution, "text_encoder_out_layers": list(layers),
                 "max_sequence_length": 24}
     return pipe, settings
 
@@ -106,9 +110,14 @@ QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|visi
                        "<|video_pad|>"]
 
 
-def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4, corpus: list[str] | None = None):
+def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4, corpus: list[str] | None = None,
+                          n_layers: int = 2, n_refiner_layers: int = 1, n_heads: int = 2,
+                          axes_dims: tuple[int, int, int] = (8, 4, 4), resolution: int = 32):
     """A random-init ZImagePipeline (Qwen3 text encoder, Z-Image DiT, 4x-down AutoencoderKL, 32x32 images) and
     its teacher: a tiny Qwen3-VL whose text config is the text encoder's.
+
+    The DiT has `n_layers` main and `n_refiner_layers` refiner blocks of `n_heads` heads of dim // n_heads, whose
+    RoPE axes `axes_dims` sum to; `resolution` is the adapter's image size (the teacher still sees 32x32 pixels).
 
     Returns (pipe, settings, teacher): settings is the adapter's sidecar (dopsd_bench.json) and names the teacher's
     folder inside the model dir, so save with
@@ -132,9 +141,10 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
                    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
     text_encoder = Qwen3Model(Qwen3Config(**text_config, tie_word_embeddings=True))
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=text_config["hidden_size"],
-        axes_dims=[8, 4, 4], axes_lens=[512, 32, 32])
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, qk_norm=True,
+        cap_feat_dim=text_config["hidden_size"], axes_dims=list(axes_dims),
+        axes_lens=[512, max(32, resolution // 8), max(32, resolution // 8)])
     with torch.no_grad():  # created with torch.empty; fix them so saved weights are finite
         transformer.x_pad_token.normal_(std=0.02)
         transformer.cap_pad_token.normal_(std=0.02)
@@ -167,6 +177,6 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
                                                min_pixels=32 * 32, max_pixels=32 * 32,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
     teacher = TeacherVL(vl_model, vl_tokenizer, image_processor, QWEN3_VL_CHAT_TEMPLATE)
-    settings = {"native_steps": 4, "resolution": 32, "max_sequence_length": 48, "teacher_max_length": 96,
+    settings = {"native_steps": 4, "resolution": resolution, "max_sequence_length": 48, "teacher_max_length": 96,
                 "vl_model": "teacher_vl", "vl_min_pixels": 32 * 32, "vl_max_pixels": 32 * 32}
     return pipe, settings, teacher
