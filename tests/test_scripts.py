@@ -1,0 +1,61 @@
+"""The scripts users run by hand still run: a smoke build of the embedded world (base, then turbo resumed from it)
+and the GPU benchmark's CPU path. Both are slow (about a minute each on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--scale", "0.002", "--batch", "16", "--vae-batch", "16", "--workers", "1", "--threads", "2"]
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, check=False)  # the tests read the exit code
+
+
+@pytest.mark.slow
+def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
+    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+
+    base = _script("build_world.py", "--stages", "base", "--out", str(tmp_path), *SMOKE)
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert (tmp_path / "glyphworld-base" / "model_index.json").exists()
+    assert not (tmp_path / "glyphworld-turbo").exists()
+
+    turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
+    assert turbo.returncode == 0, turbo.stderr[-2000:]
+    assert "resuming from the base" in turbo.stdout
+    summary = json.loads((tmp_path / "build_summary.json").read_text())
+    assert summary["models"]["recipe"]["distill_steps"] == 4  # 2000 x 0.002
+    assert set(summary["models"]["stage_wall_s"]) == {"load", "dataset", "trajectories", "distill"}
+
+    bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
+    assert bb.native_steps == 4
+    images = bb.sample(["a small solid red circle at the top, dark background"], [0])
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_build_world_rejects_an_unknown_stage(tmp_path):
+    result = _script("build_world.py", "--stages", "judge,vae", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "expected a comma-separated list of judge, models, base, turbo" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_gpu_cpu_path_reports_both_methods():
+    result = _script("bench_gpu.py", "--device", "cpu", "--size", "tiny", "--repeats", "1", "--arch", "flux2-klein",
+                     "--threads", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    arch = figures["archs"]["flux2-klein"]
+    assert figures["dtype"] == "fp32" and arch["sft"]["peak_mib"] is None  # no allocator peak on the CPU
+    # a faithful D-OPSD step is K student passes plus teacher forwards on a longer sequence: several SFT steps
+    assert arch["ratios"]["flops"] > 2 and arch["dopsd"]["gflop"] > arch["sft"]["gflop"] > 0
+    assert all(arch[m]["ms"] > 0 for m in ("sft", "dopsd"))
