@@ -5,7 +5,7 @@ Qwen3 text encoder (frozen, random), AutoencoderKLFlux2, Flux2Transformer2DModel
 dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
 
     python scripts/build_world.py                                    # full build (GPU: minutes; CPU: MODEL_CARD.md)
-    python scripts/build_world.py --scale 0.01 --out /tmp/gw         # tiny smoke build, ~3 minutes on CPU
+    python scripts/build_world.py --scale 0.01 --out /tmp/gw         # smoke build, a few minutes on CPU
 
 The recipe (steps, batch sizes, data sizes) is the same on every device and is written to build_summary.json;
 renders are drawn in parallel worker processes (--workers), the networks train on the GPU when there is one.
@@ -124,6 +124,10 @@ def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: to
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 23)
+
+    def roundtrip(images: torch.Tensor) -> torch.Tensor:
+        return vae.decode(vae.encode(images).latent_dist.mode()).sample
+
     for step in range(steps):
         x = pool[torch.randint(pool_size, (batch,), generator=gen)].to(device)
         dist = vae.encode(x).latent_dist
@@ -140,8 +144,6 @@ def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: to
         opt.step()
         if step % 500 == 0 or step == steps - 1:
             with torch.no_grad():
-                def roundtrip(im):
-                    return vae.decode(vae.encode(im).latent_dist.mode()).sample
                 msg = f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.4f} probe mse " \
                       f"{(roundtrip(probe) - probe).pow(2).mean():.4f}"
                 if judge is not None:
