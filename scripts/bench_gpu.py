@@ -7,11 +7,12 @@ achieved FLOP/s.
 
 Models are random-config pipelines of the real diffusers architectures (dopsd_bench/backbones/tiny.py), built in
 process: `mid` has a 1536-wide DiT with 128-dim heads (flux2-klein: 2 double + 6 single blocks, 350M parameters;
-z-image: 6 + 2 refiner blocks, 240M) at 256x256 pixels, i.e. 1024 image tokens (flux2's teacher adds 1024 reference
-tokens); text encoders, VAEs and z-image's VL teacher stay tiny. Each method gets its own copy of the pipeline in
-`--dtype` with LoRA at the training rank, and runs `Method.loss_and_backward` as the training loop calls it
-(scripts/bench_step.py's helpers; dopsd with K = 4 and its default config, `--set key=value` to change it), at
-equal batch size: one warm-up step, then `--repeats` timed steps (synchronised on cuda).
+z-image: 6 main blocks + 1 noise and 1 context refiner block, 240M) at 256x256 pixels, i.e. 1024 image tokens
+(flux2's teacher adds 1024 reference tokens); text encoders, VAEs and z-image's VL teacher stay tiny. Each method
+gets its own copy of the pipeline in `--dtype` with LoRA at the training rank, and runs `Method.loss_and_backward`
+as the training loop calls it (scripts/bench_step.py's helpers; dopsd with K = 4 and its default config, `--set
+key=value` to change it), at equal batch size: one warm-up step, then `--repeats` timed steps (synchronised on
+cuda).
 - ms: median step time; peak_mib: torch.cuda.max_memory_allocated during the timed steps over the memory allocated
   before them (weights, adapters, caches excluded; peak_total_mib includes them; null on the CPU); gflop: FLOPs of
   one step counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention); tflops: gflop /
