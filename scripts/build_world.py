@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
+from dopsd_bench.world.check import target_accuracy
 from dopsd_bench.world.judge import WorldJudge
 from dopsd_bench.world.mixtures import judge_scene, pretrain_example
 
@@ -118,9 +120,8 @@ def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: to
     pool = batch_tensor([judge_scene(rng) for _ in range(pool_size)])
     log(f"vae pool: {pool_size} renders")
     probe = batch_tensor([judge_scene(np.random.default_rng(seed + 22)) for _ in range(64)]).to(device)
-    fills = {style: batch_tensor([R.Scene(s.shape, s.colour, "large", s.position, style, s.background).jitter(rng)
-                                  for s in (R.random_scene(rng) for _ in range(64))]).to(device)
-             for style in R.HELD_OUT_STYLES}
+    fills = {style: D.training_set("style", style, 64, seed + j)[0].to(device)  # as `world check` reads them
+             for j, style in enumerate(R.HELD_OUT_STYLES)}
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 23)
@@ -147,9 +148,7 @@ def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: to
                 msg = f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.4f} probe mse " \
                       f"{(roundtrip(probe) - probe).pow(2).mean():.4f}"
                 if judge is not None:
-                    style_id = {k: R.JUDGE_STYLES.index(k) for k in fills}
-                    acc = {k: round(float((judge(roundtrip(im).clamp(-1, 1))["style"].argmax(-1) == style_id[k])
-                                          .float().mean()), 3) for k, im in fills.items()}
+                    acc = {k: round(target_accuracy(judge, roundtrip(im), "style", k), 3) for k, im in fills.items()}
                     msg += f" round-trip style acc {acc}"
             log(msg)
     vae.eval().requires_grad_(False)

@@ -58,7 +58,8 @@ def _accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]:
     return out
 
 
-def _target_acc(judge: WorldJudge, images: torch.Tensor, attr: str, value: str) -> float:
+def target_accuracy(judge: WorldJudge, images: torch.Tensor, attr: str, value: str) -> float:
+    """The fraction of `images` in which the judge finds `attr` == `value` (e.g. shape zorb, style dotted)."""
     probs, _ = _judge_all(judge, images)
     return float((probs[attr].argmax(-1) == label_index(attr, value)).double().mean())
 
@@ -72,10 +73,10 @@ def teacher_figures(bb, judge: WorldJudge, family: str, n: int, seed: int) -> di
         images, captions = D.training_set(family, inst, n, seed + j)
         seeds = list(range(seed, seed + n))
         # D-OPSD's training setting: the prompt is a training image's caption, the reference that image
-        same.append(_target_acc(judge, bb.sample(captions, seeds, references=images), attr, inst))
+        same.append(target_accuracy(judge, bb.sample(captions, seeds, references=images), attr, inst))
         prompts, _ = D.eval_prompts(family, inst, n, seed + 100 + j)
-        new.append(_target_acc(judge, bb.sample(prompts, seeds, references=images.roll(1, 0)), attr, inst))
-        text.append(_target_acc(judge, bb.sample(prompts, seeds), attr, inst))
+        new.append(target_accuracy(judge, bb.sample(prompts, seeds, references=images.roll(1, 0)), attr, inst))
+        text.append(target_accuracy(judge, bb.sample(prompts, seeds), attr, inst))
     return {f"teacher_{family}_acc": float(np.mean(same)), f"teacher_{family}_acc_new_context": float(np.mean(new)),
             f"text_only_{family}_acc": float(np.mean(text))}
 
@@ -92,7 +93,7 @@ def vae_figures(bb, judge: WorldJudge, renders, targets, real_feats, n_instance:
         accs = []
         for j, inst in enumerate(instances):
             images, _ = D.training_set(family, inst, n_instance, seed + j)
-            accs.append(_target_acc(judge, bb.decode_latents(bb.encode_images(images)), attr, inst))
+            accs.append(target_accuracy(judge, bb.decode_latents(bb.encode_images(images)), attr, inst))
         out[f"vae_roundtrip_{family}_acc"] = float(np.mean(accs))
     return out
 
