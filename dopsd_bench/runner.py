@@ -358,7 +358,9 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
     rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid([tuned, untuned, data.train_images]))
 
-    budget = tcfg.budget() if tcfg is not None else {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    # a method that trains nothing (base, icl) has no budget (store.NO_BUDGET), so its rows pair with every budget
+    trained = tcfg is not None and getattr(method, "trains", False)
+    budget = tcfg.budget() if trained else {"steps": None, "batch_size": None, "lr": None, "rank": None}
     timings["total_s"] = time.perf_counter() - t0
     result = {
         "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,

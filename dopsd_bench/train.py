@@ -36,7 +36,7 @@ from dopsd_bench.method import Batch, Method
 from dopsd_bench.rundir import atomic_torch_save, atomic_write_text
 
 # The suite's default budget, shared by every method so comparisons are matched. One place to tune it.
-DEFAULT_BUDGET: dict[str, float | int] = {"steps": 150, "batch_size": 8, "lr": 1e-4, "rank": 8}
+DEFAULT_BUDGET: dict[str, float | int] = {"steps": 600, "batch_size": 8, "lr": 5e-4, "rank": 8}
 
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"

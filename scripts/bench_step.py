@@ -2,6 +2,7 @@
 
     python scripts/bench_step.py                       # embedded glyphworld model if built, else the tiny Flux2
     python scripts/bench_step.py --model tiny --batch 4 --repeats 3 --mem-batch 8     # quick (~1 min)
+    python scripts/bench_step.py --model random --width 128     # glyphworld's architecture, a 2x wider DiT
 
 Both methods run through `Method.loss_and_backward` exactly as the training loop calls it, at equal batch size and
 K = 4 roll-out states, with their default configs (plus `--set key=value` for dopsd, e.g. --set schedule=batched).
@@ -35,17 +36,20 @@ from dopsd_bench.train import DEFAULT_BUDGET
 K = 4
 
 
-def load(model: str):
+def load(model: str, width: int):
     from dopsd_bench.backbones.flux2 import EMBEDDED, Flux2KleinBackbone
     from dopsd_bench.paths import assets_dir
 
     if model == "auto":
         model = "glyphworld" if (assets_dir() / EMBEDDED["glyphworld"] / "model_index.json").exists() else "tiny"
-    if model == "tiny":
+    if model in ("tiny", "random"):
         from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
 
-        pipe, settings = tiny_flux2_klein_pipeline(0)
-        return model, lambda: Flux2KleinBackbone(copy.deepcopy(pipe), settings, "tiny", device="cpu")
+        # random: glyphworld's architecture as scripts/build_world.py builds it (2x-down VAE), at DiT width --width
+        pipe, settings = (tiny_flux2_klein_pipeline(0) if model == "tiny"
+                          else tiny_flux2_klein_pipeline(0, width=width, vae_channels=(16, 32)))
+        label = model if model == "tiny" else f"random-width{width}"
+        return label, lambda: Flux2KleinBackbone(copy.deepcopy(pipe), settings, label, device="cpu")
     return model, lambda: Flux2KleinBackbone.from_pretrained(model, device="cpu")
 
 
@@ -130,7 +134,9 @@ def saved_peak(method: Method, fn) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="auto", help="auto | tiny | glyphworld | a model dir")
+    ap.add_argument("--model", default="auto", help="auto | tiny | glyphworld | random | a model dir")
+    ap.add_argument("--width", type=int, default=64,
+                    help="DiT width of --model random (glyphworld's architecture, random weights; glyphworld is 64)")
     ap.add_argument("--batch", type=int, default=int(DEFAULT_BUDGET["batch_size"]),
                     help="batch size for time and FLOPs (default: the default training budget's)")
     ap.add_argument("--mem-batch", type=int, default=16, help="batch size for the memory ratio")
@@ -143,7 +149,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
 
-    model, factory = load(args.model)
+    if args.width != 64 and args.model != "random":
+        ap.error(f"--width applies to --model random only, got --model {args.model}")
+    if args.width < 32 or args.width % 32:
+        ap.error(f"--width must be a multiple of 32 (attention heads of 32 channels), got {args.width}")
+    model, factory = load(args.model, args.width)
     probe = factory()
     batch = make_batch(args.batch, probe.resolution)
     del probe

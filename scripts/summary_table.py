@@ -13,26 +13,26 @@ The spread of a method on a task is max - min of its per-seed fidelity; a gain c
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import pandas as pd
 
+from dopsd_bench.store import NO_BUDGET, load_results
+
 COLUMNS = ("fidelity", "alignment", "retention_fd_ratio")
 ORDER = ("base", "icl", "sft", "sft-full", "dreambooth", "sft-teacher", "offpolicy", "dopsd", "base-transfer")
 
 
-def load_results(results: Path) -> pd.DataFrame:
-    rows = []
-    for path in sorted(results.rglob("result.json")):
-        r = json.loads(path.read_text())
-        rows.append({"method": r["method"], "family": r["family"], "instance": r["instance"], "seed": r["seed"],
-                     "fidelity": (r["metrics"].get("fidelity") or {}).get("mean"),
-                     "step_s": r["timings"].get("step_s")})
-    if not rows:
+def load_runs(results: Path) -> pd.DataFrame:
+    """One row per run: method, family, budget, seed, fidelity (mean over samples) and step time."""
+    res = load_results(results)
+    if res.empty:
         raise SystemExit(f"no result.json under {results}: run the sweep first")
-    return pd.DataFrame(rows)
+    fidelity = (res.samples[res.samples["metric"] == "fidelity"].groupby("cell")["value"].mean()
+                .rename("fidelity"))
+    runs = res.cells.join(fidelity, on="cell")
+    return runs.rename(columns={"time_step_s": "step_s"})
 
 
 def fmt(x: float) -> str:
@@ -47,13 +47,21 @@ def main() -> None:
     args = ap.parse_args()
 
     board = pd.read_csv(args.csv)
-    runs = load_results(args.results)
+    runs = load_runs(args.results)
     present = list(dict.fromkeys(board["method"]))
     methods = (args.methods.split(",") if args.methods
                else [m for m in ORDER if m in present] + [m for m in present if m not in ORDER])
     families = list(dict.fromkeys(board["task"]))
-    step = runs[runs["step_s"] > 0].groupby("method")["step_s"].median()  # untrained methods have none
+    budgets = [b for b in dict.fromkeys(board["budget"]) if b != NO_BUDGET]
+    for budget in budgets:
+        if len(budgets) > 1:
+            print(f"\n### budget {budget}\n")
+        print_table(board[board["budget"] == budget], runs[runs["budget"] == budget], methods, families)
+        print_budget_check(runs, budget, methods, families)
 
+
+def print_table(board: pd.DataFrame, runs: pd.DataFrame, methods: list[str], families: list[str]) -> None:
+    step = runs[runs["step_s"] > 0].groupby("method")["step_s"].median()  # untrained methods have none
     header = ["method"] + [f"{fam} {col.replace('_', ' ')}" for fam in families for col in COLUMNS]
     header.append("time/step vs sft")
     print("| " + " | ".join(header) + " |")
@@ -71,14 +79,17 @@ def main() -> None:
         row.append(f"{step[method] / step['sft']:.2f}" if method in step and "sft" in step else "no training")
         print("| " + " | ".join(row) + " |")
 
-    print("\nIs the default budget meaningful? (fidelity gain over base vs seed-to-seed spread)")
+
+def print_budget_check(runs: pd.DataFrame, budget: str, methods: list[str], families: list[str]) -> None:
+    print(f"\nIs the budget meaningful? (fidelity gain over base vs seed-to-seed spread; {budget})")
     fid = runs.dropna(subset=["fidelity"])
     for fam in families:
+        # base trains nothing: its runs count at every budget (older ones may carry the budget they ran beside)
         base = fid[(fid["method"] == "base") & (fid["family"] == fam)]["fidelity"]
         for method in methods:
             if method == "base":
                 continue
-            per_seed = fid[(fid["method"] == method) & (fid["family"] == fam)]["fidelity"]
+            per_seed = fid[(fid["method"] == method) & (fid["family"] == fam) & (fid["budget"] == budget)]["fidelity"]
             if per_seed.empty or base.empty:
                 continue
             gain = per_seed.mean() - base.mean()

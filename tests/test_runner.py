@@ -20,6 +20,7 @@ from helpers_train import FakeBackbone
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError, TaskError, UnknownNameError, UserError
 from dopsd_bench.runconfig import RunConfig
+from dopsd_bench.train import DEFAULT_BUDGET
 
 TINY_WORLD_TASK = """\
 description: a tiny style task for tests
@@ -153,7 +154,7 @@ def test_run_cell_writes_a_complete_run_dir(tmp_path, world_task, fakes):
     result = json.loads((run_dir / "result.json").read_text())
     assert set(rundir.RESULT_KEYS) <= set(result)
     assert result["method"] == "sft" and result["task"] == "tiny_style" and result["instance"] == "dotted"
-    assert result["budget"] == {"steps": 2, "batch_size": 2, "lr": 1e-4, "rank": 8}
+    assert result["budget"] == {"steps": 2, "batch_size": 2, "lr": DEFAULT_BUDGET["lr"], "rank": 8}
     assert {"train_s", "sample_s", "score_s", "total_s", "step_s"} <= set(result["timings"])
     assert all(isinstance(v, float) for v in result["timings"].values())
     assert result["metrics"]["fidelity"]["per_sample"] and result["adapter"] == "adapter"
@@ -223,6 +224,8 @@ def test_method_without_training_has_no_adapter(tmp_path, world_task, fakes):
     run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs", method="base"))
     result = json.loads((run_dir / "result.json").read_text())
     assert result["adapter"] is None and not (run_dir / "adapter").exists()
+    # no budget either, so the leaderboard shows the row in every budget's section rather than in the default's
+    assert result["budget"] == {"steps": None, "batch_size": None, "lr": None, "rank": None}
     assert len(fakes["evaluate"]) == 1  # base is its own comparison row
 
 

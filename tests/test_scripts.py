@@ -59,3 +59,22 @@ def test_bench_gpu_cpu_path_reports_both_methods():
     # a faithful D-OPSD step is K student passes plus teacher forwards on a longer sequence: several SFT steps
     assert arch["ratios"]["flops"] > 2 and arch["dopsd"]["gflop"] > arch["sft"]["gflop"] > 0
     assert all(arch[m]["ms"] > 0 for m in ("sft", "dopsd"))
+
+
+@pytest.mark.slow
+def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
+    small = _script("bench_step.py", "--model", "random", "--width", "32", "--batch", "2", "--repeats", "1",
+                    "--mem-batch", "2")
+    wide = _script("bench_step.py", "--model", "random", "--width", "64", "--batch", "2", "--repeats", "1",
+                   "--mem-batch", "2")
+    assert small.returncode == 0 and wide.returncode == 0, (small.stderr + wide.stderr)[-2000:]
+    small_f, wide_f = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (small, wide))
+    assert small_f["model"] == "random-width32" and wide_f["model"] == "random-width64"
+    # K = 4 student passes plus teacher forwards: several SFT steps in FLOPs; the memory-saving schedule saves memory
+    assert wide_f["flop_ratio"] > 2 and 0 < wide_f["memory_ratio"] < 1
+    assert all(f["sft_ms"] > 0 and f["dopsd_ms"] > 0 for f in (small_f, wide_f))
+
+
+def test_bench_step_rejects_a_width_for_a_trained_model():
+    result = _script("bench_step.py", "--model", "glyphworld", "--width", "128")
+    assert result.returncode == 2 and "--width applies to --model random only" in result.stderr

@@ -105,4 +105,8 @@ def test_world_check_json_on_the_shipped_model(capsys):
     assert max(figures["real_fd_floor"], figures["vae_roundtrip_fd"]) < figures["turbo_fd"]
     for key in ("turbo_alignment", "teacher_concept_acc", "text_only_concept_acc", "teacher_family_glyph_2afc"):
         assert 0.0 <= figures[key] <= 1.0
-    assert figures["sft_steps"] == 20 and figures["sft_retention_fd_ratio"] > 0
+    assert figures["sft_steps"] == figures["sft_style_steps"] == 20
+    assert figures["sft_retention_fd_before"] == figures["sft_style_retention_fd_before"] == figures["turbo_fd"]
+    # two separate LoRAs on two training sets: the tuned models differ from the untuned one and from each other
+    after = {figures["turbo_fd"], figures["sft_retention_fd_after"], figures["sft_style_retention_fd_after"]}
+    assert len(after) == 3 and figures["sft_retention_fd_ratio"] > 0 and figures["sft_style_retention_fd_ratio"] > 0

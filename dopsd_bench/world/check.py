@@ -135,23 +135,26 @@ def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds
     return float(attribute_alignment(probs, targets).mean()), frechet_distance(real_feats, feats)
 
 
-def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps: int | None) -> dict[str, float]:
-    """Train the default `sft` LoRA on a held-out concept and compare native-step retention FD before/after."""
+def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps: int | None, fd_before: float,
+                        family: str = "concept", instance: str = "zorb") -> dict[str, float]:
+    """Train the default `sft` LoRA on a held-out concept (or style) and compare native-step retention FD with the
+    untuned turbo's (`fd_before`, the same prompts and seeds). Keys are `sft_retention_*` for the concept (R4's
+    figure) and `sft_{family}_retention_*` for any other family."""
     from dopsd_bench.method import Batch
     from dopsd_bench.registry import METHODS
     from dopsd_bench.train import TrainConfig, train
 
-    _, fd_before = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
-    images, captions = D.training_set("concept", "zorb", 8, 0)
+    images, captions = D.training_set(family, instance, 8, 0)
     method = METHODS.get("sft")()
     cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)
     with tempfile.TemporaryDirectory() as tmp:
-        train(method, turbo, Batch(images, captions), TrainConfig(**{**cfg.__dict__, "checkpoint_every": 0}), tmp)
+        train(method, turbo, Batch(images, captions), replace(cfg, checkpoint_every=0), tmp)
     turbo.set_adapter(method.adapter)
     _, fd_after = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
     turbo.set_adapter(None)
-    return {"sft_retention_fd_before": fd_before, "sft_retention_fd_after": fd_after,
-            "sft_retention_fd_ratio": fd_after / fd_before, "sft_steps": cfg.steps}
+    key = "sft" if family == "concept" else f"sft_{family}"
+    return {f"{key}_retention_fd_before": fd_before, f"{key}_retention_fd_after": fd_after,
+            f"{key}_retention_fd_ratio": fd_after / fd_before, f"{key}_steps": cfg.steps}
 
 
 def world_check(quick: bool = False, seed: int = 0) -> dict:
@@ -181,7 +184,11 @@ def world_check(quick: bool = False, seed: int = 0) -> dict:
     out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))
     out.update(teacher_figures(turbo, judge, "concept", n_teach, seed))
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
-    out.update(sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, 20 if quick else None))
+    # R4 at the default budget: on the concept (the issue's figure) and on the style, where the fill is learnt
+    for family, instance in (("concept", "zorb"), ("style", "dotted")):
+        fresh = Flux2KleinBackbone.from_pretrained("glyphworld-turbo")  # each run starts from the untuned turbo
+        out.update(sft_retention_ratio(fresh, judge, prompts, targets, real_feats, seeds, 20 if quick else None,
+                                       out["turbo_fd"], family, instance))
     out["n_retention_prompts"] = n_ret
     out["wall_s"] = round(time.time() - t0, 1)
     return out
