@@ -38,31 +38,30 @@ console = Console(stderr=True)
 
 def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "run") -> pd.DataFrame:
     """The leaderboard in long form (stats.compare over the loaded samples), with rows in display order."""
-    table = compare(res.samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
+    samples = spread_untrained(res.samples) if not res.samples.empty else res.samples
+    table = compare(samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
     if table.empty:
         return table
-    table = spread_untrained(table)
     table["method_rank"] = table["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
     table["metric_rank"] = table["metric"].map(lambda m: KEY_METRICS.index(m) if m in KEY_METRICS else 99)
     table = table.sort_values(["backbone", "task", "budget", "method_rank", "method", "metric_rank", "metric"])
     return table.drop(columns=["method_rank", "metric_rank"]).reset_index(drop=True)
 
 
-def spread_untrained(table: pd.DataFrame) -> pd.DataFrame:
-    """Show runs that trained nothing (budget 'none': base, icl) in every budget section of their task.
+def spread_untrained(samples: pd.DataFrame) -> pd.DataFrame:
+    """Copy the samples of runs that trained nothing (budget 'none': base, icl) into every budget of their task.
 
-    Their numbers do not depend on the budget, and the deltas of the trained methods already pair with them
-    (stats.compare takes a reference at its only budget); this only puts their rows next to the others.
+    Their numbers do not depend on the budget. Spread before the statistics, each budget's section gets them as
+    rows *and* as the paired reference: `base` vs `sft` at that budget, not a blank row when `sft` ran at several.
     """
     out = []
-    for _, g in table.groupby(["backbone", "task"], sort=False):
+    for _, g in samples.groupby(["backbone", "task"], sort=False):
         budgets = [b for b in dict.fromkeys(g["budget"]) if b != NO_BUDGET]
         untrained = g[g["budget"] == NO_BUDGET]
         if untrained.empty or not budgets:
             out.append(g)
             continue
-        trained = g[g["budget"] != NO_BUDGET]
-        out += [trained] + [untrained.assign(budget=b) for b in budgets]
+        out += [g[g["budget"] != NO_BUDGET]] + [untrained.assign(budget=b) for b in budgets]
     return pd.concat(out, ignore_index=True)
 
 

@@ -117,6 +117,10 @@ def test_untrained_runs_appear_in_every_budget_section(tmp_path):
     assert set(table.budget) == {"steps=5", "steps=10"}
     sft10 = table[(table.budget == "steps=10") & (table.method == "sft")].iloc[0]
     assert sft10["d_base"] == pytest.approx(0.1)
+    # base pairs with sft at each budget (closed form: sft is 0.05 / 0.1 above base on every sample)
+    for budget, gap in (("steps=5", 0.05), ("steps=10", 0.1)):
+        base_row = table[(table.budget == budget) & (table.method == "base")].iloc[0]
+        assert base_row["d_sft"] == pytest.approx(-gap) and base_row["d_sft_n"] > 0
     md = render_markdown(table)
     for section in md.split("## style")[1:]:
         assert "| base | 2 | 0.15 [" in section.split("**Δ vs base**")[0]
