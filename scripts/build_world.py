@@ -39,7 +39,7 @@ from dopsd_bench import flow
 from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
-from dopsd_bench.world.check import target_accuracy
+from dopsd_bench.world.check import judge_accuracy, target_accuracy
 from dopsd_bench.world.judge import WorldJudge
 from dopsd_bench.world.mixtures import judge_scene, pretrain_example
 
@@ -91,24 +91,13 @@ def train_judge(steps: int, seed: int, device: torch.device) -> tuple[WorldJudge
         if step % 200 == 0 or step == steps - 1:
             log(f"judge step {step}/{steps} loss {loss.item():.4f}")
     judge.eval()
-    acc = judge_accuracy(judge, np.random.default_rng(seed + 12), 2000, device)
+    rng = np.random.default_rng(seed + 12)
+    acc = judge_accuracy(judge, [judge_scene(rng) for _ in range(2000)])
     log(f"judge accuracy on fresh renders: {acc}")
     return judge, acc
 
 
 @torch.no_grad()
-def judge_accuracy(judge: WorldJudge, rng: np.random.Generator, n: int, device) -> dict[str, float]:
-    scenes = [judge_scene(rng) for _ in range(n)]
-    correct = {k: 0 for k in R.ATTRIBUTES}
-    for i in range(0, n, 250):
-        chunk = scenes[i:i + 250]
-        logits = judge(batch_tensor(chunk).to(device))
-        for k in correct:
-            pred = logits[k].argmax(-1).cpu()
-            correct[k] += int((pred == torch.tensor([s.judge_labels()[k] for s in chunk])).sum())
-    return {k: round(v / n, 4) for k, v in correct.items()}
-
-
 def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: torch.device, lr: float = 3e-3,
               judge: WorldJudge | None = None) -> None:
     """Reconstruction of judge-distribution renders (held-out glyphs and styles included: the teacher can only

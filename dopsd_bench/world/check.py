@@ -31,13 +31,15 @@ from dopsd_bench.world.mixtures import family_glyph, family_style, judge_scene
 
 @torch.no_grad()
 def _judge_all(judge: WorldJudge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-attribute probabilities and embeddings of `images`, on the CPU (the judge may sit on a GPU in a build)."""
+    device = next(judge.parameters()).device
     probs = {k: [] for k in R.ATTRIBUTES}
     feats = []
     for chunk in images.split(256):
-        emb, logits = judge.embed_and_logits(chunk)  # one pass for both
+        emb, logits = judge.embed_and_logits(chunk.to(device))  # one pass for both
         for k, v in logits.items():
-            probs[k].append(v.softmax(-1))
-        feats.append(emb)
+            probs[k].append(v.softmax(-1).cpu())
+        feats.append(emb.cpu())
     return {k: torch.cat(v) for k, v in probs.items()}, torch.cat(feats)
 
 
@@ -49,7 +51,8 @@ def _batched_sample(bb, prompts, seeds, steps=None, references=None, batch=128) 
     return torch.cat(out)
 
 
-def _accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]:
+def judge_accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]:
+    """Per attribute, the fraction of fresh renders of `scenes` the judge labels right (4 decimals)."""
     probs, _ = _judge_all(judge, R.to_tensor_batch([R.render(s) for s in scenes]))
     out = {}
     for k in R.ATTRIBUTES:
@@ -163,7 +166,7 @@ def world_check(quick: bool = False, seed: int = 0) -> dict:
     judge = WorldJudge.load()
     n_ret, n_teach = (64, 4) if quick else (256, 16)
     rng = np.random.default_rng(seed + 1)
-    out: dict = {"judge_accuracy": _accuracy(judge, [judge_scene(rng) for _ in range(200 if quick else 1000)])}
+    out: dict = {"judge_accuracy": judge_accuracy(judge, [judge_scene(rng) for _ in range(200 if quick else 1000)])}
     prompts, targets, _ = D.retention_prompts(n_ret, seed)
     real_feats = _judge_all(judge, D.true_renders(targets, seed))[1]
     seeds = list(range(10_000, 10_000 + n_ret))
