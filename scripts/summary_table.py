@@ -6,6 +6,7 @@ each tuned method raise fidelity over `base` by more than the seed-to-seed sprea
     python scripts/summary_table.py --results runs/leaderboard --csv leaderboards/embedded.csv
     python scripts/summary_table.py --results runs/ci --csv leaderboards/ci.csv --methods base,sft,dopsd  # tiny
 
+With several budgets per method (a budget sweep) it prints one table and check per budget.
 The spread of a method on a task is max - min of its per-seed fidelity; a gain counts when the mean gain over
 `base` exceeds the larger of the two methods' spreads (base has none: its samples do not depend on the run seed).
 """
@@ -52,10 +53,14 @@ def main() -> None:
     methods = (args.methods.split(",") if args.methods
                else [m for m in ORDER if m in present] + [m for m in present if m not in ORDER])
     families = list(dict.fromkeys(board["task"]))
-    budgets = [b for b in dict.fromkeys(board["budget"]) if b != NO_BUDGET]
-    for budget in budgets:
-        if len(budgets) > 1:
-            print(f"\n### budget {budget}\n")
+    trained = runs[runs["budget"] != NO_BUDGET]
+    if trained.groupby("method")["budget"].nunique().max() <= 1:
+        # each method at its own (default) budget, e.g. sft-full at its lower lr: one table, one check
+        print_table(board.drop_duplicates(["method", "task", "metric"]), runs, methods, families)
+        print_budget_check(runs, None, methods, families)
+        return
+    for budget in [b for b in dict.fromkeys(board["budget"]) if b != NO_BUDGET]:
+        print(f"\n### budget {budget}\n")
         print_table(board[board["budget"] == budget], runs[runs["budget"] == budget], methods, families)
         print_budget_check(runs, budget, methods, families)
 
@@ -80,8 +85,10 @@ def print_table(board: pd.DataFrame, runs: pd.DataFrame, methods: list[str], fam
         print("| " + " | ".join(row) + " |")
 
 
-def print_budget_check(runs: pd.DataFrame, budget: str, methods: list[str], families: list[str]) -> None:
-    print(f"\nIs the budget meaningful? (fidelity gain over base vs seed-to-seed spread; {budget})")
+def print_budget_check(runs: pd.DataFrame, budget: str | None, methods: list[str], families: list[str]) -> None:
+    """budget None: every trained run counts (each method ran at one budget, its own)."""
+    print(f"\nIs the budget meaningful? (fidelity gain over base vs seed-to-seed spread; "
+          f"{budget or 'each method at its own budget'})")
     fid = runs.dropna(subset=["fidelity"])
     for fam in families:
         # base trains nothing: its runs count at every budget (older ones may carry the budget they ran beside)
@@ -89,7 +96,8 @@ def print_budget_check(runs: pd.DataFrame, budget: str, methods: list[str], fami
         for method in methods:
             if method == "base":
                 continue
-            per_seed = fid[(fid["method"] == method) & (fid["family"] == fam) & (fid["budget"] == budget)]["fidelity"]
+            mine = fid[(fid["method"] == method) & (fid["family"] == fam)]
+            per_seed = (mine if budget is None else mine[mine["budget"] == budget])["fidelity"]
             if per_seed.empty or base.empty:
                 continue
             gain = per_seed.mean() - base.mean()
