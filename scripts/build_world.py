@@ -97,7 +97,6 @@ def train_judge(steps: int, seed: int, device: torch.device) -> tuple[WorldJudge
     return judge, acc
 
 
-@torch.no_grad()
 def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: torch.device, lr: float = 3e-3,
               judge: WorldJudge | None = None) -> None:
     """Reconstruction of judge-distribution renders (held-out glyphs and styles included: the teacher can only
