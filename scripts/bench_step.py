@@ -203,7 +203,8 @@ def main() -> None:
               "mem_batch": args.mem_batch,
               "time_ratio_median": round(statistics.median(times["dopsd"]) / statistics.median(times["sft"]), 3),
               "schedule": dopsd.config.schedule, "chunk": dopsd.config.chunk,
-              "sft_ms": round(t_sft * 1e3, 2), "dopsd_ms": round(t_dopsd * 1e3, 2)}
+              "sft_ms": round(t_sft * 1e3, 2), "dopsd_ms": round(t_dopsd * 1e3, 2),
+              "sft_gflop": round(f_sft / 1e9, 4), "dopsd_gflop": round(f_dopsd / 1e9, 4)}
     print(json.dumps(result))
 
 

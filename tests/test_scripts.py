@@ -73,6 +73,7 @@ def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
     # K = 4 student passes plus teacher forwards: several SFT steps in FLOPs; the memory-saving schedule saves memory
     assert wide_f["flop_ratio"] > 2 and 0 < wide_f["memory_ratio"] < 1
     assert all(f["sft_ms"] > 0 and f["dopsd_ms"] > 0 for f in (small_f, wide_f))
+    assert wide_f["dopsd_gflop"] > 1.5 * small_f["dopsd_gflop"]  # --width reaches the DiT: 2x width, >1.5x FLOPs
 
 
 def test_bench_step_rejects_a_width_for_a_trained_model():
