@@ -55,8 +55,9 @@ def ema_update(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], d
     target, source = list(target), list(source)
     if len(target) != len(source):
         raise ValueError(f"EMA needs matching parameter lists, got {len(target)} targets and {len(source)} sources")
-    for t, s in zip(target, source):
-        t.mul_(decay).add_(s.to(t.dtype), alpha=1.0 - decay)
+    # one fused call per op over all tensors (many small LoRA or DiT tensors: per-tensor calls are launch-bound)
+    torch._foreach_mul_(target, decay)
+    torch._foreach_add_(target, [s.to(t.dtype) for t, s in zip(target, source)], alpha=1.0 - decay)
 
 
 def ema_source_weight(decay: float, steps: int) -> float:

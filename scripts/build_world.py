@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+from dopsd_bench.losses import ema_update
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
 from dopsd_bench.world.check import judge_accuracy, target_accuracy
@@ -212,9 +213,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int) -> 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
         opt.step()
-        with torch.no_grad():
-            d = min(0.999, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        ema_update(ema.parameters(), model.parameters(), min(0.999, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
     return ema
@@ -284,9 +283,7 @@ def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int) -> tor
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup=50)
         opt.step()
-        with torch.no_grad():
-            d = min(0.995, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        ema_update(ema.parameters(), model.parameters(), min(0.995, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
             log(f"distill step {step}/{steps} loss {total:.4f}")
     return ema
@@ -366,6 +363,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
     walls, t = {}, time.time()
+    train_new_base = bool(stages & {"models", "base"})  # else resume from the saved base
 
     def lap(stage: str) -> None:
         nonlocal t
@@ -373,7 +371,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         t = time.time()
         log(f"{stage} done in {walls[stage]} s")
 
-    if stages & {"models", "base"}:
+    if train_new_base:
         # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
         # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
         pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32))
@@ -392,12 +390,12 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         settings = {k: v for k, v in base_settings.items() if k not in ("guidance_scale", "role")} | {"native_steps": 4}
         log(f"resuming from the base in {base_dir}")
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
-    lap("vae" if stages & {"models", "base"} else "load")
+    lap("vae" if train_new_base else "load")
 
     data = make_dataset(bb, max(512, recipe["examples"]), args.seed)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
-    if stages & {"models", "base"}:
+    if train_new_base:
         base = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3, args.seed)
         pipe.transformer = base
         bb.denoiser = base
