@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dopsd_bench import flow
-from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline, tiny_flux2_transformer
 from dopsd_bench.losses import ema_update
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
@@ -311,6 +311,9 @@ def main() -> None:
     for key, value in RECIPE.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
     ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
+                         "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
@@ -333,6 +336,11 @@ def main() -> None:
     stages = set(args.stages.split(","))
     if stages - {"judge", "models", "base", "turbo"}:
         ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo")
+    if args.init_from and not (args.init_from / "model_index.json").exists():
+        ap.error(f"--init-from {args.init_from}: expected a saved pipeline folder (with model_index.json), such as "
+                 "dopsd_bench/assets/glyphworld-base")
+    if args.init_from and not stages & {"models", "base"}:
+        ap.error("--init-from starts a new base: use it with --stages base or models")
     summary_path = args.out / "build_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     where = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -348,18 +356,27 @@ def main() -> None:
     if stages & {"models", "base", "turbo"}:
         t = time.time()
         walls = build_models(args, recipe, device, stages)
-        summary["models"] = {**where, "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
+        reused = {"init_from": str(args.init_from)} if args.init_from else {}  # its VAE stage did not run
+        summary["models"] = {**where, **reused, "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
                              "stage_wall_s": walls, "wall_s": round(time.time() - t, 1)}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
 
 
+def load_saved(model_dir: Path):
+    """A saved glyphworld pipeline and its adapter settings, as a turbo's (4 native steps, no base-only keys)."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir)
+    saved = json.loads((model_dir / "dopsd_bench.json").read_text())
+    drop = ("guidance_scale", "role", "guidance_baked")
+    return pipe, {k: v for k, v in saved.items() if k not in drop} | {"native_steps": 4}
+
+
 def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str]) -> dict[str, float]:
     """VAE -> base -> trajectories -> turbo, saving base and turbo under args.out; stage 'turbo' alone resumes from
     a saved base (same seed and recipe: the dataset is re-made, deterministically). Returns each stage's wall time."""
-    from diffusers import Flux2KleinPipeline
-
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
     walls, t = {}, time.time()
@@ -371,7 +388,15 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         t = time.time()
         log(f"{stage} done in {walls[stage]} s")
 
-    if train_new_base:
+    if train_new_base and args.init_from:
+        # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
+        # and rebuilds of the DiT alone skip the VAE stage
+        pipe, settings = load_saved(args.init_from)
+        torch.manual_seed(args.seed)
+        config = pipe.transformer.config
+        pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width)
+        log(f"a new {args.width}-wide DiT on the VAE and text encoder of {args.init_from}")
+    elif train_new_base:
         # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
         # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
         pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32))
@@ -385,12 +410,10 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         if not (base_dir / "model_index.json").exists():
             raise SystemExit(f"--stages turbo resumes from a saved base, but {base_dir} has none: build it first "
                              "(--stages base) or use --stages models")
-        pipe = Flux2KleinPipeline.from_pretrained(base_dir)
-        base_settings = json.loads((base_dir / "dopsd_bench.json").read_text())
-        settings = {k: v for k, v in base_settings.items() if k not in ("guidance_scale", "role")} | {"native_steps": 4}
+        pipe, settings = load_saved(base_dir)
         log(f"resuming from the base in {base_dir}")
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
-    lap("vae" if train_new_base else "load")
+    lap("vae" if train_new_base and not args.init_from else "load")
 
     data = make_dataset(bb, max(512, recipe["examples"]), args.seed)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")

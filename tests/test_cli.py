@@ -223,3 +223,9 @@ def test_lazy_commands(monkeypatch):
     assert "absent" not in help_text and "unnamed" not in help_text
     assert invoke("absent").exit_code == 2 and "No such command" in invoke("absent").output
     assert "Did you mean 'fake'" in invoke("fakee").output
+
+
+def test_world_check_of_a_folder_without_a_build_is_a_user_error(tmp_path):
+    (tmp_path / "glyphworld-base").mkdir()
+    assert_user_error(invoke("world", "check", "--models", str(tmp_path)),
+                      "expected a build folder", "missing: glyphworld-base, glyphworld-turbo")

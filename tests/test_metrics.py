@@ -164,6 +164,16 @@ def test_alignment_is_one_when_right_and_zero_when_attributes_are_wrong():
     assert torch.equal(S.attribute_alignment(_probs_for(full), partial), torch.ones(2, dtype=torch.float64))
 
 
+def test_attribute_accuracy_names_the_attribute_that_is_lost():
+    probs = _probs_for(TARGETS)
+    probs["shape"][0] = _probs_for(TARGETS, wrong=True)["shape"][0]  # the first prompt's shape is missed
+    acc = S.attribute_accuracy(probs, TARGETS)
+    assert acc == {"shape": 0.5, "colour": 1.0, "size": 1.0, "position": 1.0, "style": 1.0, "background": 1.0}
+    # each attribute averages over the prompts that state it only
+    assert S.attribute_accuracy(_probs_for([{**TARGETS[0], "shape": "ring"}, TARGETS[1]]),
+                                [{"shape": "ring"}, {"colour": "blue"}]) == {"shape": 1.0, "colour": 1.0}
+
+
 def test_label_index_maps_family_names_to_other():
     assert ATTRIBUTES["shape"][S.label_index("shape", "glyph:123")] == "other"
     assert S.label_index("shape", "zorb") == ATTRIBUTES["shape"].index("zorb")

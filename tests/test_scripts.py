@@ -1,5 +1,6 @@
-"""The scripts users run by hand still run: a smoke build of the embedded world (base, then turbo resumed from it)
-and the GPU benchmark's CPU path. Both are slow (about a minute each on 2 cores)."""
+"""The scripts users run by hand still run: smoke builds of the embedded world (base, then turbo resumed from it; a
+new DiT on the shipped VAE), the world diagnostics and the benchmarks' CPU paths. Most are slow (about a minute
+each on 2 cores)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,53 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     assert bb.native_steps == 4
     images = bb.sample(["a small solid red circle at the top, dark background"], [0])
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_build_world_new_dit_on_the_shipped_vae(tmp_path):
+    """--init-from trains a new base DiT at another width on a saved pipeline's VAE and text encoder (no VAE
+    stage): how a wider DiT is tried without re-training the VAE."""
+    from diffusers import Flux2KleinPipeline
+
+    shipped = ROOT / "dopsd_bench" / "assets" / "glyphworld-base"
+    result = _script("build_world.py", "--stages", "base", "--init-from", str(shipped), "--width", "96",
+                     "--out", str(tmp_path), *SMOKE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "build_summary.json").read_text())["models"]
+    assert summary["init_from"] == str(shipped) and "vae" not in summary["stage_wall_s"]
+    new, old = (Flux2KleinPipeline.from_pretrained(d) for d in (tmp_path / "glyphworld-base", shipped))
+    assert new.transformer.config.num_attention_heads * new.transformer.config.attention_head_dim == 96
+    for a, b in zip(new.vae.state_dict().values(), old.vae.state_dict().values()):  # latent stats included
+        assert torch.equal(a, b)
+    assert torch.equal(new.text_encoder.model.embed_tokens.weight, old.text_encoder.model.embed_tokens.weight)
+
+
+def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
+    missing = _script("build_world.py", "--stages", "base", "--init-from", str(tmp_path), "--out", str(tmp_path))
+    assert missing.returncode == 2 and "expected a saved pipeline folder" in missing.stderr
+    shipped = str(ROOT / "dopsd_bench" / "assets" / "glyphworld-base")
+    turbo = _script("build_world.py", "--stages", "turbo", "--init-from", shipped, "--out", str(tmp_path))
+    assert turbo.returncode == 2 and "use it with --stages base or models" in turbo.stderr
+
+
+@pytest.mark.slow
+def test_diagnose_world_probes_the_shipped_base():
+    result = _script("diagnose_world.py", "--n", "8", "--threads", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) >= {"latent_noise", "from_partial", "cfg", "word_sensitivity"}
+    # the shipped VAE keeps every attribute of true renders through a clean round trip
+    assert min(figures["latent_noise"]["0.0"]["accuracy"].values()) == 1.0
+    # the more of the true latent a sample starts from, the closer it ends to true renders
+    partial = figures["from_partial"]
+    assert partial["0.250"]["fd"] < partial["0.875"]["fd"]
+    # every swapped word moves the prediction a little at least (the caption reaches the DiT)
+    assert all(v > 0 for row in figures["word_sensitivity"].values() for v in row.values())
+
+
+def test_diagnose_world_rejects_too_few_prompts():
+    result = _script("diagnose_world.py", "--n", "2")
+    assert result.returncode == 2 and "expected at least 8 prompts" in result.stderr
 
 
 def test_build_world_rejects_an_unknown_stage(tmp_path):

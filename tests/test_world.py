@@ -105,6 +105,12 @@ def test_world_check_json_on_the_shipped_model(capsys):
     assert max(figures["real_fd_floor"], figures["vae_roundtrip_fd"]) < figures["turbo_fd"]
     for key in ("turbo_alignment", "teacher_concept_acc", "text_only_concept_acc", "teacher_family_glyph_2afc"):
         assert 0.0 <= figures[key] <= 1.0
+    # every retention prompt states all six attributes, so alignment is the mean of the per-attribute accuracies
+    for model, key in (("turbo", "turbo_attribute_accuracy"), ("base_32", "base_attribute_accuracy_32")):
+        accuracy = figures[key]
+        assert set(accuracy) == set(R.ATTRIBUTES)
+        alignment = figures["turbo_alignment" if model == "turbo" else "base_alignment_32"]
+        assert abs(sum(accuracy.values()) / len(accuracy) - alignment) < 1e-3
     assert figures["sft_steps"] == figures["sft_style_steps"] == 20
     assert figures["sft_retention_fd_before"] == figures["sft_style_retention_fd_before"] == figures["turbo_fd"]
     # two separate LoRAs on two training sets: the tuned models differ from the untuned one and from each other

@@ -48,6 +48,18 @@ def bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     return qtok
 
 
+def tiny_flux2_transformer(in_channels: int, text_dim: int, width: int = 64, dit_layers: tuple[int, int] = (1, 3),
+                           head_dim: int = 32):
+    """A random-init Flux2 DiT: `width` / `head_dim` heads, `dit_layers` = (double-stream, single-stream) blocks,
+    reading `in_channels` per latent token and text hidden states of `text_dim`."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=dit_layers[0], num_single_layers=dit_layers[1],
+        attention_head_dim=head_dim, num_attention_heads=width // head_dim, joint_attention_dim=text_dim,
+        timestep_guidance_channels=64, mlp_ratio=3.0, axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int, int] = (1, 2),
                               latent_channels: int = 8,
                               vae_channels: tuple[int, ...] = (32, 64, 64), corpus: list[str] | None = None,
@@ -59,12 +71,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int,
 
     Returns (pipe, settings) where settings is the adapter's sidecar (dopsd_bench.json) for this model.
     """
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -77,11 +84,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, width: int = 64, layers: tuple[int,
     # a frozen random encoder: unit-scale token embeddings keep each word's identity clear in the hidden states the
     # DiT reads (at the default 0.02 scale the layers' random mixing drowns it)
     torch.nn.init.normal_(text_encoder.model.embed_tokens.weight, std=1.0)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=dit_layers[0], num_single_layers=dit_layers[1],
-        attention_head_dim=head_dim, num_attention_heads=width // head_dim,
-        joint_attention_dim=text_hidden * len(layers), timestep_guidance_channels=64, mlp_ratio=3.0,
-        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
+    transformer = tiny_flux2_transformer(4 * latent_channels, text_hidden * len(layers), width, dit_layers, head_dim)
     n = len(vae_channels)
     vae = AutoencoderKLFlux2(
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,

@@ -59,6 +59,19 @@ def target_probability(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return probs.double().gather(1, targets.long().view(-1, 1)).squeeze(1)
 
 
+def attribute_hits(probs: dict[str, torch.Tensor], targets: list[dict[str, str]],
+                   exclude: tuple[str, ...] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per attribute, (rows of the prompts that state it, whether the judge's argmax finds it there)."""
+    out = {}
+    for attr in ATTRIBUTES:
+        rows = [i for i, t in enumerate(targets) if attr in t]
+        if attr in exclude or not rows:
+            continue
+        want = torch.tensor([label_index(attr, targets[i][attr]) for i in rows])
+        out[attr] = (torch.tensor(rows), probs[attr][rows].argmax(dim=1) == want)
+    return out
+
+
 def attribute_alignment(probs: dict[str, torch.Tensor], targets: list[dict[str, str]],
                         exclude: tuple[str, ...] = ()) -> torch.Tensor:
     """A GenEval analogue: the fraction of each prompt's stated attributes that the judge's argmax finds.
@@ -69,21 +82,20 @@ def attribute_alignment(probs: dict[str, torch.Tensor], targets: list[dict[str, 
     n = len(targets)
     found = torch.zeros(n, dtype=torch.float64)
     counted = torch.zeros(n, dtype=torch.float64)
-    for attr in ATTRIBUTES:
-        if attr in exclude:
-            continue
-        rows = [i for i, t in enumerate(targets) if attr in t]
-        if not rows:
-            continue
-        want = torch.tensor([label_index(attr, targets[i][attr]) for i in rows])
-        got = probs[attr][rows].argmax(dim=1)
-        found[rows] += (got == want).double()
+    for rows, hit in attribute_hits(probs, targets, exclude).values():
+        found[rows] += hit.double()
         counted[rows] += 1
     if (counted == 0).any():
         bad = int((counted == 0).nonzero()[0])
         raise ValueError(f"prompt {bad} states no attribute the judge knows (targets {targets[bad]}, "
                          f"excluded {exclude}): expected keys among {list(ATTRIBUTES)}")
     return found / counted
+
+
+def attribute_accuracy(probs: dict[str, torch.Tensor], targets: list[dict[str, str]]) -> dict[str, float]:
+    """Per attribute, the fraction of the prompts stating it whose sample the judge finds it in: which attributes
+    `attribute_alignment` loses."""
+    return {attr: float(hit.double().mean()) for attr, (_, hit) in attribute_hits(probs, targets).items()}
 
 
 def clip_text_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ Every number is measured now by the world judge: nothing is read from a file.
 
     dopsd-bench world check --json                 # full check (a few minutes on 2 CPU cores)
     dopsd-bench world check --json --quick         # fewer samples and SFT steps (a smoke test)
+    dopsd-bench world check --models /tmp/gw       # a candidate build (scripts/build_world.py --out /tmp/gw)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 import typer
 
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.frechet import frechet_distance
-from dopsd_bench.metrics.scores import attribute_alignment, label_index
+from dopsd_bench.metrics.scores import attribute_accuracy, attribute_alignment, label_index
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
 from dopsd_bench.world.judge import WorldJudge
@@ -30,7 +34,7 @@ from dopsd_bench.world.mixtures import family_glyph, family_style, judge_scene
 
 
 @torch.no_grad()
-def _judge_all(judge: WorldJudge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def judge_all(judge: WorldJudge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-attribute probabilities and embeddings of `images`, on the CPU (the judge may sit on a GPU in a build)."""
     device = next(judge.parameters()).device
     probs = {k: [] for k in R.ATTRIBUTES}
@@ -53,7 +57,7 @@ def _batched_sample(bb, prompts, seeds, steps=None, references=None, batch=128) 
 
 def judge_accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]:
     """Per attribute, the fraction of fresh renders of `scenes` the judge labels right (4 decimals)."""
-    probs, _ = _judge_all(judge, R.to_tensor_batch([R.render(s) for s in scenes]))
+    probs, _ = judge_all(judge, R.to_tensor_batch([R.render(s) for s in scenes]))
     out = {}
     for k in R.ATTRIBUTES:
         want = torch.tensor([s.judge_labels()[k] for s in scenes])
@@ -63,7 +67,7 @@ def judge_accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]
 
 def target_accuracy(judge: WorldJudge, images: torch.Tensor, attr: str, value: str) -> float:
     """The fraction of `images` in which the judge finds `attr` == `value` (e.g. shape zorb, style dotted)."""
-    probs, _ = _judge_all(judge, images)
+    probs, _ = judge_all(judge, images)
     return float((probs[attr].argmax(-1) == label_index(attr, value)).double().mean())
 
 
@@ -89,7 +93,7 @@ def vae_figures(bb, judge: WorldJudge, renders, targets, real_feats, n_instance:
     """What the VAE keeps: every sample passes through its decoder, so a round trip of true renders bounds
     alignment, FD and fidelity from above (encode_images -> decode_latents, as scoring sees samples). `renders`
     are true renders of `targets` independent of the ones `real_feats` come from."""
-    probs, feats = _judge_all(judge, bb.decode_latents(bb.encode_images(renders)))
+    probs, feats = judge_all(judge, bb.decode_latents(bb.encode_images(renders)))
     out = {"vae_roundtrip_alignment": float(attribute_alignment(probs, targets).mean()),
            "vae_roundtrip_fd": frechet_distance(real_feats, feats)}
     for family, attr, instances in (("concept", "shape", R.HELD_OUT_GLYPHS), ("style", "style", R.HELD_OUT_STYLES)):
@@ -131,11 +135,14 @@ def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, f
     return out
 
 
-def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds, steps=None) -> tuple[float, float]:
-    """(attribute alignment, judge-feature FD to true renders) of samples on retention prompts."""
+def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds,
+                      steps=None) -> tuple[float, float, dict[str, float]]:
+    """(attribute alignment, judge-feature FD to true renders, accuracy per attribute) of samples on retention
+    prompts."""
     images = _batched_sample(bb, prompts, seeds, steps)
-    probs, feats = _judge_all(judge, images)
-    return float(attribute_alignment(probs, targets).mean()), frechet_distance(real_feats, feats)
+    probs, feats = judge_all(judge, images)
+    return (float(attribute_alignment(probs, targets).mean()), frechet_distance(real_feats, feats),
+            {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
 
 
 def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps: int | None, fd_before: float,
@@ -153,14 +160,19 @@ def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps
     with tempfile.TemporaryDirectory() as tmp:
         train(method, turbo, Batch(images, captions), replace(cfg, checkpoint_every=0), tmp)
     turbo.set_adapter(method.adapter)
-    _, fd_after = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
+    _, fd_after, _ = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
     turbo.set_adapter(None)
     key = "sft" if family == "concept" else f"sft_{family}"
     return {f"{key}_retention_fd_before": fd_before, f"{key}_retention_fd_after": fd_after,
             f"{key}_retention_fd_ratio": fd_after / fd_before, f"{key}_steps": cfg.steps}
 
 
-def world_check(quick: bool = False, seed: int = 0) -> dict:
+def world_check(quick: bool = False, seed: int = 0, models: Path | None = None) -> dict:
+    """Every figure, on the shipped glyphworld models or on a build's output folder `models` (which holds
+    glyphworld-base/ and glyphworld-turbo/, as `scripts/build_world.py --out` writes them). The judge is always the
+    shipped one: it is the instrument, not the thing measured."""
+    turbo_name, base_name = ("glyphworld-turbo", "glyphworld-base") if models is None else (
+        str(models / "glyphworld-turbo"), str(models / "glyphworld-base"))
     t0 = time.time()
     torch.manual_seed(seed)
     judge = WorldJudge.load()
@@ -168,28 +180,29 @@ def world_check(quick: bool = False, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed + 1)
     out: dict = {"judge_accuracy": judge_accuracy(judge, [judge_scene(rng) for _ in range(200 if quick else 1000)])}
     prompts, targets, _ = D.retention_prompts(n_ret, seed)
-    real_feats = _judge_all(judge, D.true_renders(targets, seed))[1]
+    real_feats = judge_all(judge, D.true_renders(targets, seed))[1]
     seeds = list(range(10_000, 10_000 + n_ret))
 
-    turbo = Flux2KleinBackbone.from_pretrained("glyphworld-turbo")
+    turbo = Flux2KleinBackbone.from_pretrained(turbo_name)
     out["turbo_native_steps"] = turbo.native_steps
-    out["turbo_alignment"], out["turbo_fd"] = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
-    base = Flux2KleinBackbone.from_pretrained("glyphworld-base")
-    out["base_alignment_32"], out["base_fd_32"] = retention_figures(
+    out["turbo_alignment"], out["turbo_fd"], out["turbo_attribute_accuracy"] = retention_figures(
+        turbo, judge, prompts, targets, real_feats, seeds)
+    base = Flux2KleinBackbone.from_pretrained(base_name)
+    out["base_alignment_32"], out["base_fd_32"], out["base_attribute_accuracy_32"] = retention_figures(
         base, judge, prompts, targets, real_feats, seeds, 32)
-    out["base_alignment_native"], out["base_fd_native"] = retention_figures(
+    out["base_alignment_native"], out["base_fd_native"], out["base_attribute_accuracy_native"] = retention_figures(
         base, judge, prompts, targets, real_feats, seeds, turbo.native_steps)
     del base
     # same-prompt real-vs-real floor: what FD two independent sets of true renders reach at this N
     other_renders = D.true_renders(targets, seed + 7)
-    out["real_fd_floor"] = frechet_distance(real_feats, _judge_all(judge, other_renders)[1])
+    out["real_fd_floor"] = frechet_distance(real_feats, judge_all(judge, other_renders)[1])
     out.update(vae_figures(turbo, judge, other_renders, targets, real_feats, n_teach, seed))
     out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))
     out.update(teacher_figures(turbo, judge, "concept", n_teach, seed))
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
     # R4 at the default budget: on the concept (the issue's figure) and on the style, where the fill is learnt
     for family, instance in (("concept", "zorb"), ("style", "dotted")):
-        fresh = Flux2KleinBackbone.from_pretrained("glyphworld-turbo")  # each run starts from the untuned turbo
+        fresh = Flux2KleinBackbone.from_pretrained(turbo_name)  # each run starts from the untuned turbo
         out.update(sft_retention_ratio(fresh, judge, prompts, targets, real_feats, seeds, 20 if quick else None,
                                        out["turbo_fd"], family, instance))
     out["n_retention_prompts"] = n_ret
@@ -201,11 +214,20 @@ def check_command(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
     quick: bool = typer.Option(False, "--quick", help="Fewer samples and SFT steps: a smoke test, not the figures."),
     seed: int = typer.Option(0, help="Seed of prompts, noise and the SFT run."),
+    models: Annotated[Path | None, typer.Option(
+        help="A build's output folder (scripts/build_world.py --out) holding glyphworld-base/ and "
+             "glyphworld-turbo/: check a candidate before it replaces the shipped models.")] = None,
 ) -> None:
     """Recompute the embedded world's figures (judge accuracy, few-step quality, distillation, in-context teacher,
     SFT sensitivity) on fixed seeds."""
+    if models is not None:
+        missing = [d for d in ("glyphworld-base", "glyphworld-turbo") if not (models / d / "model_index.json").exists()]
+        if missing:
+            raise UserError(f"--models {models}: expected a build folder with glyphworld-base/ and glyphworld-turbo/ "
+                            f"(saved pipelines); missing: {', '.join(missing)}. Build one with "
+                            f"`python scripts/build_world.py --out {models}`")
     with contextlib.redirect_stdout(sys.stderr):  # progress lines (the SFT run's) must not break --json
-        figures = world_check(quick=quick, seed=seed)
+        figures = world_check(quick=quick, seed=seed, models=models)
     if as_json:
         print(json.dumps(figures))
         return

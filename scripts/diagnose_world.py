@@ -1,0 +1,127 @@
+"""Where a glyphworld model loses an attribute: four probes of one multi-step model, scored by the world judge.
+
+`dopsd-bench world check` says *what* the model gets wrong (e.g. shape accuracy per attribute); these probes say
+*where*. Run them on the shipped base or on a candidate build before spending a GPU session on the next one.
+
+    python scripts/diagnose_world.py                                   # the shipped base, about 5 min on 1 CPU thread
+    python scripts/diagnose_world.py --model /tmp/gw/glyphworld-base --n 32 --threads 2    # a candidate, quicker
+
+Probes (one JSON object on stdout, progress on stderr):
+- `latent_noise`: true renders -> latents + Gaussian noise of std s -> decoder. If small s already breaks the
+  judge's attributes, the VAE's latent space is fragile and every small DiT error shows.
+- `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (with the model's CFG).
+  The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
+- `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
+- `word_sensitivity`: RMS change of the model's x0 prediction when one caption word changes (same noise), per
+  sigma. A word the model ignores moves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dopsd_bench import flow
+from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+from dopsd_bench.metrics.frechet import frechet_distance
+from dopsd_bench.metrics.scores import attribute_accuracy
+from dopsd_bench.world import datasets as D
+from dopsd_bench.world.check import judge_all, retention_figures
+from dopsd_bench.world.judge import WorldJudge
+
+PROBE_CAPTION = "a large solid red circle at the top, dark background"
+WORD_SWAPS = {"shape": ("circle", "square"), "colour": ("red", "blue"), "size": ("large", "small"),
+              "style": ("solid", "striped"), "position": ("top", "left")}
+
+
+def _scores(judge, images, targets, real_feats) -> dict:
+    probs, feats = judge_all(judge, images)
+    return {"fd": round(frechet_distance(real_feats, feats), 1),
+            "accuracy": {k: round(v, 3) for k, v in attribute_accuracy(probs, targets).items()}}
+
+
+@torch.no_grad()
+def from_partial(bb, judge, latents, prompts, targets, real_feats, guidance: float) -> dict:
+    sig = bb.sigmas(32)
+    cond, uncond = bb.encode_prompts(prompts), bb.encode_prompts([""] * len(prompts))
+    out = {}
+    for start in (4, 8, 16, 24):
+        gen = torch.Generator().manual_seed(start)
+        x = flow.add_noise(latents, torch.randn(latents.shape, generator=gen), sig[start])
+        for i in range(start, 32):
+            s = sig[i].expand(len(prompts))
+            v = bb.predict_velocity(x, s, cond)
+            if guidance > 1:
+                v_uncond = bb.predict_velocity(x, s, uncond)
+                v = v_uncond + guidance * (v - v_uncond)
+            x = flow.euler_step(x, v, sig[i], sig[i + 1])
+        out[f"{float(sig[start]):.3f}"] = _scores(judge, bb.decode_latents(x).clamp(-1, 1), targets, real_feats)
+    return out
+
+
+@torch.no_grad()
+def word_sensitivity(bb, n: int) -> dict:
+    x = torch.randn((n, *bb.latent_shape()), generator=torch.Generator().manual_seed(0))
+    out = {}
+    def x0(caption: str, sigma: torch.Tensor) -> torch.Tensor:
+        return flow.x0_from_velocity(x, bb.predict_velocity(x, sigma, bb.encode_prompts([caption] * n)), sigma)
+
+    for sigma in (0.95, 0.8, 0.6, 0.4):
+        s = torch.full((n,), sigma)
+        ref = x0(PROBE_CAPTION, s)
+        out[str(sigma)] = {attr: round(float((x0(PROBE_CAPTION.replace(a, b), s) - ref).pow(2).mean().sqrt()), 4)
+                           for attr, (a, b) in WORD_SWAPS.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="glyphworld-base", help="embedded name or a saved pipeline folder")
+    ap.add_argument("--n", type=int, default=128, help="retention prompts per probe")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.n < 8:
+        ap.error(f"--n {args.n}: expected at least 8 prompts (a Fréchet distance needs several samples)")
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    judge = WorldJudge.load()
+    bb = Flux2KleinBackbone.from_pretrained(args.model, device="cpu")
+    prompts, targets, _ = D.retention_prompts(args.n, 0)
+    real_feats = judge_all(judge, D.true_renders(targets, 0))[1]
+    latents = bb.encode_images(D.true_renders(targets, 7))
+    out: dict = {"model": args.model, "n": args.n, "guidance_scale": bb.guidance_scale}
+
+    def progress(probe: str) -> None:
+        print(f"[{time.time() - t0:6.1f}s] {probe} done", file=sys.stderr, flush=True)
+
+    gen = torch.Generator().manual_seed(1)
+    out["latent_noise"] = {str(s): _scores(judge, bb.decode_latents(latents + s * torch.randn(latents.shape,
+                                                                                               generator=gen)),
+                                           targets, real_feats) for s in (0.0, 0.1, 0.3, 0.5)}
+    progress("latent_noise")
+    out["from_partial"] = from_partial(bb, judge, latents, prompts, targets, real_feats, bb.guidance_scale)
+    progress("from_partial")
+    seeds = list(range(10_000, 10_000 + args.n))
+    cfg = {}
+    for g in (1.0, 2.0, 4.0):
+        bb.guidance_scale = g
+        _, fd, accuracy = retention_figures(bb, judge, prompts, targets, real_feats, seeds, 32)
+        cfg[str(g)] = {"fd": round(fd, 1), "accuracy": {k: round(v, 3) for k, v in accuracy.items()}}
+    bb.guidance_scale = out["guidance_scale"]
+    out["cfg"] = cfg
+    progress("cfg")
+    out["word_sensitivity"] = word_sensitivity(bb, min(args.n, 64))
+    out["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
