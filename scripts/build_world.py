@@ -311,6 +311,7 @@ def main() -> None:
     for key, value in RECIPE.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
     ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
+    ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
@@ -336,6 +337,13 @@ def main() -> None:
     stages = set(args.stages.split(","))
     if stages - {"judge", "models", "base", "turbo"}:
         ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo")
+    try:
+        blocks = tuple(int(b) for b in args.blocks.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) != 2 or min(blocks) < 0 or max(blocks) == 0:
+        ap.error(f"--blocks {args.blocks!r}: expected two counts, double-stream,single-stream (e.g. 1,3)")
+    args.blocks = blocks
     if args.init_from and not (args.init_from / "model_index.json").exists():
         ap.error(f"--init-from {args.init_from}: expected a saved pipeline folder (with model_index.json), such as "
                  "dopsd_bench/assets/glyphworld-base")
@@ -394,12 +402,14 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         pipe, settings = load_saved(args.init_from)
         torch.manual_seed(args.seed)
         config = pipe.transformer.config
-        pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width)
-        log(f"a new {args.width}-wide DiT on the VAE and text encoder of {args.init_from}")
+        pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width,
+                                                  args.blocks)
+        log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of {args.init_from}")
     elif train_new_base:
         # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
         # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
-        pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32))
+        pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32),
+                                                   dit_layers=args.blocks)
         judge_dir = args.out / "judge" if (args.out / "judge").exists() else ROOT / "dopsd_bench" / "assets" / "judge"
         judge = WorldJudge.load(judge_dir).to(device).eval() if judge_dir.exists() else None
         train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,

@@ -97,7 +97,8 @@ def main() -> None:
     prompts, targets, _ = D.retention_prompts(args.n, 0)
     real_feats = judge_all(judge, D.true_renders(targets, 0))[1]
     latents = bb.encode_images(D.true_renders(targets, 7))
-    out: dict = {"model": args.model, "n": args.n, "guidance_scale": bb.guidance_scale}
+    out: dict = {"model": args.model, "n": args.n, "guidance_scale": bb.guidance_scale,
+                 "dit_parameters": sum(p.numel() for p in bb.denoiser.parameters())}
 
     def progress(probe: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {probe} done", file=sys.stderr, flush=True)

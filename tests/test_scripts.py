@@ -51,12 +51,13 @@ def test_build_world_new_dit_on_the_shipped_vae(tmp_path):
 
     shipped = ROOT / "dopsd_bench" / "assets" / "glyphworld-base"
     result = _script("build_world.py", "--stages", "base", "--init-from", str(shipped), "--width", "96",
-                     "--out", str(tmp_path), *SMOKE)
+                     "--blocks", "1,4", "--out", str(tmp_path), *SMOKE)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "build_summary.json").read_text())["models"]
     assert summary["init_from"] == str(shipped) and "vae" not in summary["stage_wall_s"]
     new, old = (Flux2KleinPipeline.from_pretrained(d) for d in (tmp_path / "glyphworld-base", shipped))
-    assert new.transformer.config.num_attention_heads * new.transformer.config.attention_head_dim == 96
+    config = new.transformer.config
+    assert config.num_attention_heads * config.attention_head_dim == 96 and config.num_single_layers == 4
     for a, b in zip(new.vae.state_dict().values(), old.vae.state_dict().values()):  # latent stats included
         assert torch.equal(a, b)
     assert torch.equal(new.text_encoder.model.embed_tokens.weight, old.text_encoder.model.embed_tokens.weight)
@@ -68,6 +69,8 @@ def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
     shipped = str(ROOT / "dopsd_bench" / "assets" / "glyphworld-base")
     turbo = _script("build_world.py", "--stages", "turbo", "--init-from", shipped, "--out", str(tmp_path))
     assert turbo.returncode == 2 and "use it with --stages base or models" in turbo.stderr
+    blocks = _script("build_world.py", "--stages", "base", "--blocks", "3", "--out", str(tmp_path))
+    assert blocks.returncode == 2 and "expected two counts" in blocks.stderr
 
 
 @pytest.mark.slow
