@@ -80,7 +80,16 @@ def step(method: Method, batch: Batch, seed: int) -> None:
 
 
 def flops(method: Method, batch: Batch) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one training step. transformers' attention (text encoders, Z-Image's VL teacher) runs grouped-query
+    SDPA with fewer key/value heads when it can; older torch's counter rejects those shapes ("query/key/value
+    shapes are incompatible": z-image with torch 2.11 on an H200). Counting with the key/value heads repeated, as
+    transformers does where it cannot, gives the same FLOPs on every torch (tests/test_scripts.py checks that)."""
+    from unittest import mock
+
+    from transformers.integrations import sdpa_attention
+
+    with mock.patch.object(sdpa_attention, "use_gqa_in_sdpa", return_value=False), \
+            FlopCounterMode(display=False) as counter:
         step(method, batch, 0)
     return counter.get_total_flops()
 

@@ -130,3 +130,28 @@ def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
 def test_bench_step_rejects_a_width_for_a_trained_model():
     result = _script("bench_step.py", "--model", "glyphworld", "--width", "128")
     assert result.returncode == 2 and "--width applies to --model random only" in result.stderr
+
+
+@pytest.mark.slow
+def test_flop_count_repeats_kv_heads_without_changing_the_count(monkeypatch):
+    """bench_step.flops counts with transformers' grouped-query attention turned off (older torch's counter rejects
+    its shapes); on this torch, whose counter accepts them, both counts agree for z-image, whose VL teacher and
+    text encoder use fewer key/value heads than query heads."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_gpu import factory
+    from bench_step import flops, make_batch, make_method, step
+
+    make, resolution = factory("z-image", "tiny", torch.device("cpu"), torch.float32)
+    batch = make_batch(2, resolution)
+    method = make_method("dopsd", make, batch, 4, {})
+    step(method, batch, 0)  # warm-up, as bench_gpu measures
+    grouped = []
+    real = sdpa_attention.use_gqa_in_sdpa
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda *a: grouped.append(real(*a)) or grouped[-1])
+    with FlopCounterMode(display=False) as counter:
+        step(method, batch, 0)
+    assert any(grouped)  # the unpatched step does run grouped-query attention
+    assert flops(method, batch) == counter.get_total_flops() > 0
