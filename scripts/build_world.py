@@ -180,14 +180,15 @@ def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
     return bb.encode_prompts(captions) if ref_latents is None else bb.teacher_cond(captions, ref_latents)
 
 
-def sample_sigma(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal sigmas (SD3) mixed with 25% uniform, so the high-noise end is not starved."""
-    ln = torch.sigmoid(torch.randn(n, generator=gen))
+def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor:
+    """Logit-normal sigmas (SD3; location `loc`, > 0 favours high noise) mixed with 25% uniform, so the high-noise
+    end is not starved."""
+    ln = torch.sigmoid(torch.randn(n, generator=gen) + loc)
     uni = torch.rand(n, generator=gen)
     return torch.where(torch.rand(n, generator=gen) < 0.25, uni, ln).clamp(1e-3, 1.0)
 
 
-def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int) -> torch.nn.Module:
+def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0) -> torch.nn.Module:
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -204,7 +205,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int) -> 
             caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
             cond = cond_for(bb, caps, data["refs"][idx].to(bb.device) if use_ref else None)
             eps = torch.randn(x0.shape, generator=gen).to(bb.device)
-            sigma = sample_sigma(len(idx), gen).to(bb.device)
+            sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
             v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
             loss = F.mse_loss(v, flow.velocity_target(x0, eps))
             (loss / 2).backward()
@@ -312,6 +313,8 @@ def main() -> None:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
     ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
+    ap.add_argument("--sigma-loc", type=float, default=0.0,
+                    help="location of the base's logit-normal noise levels (> 0 trains more at high noise)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
@@ -429,7 +432,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
     if train_new_base:
-        base = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3, args.seed)
+        base = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3, args.seed, args.sigma_loc)
         pipe.transformer = base
         bb.denoiser = base
         base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
