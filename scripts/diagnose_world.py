@@ -14,6 +14,9 @@ Probes (one JSON object on stdout, progress on stderr):
 - `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
 - `word_sensitivity`: RMS change of the model's x0 prediction when one caption word changes (same noise), per
   sigma. A word the model ignores moves nothing.
+- `word_signal_in_renders`: the same swaps in the world itself, no model: RMS change of the mean true render (over
+  the unsaid factors) when the word changes, and `spread`, one render's RMS distance from its caption's mean. At
+  sigma -> 1 the ideal x0 prediction is that mean, so this is how much each word is worth to the loss there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 from dopsd_bench.metrics.frechet import frechet_distance
 from dopsd_bench.metrics.scores import attribute_accuracy
 from dopsd_bench.world import datasets as D
+from dopsd_bench.world import render as R
 from dopsd_bench.world.check import judge_all, retention_figures
 from dopsd_bench.world.judge import WorldJudge
 
@@ -82,6 +87,26 @@ def word_sensitivity(bb, n: int) -> dict:
     return out
 
 
+def word_signal_in_renders(n: int = 1000) -> dict:
+    """Pixel-space RMS change of the mean render (over `n` jittered scenes) for each word swap of PROBE_CAPTION."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    probe = R.Scene("circle", "red", "large", "top", "solid", "dark")
+    assert R.caption(probe) == PROBE_CAPTION
+
+    def renders(scene: R.Scene) -> np.ndarray:
+        return np.stack([R.render(scene.jitter(rng)) for _ in range(n)])
+
+    ref = renders(probe)
+    mean = ref.mean(0)
+    out = {"spread": round(float(np.sqrt(((ref - mean) ** 2).mean())), 4)}
+    for attr, (_, word) in WORD_SWAPS.items():
+        other = renders(replace(probe, **{attr: word})).mean(0)
+        out[attr] = round(float(np.sqrt(((other - mean) ** 2).mean())), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="glyphworld-base", help="embedded name or a saved pipeline folder")
@@ -120,6 +145,7 @@ def main() -> None:
     out["cfg"] = cfg
     progress("cfg")
     out["word_sensitivity"] = word_sensitivity(bb, min(args.n, 64))
+    out["word_signal_in_renders"] = word_signal_in_renders()
     out["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(out))
 

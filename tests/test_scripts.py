@@ -78,7 +78,7 @@ def test_diagnose_world_probes_the_shipped_base():
     result = _script("diagnose_world.py", "--n", "8", "--threads", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(figures) >= {"latent_noise", "from_partial", "cfg", "word_sensitivity"}
+    assert set(figures) >= {"latent_noise", "from_partial", "cfg", "word_sensitivity", "word_signal_in_renders"}
     # the shipped VAE keeps every attribute of true renders through a clean round trip
     assert min(figures["latent_noise"]["0.0"]["accuracy"].values()) == 1.0
     # the more of the true latent a sample starts from, the closer it ends to true renders
@@ -86,6 +86,10 @@ def test_diagnose_world_probes_the_shipped_base():
     assert partial["0.250"]["fd"] < partial["0.875"]["fd"]
     # every swapped word moves the prediction a little at least (the caption reaches the DiT)
     assert all(v > 0 for row in figures["word_sensitivity"].values() for v in row.values())
+    # in the world itself a saturated colour moves the mean render far more than an outline does
+    signal = figures["word_signal_in_renders"]
+    assert set(signal) == {"spread", "shape", "colour", "size", "style", "position"}
+    assert signal["colour"] > signal["shape"] > 0 and signal["spread"] > 0
 
 
 def test_diagnose_world_rejects_too_few_prompts():
