@@ -9,8 +9,8 @@
 Probes (one JSON object on stdout, progress on stderr):
 - `latent_noise`: true renders -> latents + Gaussian noise of std s -> decoder. If small s already breaks the
   judge's attributes, the VAE's latent space is fragile and every small DiT error shows.
-- `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (with the model's CFG).
-  The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
+- `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (`denoise_latents`, with
+  the model's CFG). The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
 - `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
 - `word_sensitivity`: RMS change of the model's x0 prediction when one caption word changes (same noise), per
   sigma. A word the model ignores moves nothing.
@@ -35,11 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
-from dopsd_bench.metrics.frechet import frechet_distance
-from dopsd_bench.metrics.scores import attribute_accuracy
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
-from dopsd_bench.world.check import judge_all, retention_figures
+from dopsd_bench.world.check import judge_all, retention_scores
 from dopsd_bench.world.judge import WorldJudge
 
 PROBE_CAPTION = "a large solid red circle at the top, dark background"
@@ -48,27 +46,20 @@ WORD_SWAPS = {"shape": ("circle", "square"), "colour": ("red", "blue"), "size": 
 
 
 def _scores(judge, images, targets, real_feats) -> dict:
-    probs, feats = judge_all(judge, images)
-    return {"fd": round(frechet_distance(real_feats, feats), 1),
-            "accuracy": {k: round(v, 3) for k, v in attribute_accuracy(probs, targets).items()}}
+    _, fd, accuracy = retention_scores(judge, images, targets, real_feats)
+    return {"fd": round(fd, 1), "accuracy": {k: round(v, 3) for k, v in accuracy.items()}}
 
 
 @torch.no_grad()
-def from_partial(bb, judge, latents, prompts, targets, real_feats, guidance: float) -> dict:
-    sig = bb.sigmas(32)
-    cond, uncond = bb.encode_prompts(prompts), bb.encode_prompts([""] * len(prompts))
+def from_partial(bb, judge, latents, prompts, targets, real_feats) -> dict:
+    sig = bb.sigmas(32).to(bb.device)
+    cond = bb.encode_prompts(prompts)
     out = {}
     for start in (4, 8, 16, 24):
         gen = torch.Generator().manual_seed(start)
-        x = flow.add_noise(latents, torch.randn(latents.shape, generator=gen), sig[start])
-        for i in range(start, 32):
-            s = sig[i].expand(len(prompts))
-            v = bb.predict_velocity(x, s, cond)
-            if guidance > 1:
-                v_uncond = bb.predict_velocity(x, s, uncond)
-                v = v_uncond + guidance * (v - v_uncond)
-            x = flow.euler_step(x, v, sig[i], sig[i + 1])
-        out[f"{float(sig[start]):.3f}"] = _scores(judge, bb.decode_latents(x).clamp(-1, 1), targets, real_feats)
+        x = flow.add_noise(latents, torch.randn(latents.shape, generator=gen).to(bb.device), sig[start])
+        images = bb.decode_latents(bb.denoise_latents(x, cond, sig[start:])).clamp(-1, 1)
+        out[f"{float(sig[start]):.3f}"] = _scores(judge, images, targets, real_feats)
     return out
 
 
@@ -76,6 +67,7 @@ def from_partial(bb, judge, latents, prompts, targets, real_feats, guidance: flo
 def word_sensitivity(bb, n: int) -> dict:
     x = torch.randn((n, *bb.latent_shape()), generator=torch.Generator().manual_seed(0))
     out = {}
+
     def x0(caption: str, sigma: torch.Tensor) -> torch.Tensor:
         return flow.x0_from_velocity(x, bb.predict_velocity(x, sigma, bb.encode_prompts([caption] * n)), sigma)
 
@@ -133,14 +125,13 @@ def main() -> None:
                                                                                                generator=gen)),
                                            targets, real_feats) for s in (0.0, 0.1, 0.3, 0.5)}
     progress("latent_noise")
-    out["from_partial"] = from_partial(bb, judge, latents, prompts, targets, real_feats, bb.guidance_scale)
+    out["from_partial"] = from_partial(bb, judge, latents, prompts, targets, real_feats)
     progress("from_partial")
     seeds = list(range(10_000, 10_000 + args.n))
     cfg = {}
     for g in (1.0, 2.0, 4.0):
         bb.guidance_scale = g
-        _, fd, accuracy = retention_figures(bb, judge, prompts, targets, real_feats, seeds, 32)
-        cfg[str(g)] = {"fd": round(fd, 1), "accuracy": {k: round(v, 3) for k, v in accuracy.items()}}
+        cfg[str(g)] = _scores(judge, bb.sample(prompts, seeds, 32), targets, real_feats)
     bb.guidance_scale = out["guidance_scale"]
     out["cfg"] = cfg
     progress("cfg")

@@ -118,6 +118,19 @@ def test_generation_matches_pipeline(model_dir):
     assert len(sig) == backbone.native_steps + 1 and sig[0] == 1 and sig[-1] == 0 and (sig.diff() < 0).all()
 
 
+def test_denoising_a_schedule_tail_continues_the_sample(model_dir):
+    """denoise_latents runs any tail of a schedule: stopping half-way and resuming gives the same sample (how
+    scripts/diagnose_world.py starts from partially noised latents)."""
+    backbone = _load(model_dir)
+    cond = backbone.encode_prompts(PROMPTS)
+    sig = backbone.sigmas(backbone.native_steps).to(backbone.device)
+    half = len(sig) // 2
+    mid = backbone.denoise_latents(backbone.noise(SEEDS), cond, sig[: half + 1])
+    assert not torch.allclose(mid, backbone.noise(SEEDS))
+    resumed = backbone.denoise_latents(mid, cond, sig[half:])
+    torch.testing.assert_close(resumed, backbone.sample_latents(cond, SEEDS), atol=1e-6, rtol=0)
+
+
 def test_convention_translation(model_dir):
     """The adapter speaks the suite's flow convention: x0 = x - sigma v, and latents round-trip through the VAE."""
     backbone = _load(model_dir)

@@ -106,23 +106,25 @@ class Backbone(ABC):
         return torch.stack(out).to(self.device)
 
     @torch.no_grad()
-    def sample_latents(self, cond: Cond, seeds: list[int], steps: int | None = None) -> torch.Tensor:
-        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps.
+    def denoise_latents(self, x: torch.Tensor, cond: Cond, sigmas: torch.Tensor) -> torch.Tensor:
+        """Euler steps from latents `x` at noise level sigmas[0] down the schedule `sigmas` (any tail of one).
 
         With guidance_scale > 1, classifier-free guidance against the empty prompt (no reference), as the
         pipelines do for undistilled models.
         """
-        sig = self.sigmas(steps or self.native_steps).to(self.device)
-        x = self.noise(seeds)
         uncond = self.encode_prompts([""] * x.shape[0]) if self.guidance_scale > 1 else None
-        for i in range(len(sig) - 1):
-            s = sig[i].expand(x.shape[0])
+        for i in range(len(sigmas) - 1):
+            s = sigmas[i].expand(x.shape[0])
             v = self.predict_velocity(x, s, cond)
             if uncond is not None:
                 v_uncond = self.predict_velocity(x, s, uncond)
                 v = v_uncond + self.guidance_scale * (v - v_uncond)
-            x = flow.euler_step(x, v, sig[i], sig[i + 1])
+            x = flow.euler_step(x, v, sigmas[i], sigmas[i + 1])
         return x
+
+    def sample_latents(self, cond: Cond, seeds: list[int], steps: int | None = None) -> torch.Tensor:
+        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps."""
+        return self.denoise_latents(self.noise(seeds), cond, self.sigmas(steps or self.native_steps).to(self.device))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None,

@@ -135,14 +135,18 @@ def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, f
     return out
 
 
-def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds,
-                      steps=None) -> tuple[float, float, dict[str, float]]:
-    """(attribute alignment, judge-feature FD to true renders, accuracy per attribute) of samples on retention
-    prompts."""
-    images = _batched_sample(bb, prompts, seeds, steps)
+def retention_scores(judge: WorldJudge, images, targets, real_feats) -> tuple[float, float, dict[str, float]]:
+    """(attribute alignment, judge-feature FD to true renders, accuracy per attribute) of `images` made for
+    retention prompts with attributes `targets`."""
     probs, feats = judge_all(judge, images)
     return (float(attribute_alignment(probs, targets).mean()), frechet_distance(real_feats, feats),
             {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
+
+
+def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds,
+                      steps=None) -> tuple[float, float, dict[str, float]]:
+    """`retention_scores` of samples of `bb` on retention prompts (`steps`: default native)."""
+    return retention_scores(judge, _batched_sample(bb, prompts, seeds, steps), targets, real_feats)
 
 
 def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps: int | None, fd_before: float,
