@@ -4,13 +4,14 @@
     dopsd-bench check --results runs/ci --baseline leaderboards/ci_baseline.json              # in CI
 Tiny CPU example: `dopsd-bench check --results /tmp/sw --baseline /tmp/sw_baseline.json`.
 
-For every baseline entry (backbone, task, budget, method, metric) the new mean is compared with the baseline mean.
-The allowed slack is the larger of the baseline's own 95% half-interval on the worse side and its tolerance
-(relative to |baseline mean|; --tolerance overrides the value stored in the file). A new mean beyond
-baseline ± slack on the worse side (direction from higher_is_better) is a regression; beyond it on the better side
-an improvement (reported, never a failure). Entries missing from the new results are reported, and fail
-only with --strict or when none is present (a gate that compared nothing has not passed). A table of everything
-that moved is printed either way.
+A baseline saved on other weights (its entries' model ids differ from the results') fails the check outright: after
+an intended rebuild of a model, re-baseline. For every baseline entry (backbone, task, budget, method, metric) the
+new mean is compared with the baseline mean. The allowed slack is the larger of the baseline's own 95% half-interval
+on the worse side and its tolerance (relative to |baseline mean|; --tolerance overrides the value stored in the
+file). A new mean beyond baseline ± slack on the worse side (direction from higher_is_better) is a regression;
+beyond it on the better side an improvement (reported, never a failure). Entries missing from the new results are
+reported, and fail only with --strict or when none is present (a gate that compared nothing has not passed). A table
+of everything that moved is printed either way.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def load_baseline(path: Path) -> dict[str, Any]:
         raise ValueError(f"baseline {path} is not a baseline file of schema {BASELINE_SCHEMA} "
                          "(written by `dopsd-bench leaderboard --save-baseline`)")
     return data
+
+
+def model_mismatch(table: pd.DataFrame, baseline: dict[str, Any]) -> list[str]:
+    """'backbone: baseline model -> results model' for every backbone whose weights changed since the baseline
+    (entries or results without a model id match anything: baselines saved before ids were recorded)."""
+    now = table.groupby("backbone")["model"].first().to_dict() if "model" in table and not table.empty else {}
+    then = {e["backbone"]: e.get("model") for e in baseline["entries"] if e.get("model")}
+    return [f"{b}: {m} -> {now[b]}" for b, m in sorted(then.items()) if now.get(b) and now[b] != m]
 
 
 def compare_to_baseline(table: pd.DataFrame, baseline: dict[str, Any], tolerance: float | None = None) -> pd.DataFrame:
@@ -113,6 +122,12 @@ def check_command(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     table = build_table(res, n_boot=int(base.get("n_boot", 2000)), unit=str(base.get("unit", "run")))
+    changed = model_mismatch(table, base)
+    if changed:
+        console.print(f"[red]check failed[/red]: the baseline was saved on other weights ({'; '.join(changed)}). A "
+                      "rebuilt model moves every number, so comparing them says nothing. After an intended rebuild, "
+                      f"re-baseline: `dopsd-bench leaderboard --results {results} --save-baseline {baseline}`")
+        raise typer.Exit(1)
     moves = compare_to_baseline(table, base, tolerance)
     print_moves(moves, show_all)
     counts = moves["status"].value_counts().to_dict()

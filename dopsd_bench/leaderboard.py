@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 
 from dopsd_bench.stats import REFERENCES, compare
-from dopsd_bench.store import NO_BUDGET, Results, load_results
+from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
 
 KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_fd", "diversity",
                "copying")
@@ -37,11 +37,14 @@ console = Console(stderr=True)
 
 
 def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "run") -> pd.DataFrame:
-    """The leaderboard in long form (stats.compare over the loaded samples), with rows in display order."""
+    """The leaderboard in long form (stats.compare over the loaded samples), with rows in display order and the
+    model id each backbone's runs were made on (a UserError if runs of one backbone used different weights)."""
+    models = models_of(res)
     samples = spread_untrained(res.samples) if not res.samples.empty else res.samples
     table = compare(samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
     if table.empty:
         return table
+    table["model"] = table["backbone"].map(models).fillna("")
     table["method_rank"] = table["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
     table["metric_rank"] = table["metric"].map(lambda m: KEY_METRICS.index(m) if m in KEY_METRICS else 99)
     table = table.sort_values(["backbone", "task", "budget", "method_rank", "method", "metric_rank", "metric"])
@@ -157,6 +160,11 @@ def render_markdown(table: pd.DataFrame, metrics: list[str] | None = None, n_boo
     )]
     if command:
         parts.append(f"Produced by: `{command}`")
+    if "model" in table:
+        models = table.groupby("backbone", sort=True)["model"].first()
+        named = [f"`{b}`: `{m}`" for b, m in models.items() if m]
+        if named:
+            parts.append("Weights (model id with a digest of the denoiser's weights): " + ", ".join(named))
     multi_backbone = table["backbone"].nunique() > 1
     for (backbone, task, budget), g in sections(table):
         title = f"## {task}" + (f" · {backbone}" if multi_backbone else "") + f" · budget {budget}"
@@ -174,7 +182,8 @@ def baseline_from_table(table: pd.DataFrame, tolerance: float = DEFAULT_TOLERANC
     entries = []
     for _, r in table.iterrows():
         entries.append({
-            "backbone": r["backbone"], "task": r["task"], "budget": r["budget"], "method": r["method"],
+            "backbone": r["backbone"], "model": r.get("model", ""), "task": r["task"], "budget": r["budget"],
+            "method": r["method"],
             "metric": r["metric"], "higher_is_better": bool(r["higher_is_better"]), "n_cells": int(r["n_cells"]),
             "mean": float(r["mean"]), "lo": None if math.isnan(r["lo"]) else float(r["lo"]),
             "hi": None if math.isnan(r["hi"]) else float(r["hi"]),

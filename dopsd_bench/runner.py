@@ -79,6 +79,13 @@ def _load_backbone(cfg: RunConfig, device: torch.device):
     return load_backbone(cfg.backbone, cfg.model, device=str(device))
 
 
+def _model_identity(cfg: RunConfig) -> str:
+    """The model id this cell's run records (Backbone.identity), found without loading the weights."""
+    from dopsd_bench.backbones import backbone_identity
+
+    return backbone_identity(cfg.backbone, cfg.model)
+
+
 def _features(data, device: torch.device):
     from dopsd_bench.metrics.evaluate import features_for_task
 
@@ -218,7 +225,7 @@ def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, f
     same = dataclasses.replace(cfg, method="base", overrides={}, lora=None, force=False, resume=False)
     default = dataclasses.replace(same, steps=None, batch_size=None, lr=None, rank=None)
     for base_cfg in (same, default):
-        done = rundir.read_result(base_cfg.run_dir())
+        done = rundir.read_result(base_cfg.run_dir(), backbone.model_id)
         if done is not None:
             return done["metrics"], str(base_cfg.run_dir())
     t = time.perf_counter()
@@ -292,9 +299,13 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     console = Console()
     t0 = time.perf_counter()
     run_dir = cfg.run_dir()
-    if not cfg.force and rundir.is_complete(run_dir):
+    model_id = _model_identity(cfg)
+    if not cfg.force and rundir.is_complete(run_dir, model_id):
         console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
         return run_dir
+    if stale := rundir.stale_model(run_dir, model_id):
+        console.print(f"{run_dir}: its result.json was made on {stale}, the weights are now {model_id}: running it "
+                      "again")
 
     accelerator = make_accelerator(cfg.device)
     main = accelerator.is_main_process

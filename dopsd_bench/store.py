@@ -147,6 +147,7 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
             {
                 **keys,
                 "family": str(data.get("family", data["task"])),
+                "model": str(data.get("model") or ""),  # id with a weights digest: which weights made the run
                 "run_dir": str(run_dir),
                 "samples_png": str(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).exists() else None,
                 "samples_rows": " / ".join(map(str, data.get("samples_rows") or [])),
@@ -190,6 +191,27 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
             f"{sorted(dupes['cell'])[:4]} ...; their samples are pooled", stacklevel=2
         )
     return Results(samples=samples, summary=summary, cells=cells, extra=extra, skipped=skipped)
+
+
+def models_of(res: Results) -> dict[str, str]:
+    """backbone -> the model id its runs were made on. Runs of one backbone on different weights (a rebuilt or
+    edited model) are not comparable, so a mix is a UserError that names the models and what to do. Runs that
+    recorded no model id are taken to match."""
+    from dopsd_bench.errors import UserError
+
+    if res.cells.empty or "model" not in res.cells:
+        return {}
+    out = {}
+    for backbone, g in res.cells.groupby("backbone", sort=True):
+        counts = g.loc[g["model"] != "", "model"].value_counts()
+        if len(counts) > 1:
+            stale = ", ".join(f"{m} ({n} runs, e.g. {g.loc[g['model'] == m, 'run_dir'].iloc[0]})"
+                              for m, n in counts.items())
+            raise UserError(f"the results mix runs of backbone {backbone} made on different weights: {stale}. "
+                            "Their numbers are not comparable: re-run the sweep (it re-runs cells made on other "
+                            "weights) or point --results at one model's runs")
+        out[str(backbone)] = str(counts.index[0]) if len(counts) else ""
+    return out
 
 
 def metric_direction(res: Results) -> dict[str, bool]:

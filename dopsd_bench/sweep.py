@@ -18,7 +18,8 @@ Sweep file (YAML; every key optional except methods and tasks):
 
 Resumable: a cell whose run dir holds a complete result.json is skipped (the runner writes it atomically and last),
 and an unfinished cell is re-run with resume=True, so its training picks up from its last checkpoint. Kill the sweep
-at any point and run the same command again.
+at any point and run the same command again. A result made on other weights (its model id, which carries a digest
+of the denoiser's weights, differs from the model's now: a rebuilt embedded model) is stale and its cell runs again.
 
 Sharding: cells are sorted by their run-dir id and shard i of n (0-based) takes every n-th cell from i. Without
 --shard, SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (and SLURM_ARRAY_TASK_MIN) are used when set.
@@ -335,6 +336,18 @@ def cell_command(cell: Cell, runner: str, processes: int) -> list[str]:
     return [sys.executable, *tail]
 
 
+def expected_model(cfg: Any) -> str | None:
+    """The model id a cell's run would record now (None if it cannot be told without the runner; a custom
+    --runner gives names its own meaning, so the sweep asks only for the default one). Hashes the weights of a small
+    local model (milliseconds), so it is not cached: the weights may change between calls."""
+    from dopsd_bench.backbones import backbone_identity
+
+    try:
+        return backbone_identity(cfg.backbone, cfg.model)
+    except UserError:  # a name only a custom --runner knows, or an unbuilt model: the runner reports it
+        return None
+
+
 def run_cells(
     cells: list[Cell],
     log: SweepLog,
@@ -344,7 +357,7 @@ def run_cells(
     force: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell (all of them with force); returns counts of done / skipped / failed."""
-    from dopsd_bench.rundir import is_complete
+    from dopsd_bench.rundir import is_complete, stale_model
 
     subprocess_mode = isolate or processes > 1
     run_fn = None if subprocess_mode else resolve_runner(runner)
@@ -357,11 +370,15 @@ def run_cells(
             cfg = cell.run_config()
             cid = str(cfg.cell_id())
             run_dir = Path(cfg.out_dir) / cid
-            if is_complete(run_dir) and not force:
+            model_id = expected_model(cfg) if runner == DEFAULT_RUNNER else None
+            if is_complete(run_dir, model_id) and not force:
                 counts["skipped"] += 1
                 log.write("skip", cell=cid)
                 progress.advance(bar)
                 continue
+            if stale := stale_model(run_dir, model_id):
+                log.write("stale", cell=cid, made_on=stale, model=model_id)
+                console.print(f"cell {cid}: made on {stale}, the weights are now {model_id}: running it again")
             progress.update(bar, description=cid)
             _clean_stale_temp(run_dir)
             log.write("start", cell=cid)
@@ -434,11 +451,14 @@ def sweep_command(
     except UserError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    from dopsd_bench.rundir import is_complete
+    from dopsd_bench.rundir import is_complete, stale_model
 
     if dry_run:
         for cell in cells:
-            print(f"{'done' if is_complete(cell.run_dir()) else 'todo'}\t{cell.cell_id()}")
+            model_id = expected_model(cell.run_config()) if runner == DEFAULT_RUNNER else None
+            state = "done" if is_complete(cell.run_dir(), model_id) else \
+                "stale" if stale_model(cell.run_dir(), model_id) else "todo"
+            print(f"{state}\t{cell.cell_id()}")
         return
     log = SweepLog(spec.out / LOG_FILE)
     log.write("sweep_start", argv=shlex.join(sys.argv), shard=f"{i}/{n}", cells=len(cells), grid=len(all_cells),

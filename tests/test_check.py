@@ -15,6 +15,7 @@ import typer
 from synth_runs import write_grid
 
 from dopsd_bench.check import check_command, compare_to_baseline
+from dopsd_bench.errors import UserError
 from dopsd_bench.leaderboard import baseline_from_table, build_table, leaderboard_command
 from dopsd_bench.store import load_results
 
@@ -108,3 +109,31 @@ def test_baseline_entries_carry_interval_and_tolerance(tmp_path):
     b = baseline_from_table(build_table(load_results(tmp_path), n_boot=200), tolerance=0.1)
     e = next(e for e in b["entries"] if e["method"] == "sft" and e["metric"] == "fidelity" and e["task"] == "concept")
     assert e["lo"] < e["mean"] < e["hi"] and e["tolerance"] == pytest.approx(0.1 * e["mean"])
+
+
+def _set_model(root: Path, model: str, only: str = "") -> None:
+    for path in root.glob("**/result.json"):
+        if only in str(path):
+            path.write_text(json.dumps({**json.loads(path.read_text()), "model": model}))
+
+
+def test_results_on_other_weights_fail_the_check_and_a_mix_is_refused(tmp_path):
+    """Numbers of a rebuilt model are not comparable with the old ones: the gate says so instead of comparing,
+    and the leaderboard refuses to pool runs of two weights."""
+    results, baseline, md = tmp_path / "results", tmp_path / "baseline.json", tmp_path / "lb.md"
+    write_grid(results, {"base": 0.0, "sft": 0.1})
+    _set_model(results, "glyphworld@aaaa")
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--save-baseline", str(baseline),
+                                   "--out", str(md), "--n-boot", "100"])
+    assert res.exit_code == 0, res.output
+    assert "`glyph-tiny`: `glyphworld@aaaa`" in md.read_text()
+    assert {e["model"] for e in json.loads(baseline.read_text())["entries"]} == {"glyphworld@aaaa"}
+
+    _set_model(results, "glyphworld@bbbb")
+    res = CliRunner().invoke(app, ["check", "--results", str(results), "--baseline", str(baseline)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 1 and "glyph-tiny: glyphworld@aaaa -> glyphworld@bbbb" in out and "re-baseline" in out
+
+    _set_model(results, "glyphworld@aaaa", only="/sft/")
+    with pytest.raises(UserError, match="made on different weights: glyphworld@"):
+        build_table(load_results(results))

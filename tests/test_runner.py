@@ -69,6 +69,7 @@ def fakes(monkeypatch):
         return FakeBackbone()
 
     monkeypatch.setattr(runner, "_load_backbone", load)
+    monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
     monkeypatch.setattr(runner, "_features", lambda data, device: None)
     monkeypatch.setattr(runner, "_evaluate", fake_evaluate(calls))
     return {"evaluate": calls, "loads": loads}
@@ -181,6 +182,18 @@ def test_finished_cell_is_skipped_unless_forced(tmp_path, world_task, fakes, cap
     runner.run_cell(cfg_for(world_task, tmp_path / "runs", force=True))
     assert len(fakes["loads"]) == 2
     assert (run_dir / "result.json").read_text() != first  # timings differ: it really ran again
+
+
+def test_a_cell_finished_on_other_weights_runs_again(tmp_path, world_task, fakes, monkeypatch, capsys):
+    """A rebuilt model (new weights digest in its model id) makes every finished cell of the old one stale."""
+    cfg = cfg_for(world_task, tmp_path / "runs")
+    run_dir = runner.run_cell(cfg)
+    made_on = json.loads((run_dir / "result.json").read_text())["model"]
+    monkeypatch.setattr(runner, "_model_identity", lambda cfg: "fake@rebuilt")
+    runner.run_cell(cfg)
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"made on {made_on}, the weights are now fake@rebuilt: running it again" in out
+    assert len(fakes["loads"]) == 2  # it ran again instead of being skipped
 
 
 def test_failure_in_scoring_leaves_no_result(tmp_path, world_task, fakes, monkeypatch):

@@ -189,3 +189,21 @@ def test_sigkilled_sweep_restarts_and_finishes_every_cell_once(tmp_path):
     results = list(tmp_path.glob("**/result.json"))
     assert len(results) == n_cells
     assert not [p for p in tmp_path.rglob("*") if "result.json" in p.name and p.name != "result.json"]
+
+
+def test_dry_run_tells_cells_made_on_other_weights_stale(tmp_path):
+    """A rebuilt model changes the model id (a digest of its weights): its old results are stale, not done."""
+    from dopsd_bench.backbones import backbone_identity
+
+    args = ["sweep", "--methods", "base", "--tasks", "style:dotted", "--seeds", "0", "--out", str(tmp_path),
+            "--dry-run"]
+    res = CliRunner().invoke(_app, args)
+    assert res.exit_code == 0, res.output
+    state, cell = res.output.split()
+    assert state == "todo"
+    result = make_result("base", "style", "dotted", 0, {"fidelity": ([0.1, 0.2], None, True)},
+                         backbone="flux2-klein")
+    for model, expected in (("glyphworld@0000000000", "stale"), (backbone_identity("flux2-klein"), "done")):
+        atomic_write_json(tmp_path / cell / "result.json", {**result, "model": model})
+        res = CliRunner().invoke(_app, args)
+        assert res.output.split() == [expected, cell], res.output

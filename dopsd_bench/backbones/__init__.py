@@ -13,7 +13,7 @@ from dopsd_bench.registry import BACKBONES
 if TYPE_CHECKING:
     from dopsd_bench.backbones.base import Backbone
 
-__all__ = ["BACKBONES", "load_backbone"]
+__all__ = ["BACKBONES", "backbone_identity", "load_backbone"]
 
 
 def load_backbone(name: str, model: str | None = None, device: str | None = None, **options) -> Backbone:
@@ -22,3 +22,8 @@ def load_backbone(name: str, model: str | None = None, device: str | None = None
     `options` go to the adapter's from_pretrained (e.g. z-image's `vl_model`, the teacher's path or hub id)."""
     cls = BACKBONES.get(name)
     return cls.from_pretrained(model or cls.default_model, device=device, **options)
+
+
+def backbone_identity(name: str, model: str | None = None) -> str:
+    """The model id a run of backbone `name` on `model` records (see Backbone.identity); loads no weights."""
+    return BACKBONES.get(name).identity(model)

@@ -63,6 +63,19 @@ class Backbone(ABC):
     resolution: int = 32  # square sample size in pixels
     denoiser: nn.Module  # the module LoRA adapters attach to (a diffusers transformer)
     device: torch.device = torch.device("cpu")
+    default_model: str = ""
+
+    @staticmethod
+    def resolve(model: str) -> tuple[str, dict]:
+        """A model name, local dir or hub id -> (path or id, adapter settings); each adapter sets its own."""
+        raise NotImplementedError
+
+    @classmethod
+    def identity(cls, model: str | None = None) -> str:
+        """The model id (with a weights digest) that a run on `model` records, without loading the weights: a
+        finished result.json that records another one was made on other weights and is stale."""
+        model = model or cls.default_model
+        return model_identity(model, cls.resolve(model)[0])
 
     # ---- conditioning -------------------------------------------------------------------------------
     @abstractmethod

@@ -50,6 +50,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
     lora_targets = LORA_TARGETS
     name = "flux2-klein"
     default_model = "glyphworld"
+    resolve = staticmethod(resolve_model)
 
     def __init__(self, pipe, settings: dict, model_id: str, device: str | torch.device | None = None):
         self.pipe = pipe
@@ -72,7 +73,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         from diffusers import Flux2KleinPipeline
 
         model = model or cls.default_model
-        path, settings = resolve_model(model)
+        path, settings = cls.resolve(model)
         pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype)
         return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 

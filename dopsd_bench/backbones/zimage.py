@@ -152,6 +152,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
     lora_targets = LORA_TARGETS
     name = "z-image"
     default_model = "Tongyi-MAI/Z-Image-Turbo"
+    resolve = staticmethod(resolve_model)
 
     def __init__(self, pipe, settings: dict, model_id: str, device: str | torch.device | None = None,
                  teacher: TeacherVL | None = None):
@@ -181,7 +182,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         from diffusers import ZImagePipeline
 
         model = model or cls.default_model
-        path, settings = resolve_model(model)
+        path, settings = cls.resolve(model)
         if vl_model is not None:
             settings["vl_model"] = vl_model
         pipe = ZImagePipeline.from_pretrained(path, torch_dtype=dtype)
