@@ -311,7 +311,7 @@ def main() -> None:
                     help="multiply every step count and data size (0.01 = smoke test)")
     for key, value in RECIPE.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
-    ap.add_argument("--width", type=int, default=64, help="DiT width (attention heads x 32)")
+    ap.add_argument("--width", type=int, default=128, help="DiT width (attention heads x 32)")
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--sigma-loc", type=float, default=0.0,
                     help="location of the base's logit-normal noise levels (> 0 trains more at high noise)")
@@ -367,9 +367,15 @@ def main() -> None:
     if stages & {"models", "base", "turbo"}:
         t = time.time()
         walls = build_models(args, recipe, device, stages)
+        wall = round(time.time() - t, 1)
+        # a resumed turbo keeps the record of the invocation that built its base
+        earlier = summary.get("models", {}) if not stages & {"models", "base"} else {}
         reused = {"init_from": str(args.init_from)} if args.init_from else {}  # its VAE stage did not run
-        summary["models"] = {**where, **reused, "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
-                             "stage_wall_s": walls, "wall_s": round(time.time() - t, 1)}
+        invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
+        summary["models"] = {**earlier, **where, **reused,
+                             "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
+                             "stage_wall_s": {**earlier.get("stage_wall_s", {}), **walls},
+                             "invocations": invocations, "wall_s": round(sum(i["wall_s"] for i in invocations), 1)}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
