@@ -36,9 +36,9 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     summary = json.loads((tmp_path / "build_summary.json").read_text())
     assert summary["models"]["recipe"]["distill_steps"] == 4  # 2000 x 0.002
     # the resumed run keeps the base's record: both invocations, every stage
-    assert set(summary["models"]["stage_wall_s"]) == {"load", "dataset", "base", "trajectories", "distill"}
     assert [set(i["stage_wall_s"]) for i in summary["models"]["invocations"]] == [
-        {"load", "dataset", "base"}, {"load", "dataset", "trajectories", "distill"}]
+        {"vae", "dataset", "base"}, {"load", "dataset", "trajectories", "distill"}]
+    assert set(summary["models"]["stage_wall_s"]) == {"vae", "load", "dataset", "base", "trajectories", "distill"}
 
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
     assert bb.native_steps == 4
