@@ -98,9 +98,8 @@ def _json_default(obj: Any) -> Any:
 
 
 # ---- result.json --------------------------------------------------------------------------------------------
-def read_result(run_dir: str | Path, model: str | None = None) -> dict | None:
-    """The parsed result.json if the cell is complete (current schema, all keys) and, when `model` is given, was
-    made on that model id (see Backbone.identity: a result of other weights is stale), else None."""
+def read_result(run_dir: str | Path) -> dict | None:
+    """The parsed result.json if the cell is complete (current schema, all keys), else None."""
     path = Path(run_dir) / RESULT_FILE
     try:
         result = json.loads(path.read_text())
@@ -110,19 +109,20 @@ def read_result(run_dir: str | Path, model: str | None = None) -> dict | None:
         return None
     if any(k not in result for k in RESULT_KEYS):
         return None
-    if model is not None and result.get("model") != model:
-        return None
     return result
 
 
-def is_complete(run_dir: str | Path, model: str | None = None) -> bool:
-    return read_result(run_dir, model) is not None
+def is_complete(run_dir: str | Path) -> bool:
+    return read_result(run_dir) is not None
 
 
-def stale_model(run_dir: str | Path, model: str | None) -> str | None:
-    """The model id of a complete result.json made on other weights than `model` (a rebuilt model), else None."""
+def cell_state(run_dir: str | Path, model: str | None) -> tuple[str, dict | None]:
+    """('todo' | 'done' | 'stale', its complete result.json or None). 'stale': the result records another model id
+    than `model` (see Backbone.identity: it was made on other weights); `model` None matches any."""
     done = read_result(run_dir)
-    return done.get("model") if done is not None and model is not None and done.get("model") != model else None
+    if done is None:
+        return "todo", None
+    return ("stale" if model is not None and done.get("model") != model else "done"), done
 
 
 # ---- environment --------------------------------------------------------------------------------------------

@@ -225,8 +225,8 @@ def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, f
     same = dataclasses.replace(cfg, method="base", overrides={}, lora=None, force=False, resume=False)
     default = dataclasses.replace(same, steps=None, batch_size=None, lr=None, rank=None)
     for base_cfg in (same, default):
-        done = rundir.read_result(base_cfg.run_dir(), backbone.model_id)
-        if done is not None:
+        state, done = rundir.cell_state(base_cfg.run_dir(), backbone.model_id)
+        if state == "done":
             return done["metrics"], str(base_cfg.run_dir())
     t = time.perf_counter()
     # the table shows no step curve: scoring the native step count alone saves most of the base row's time
@@ -300,12 +300,13 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     t0 = time.perf_counter()
     run_dir = cfg.run_dir()
     model_id = _model_identity(cfg)
-    if not cfg.force and rundir.is_complete(run_dir, model_id):
+    state, done = rundir.cell_state(run_dir, model_id)
+    if state == "done" and not cfg.force:
         console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
         return run_dir
-    if stale := rundir.stale_model(run_dir, model_id):
-        console.print(f"{run_dir}: its result.json was made on {stale}, the weights are now {model_id}: running it "
-                      "again")
+    if state == "stale":
+        console.print(f"{run_dir}: its result.json was made on {done['model']}, the weights are now {model_id}: "
+                      "running it again")
 
     accelerator = make_accelerator(cfg.device)
     main = accelerator.is_main_process

@@ -357,7 +357,7 @@ def run_cells(
     force: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell (all of them with force); returns counts of done / skipped / failed."""
-    from dopsd_bench.rundir import is_complete, stale_model
+    from dopsd_bench.rundir import cell_state, is_complete
 
     subprocess_mode = isolate or processes > 1
     run_fn = None if subprocess_mode else resolve_runner(runner)
@@ -371,14 +371,15 @@ def run_cells(
             cid = str(cfg.cell_id())
             run_dir = Path(cfg.out_dir) / cid
             model_id = expected_model(cfg) if runner == DEFAULT_RUNNER else None
-            if is_complete(run_dir, model_id) and not force:
+            state, done = cell_state(run_dir, model_id)
+            if state == "done" and not force:
                 counts["skipped"] += 1
                 log.write("skip", cell=cid)
                 progress.advance(bar)
                 continue
-            if stale := stale_model(run_dir, model_id):
-                log.write("stale", cell=cid, made_on=stale, model=model_id)
-                console.print(f"cell {cid}: made on {stale}, the weights are now {model_id}: running it again")
+            if state == "stale":
+                log.write("stale", cell=cid, made_on=done["model"], model=model_id)
+                console.print(f"cell {cid}: made on {done['model']}, the weights are now {model_id}: running it again")
             progress.update(bar, description=cid)
             _clean_stale_temp(run_dir)
             log.write("start", cell=cid)
@@ -451,14 +452,12 @@ def sweep_command(
     except UserError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    from dopsd_bench.rundir import is_complete, stale_model
+    from dopsd_bench.rundir import cell_state
 
     if dry_run:
         for cell in cells:
             model_id = expected_model(cell.run_config()) if runner == DEFAULT_RUNNER else None
-            state = "done" if is_complete(cell.run_dir(), model_id) else \
-                "stale" if stale_model(cell.run_dir(), model_id) else "todo"
-            print(f"{state}\t{cell.cell_id()}")
+            print(f"{cell_state(cell.run_dir(), model_id)[0]}\t{cell.cell_id()}")
         return
     log = SweepLog(spec.out / LOG_FILE)
     log.write("sweep_start", argv=shlex.join(sys.argv), shard=f"{i}/{n}", cells=len(cells), grid=len(all_cells),
