@@ -266,8 +266,13 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     log_path = run_dir / LOG_FILE
     start = 0
     ckpts = checkpoint_dirs(run_dir) if resume else []
+    model_id = getattr(backbone, "model_id", None)
+    state, rng = load_checkpoint(ckpts[-1], pi) if ckpts else (None, None)
+    if state is not None and state.get("model", model_id) != model_id:
+        # as a finished cell made on other weights is re-run, so is an unfinished one: its state is theirs
+        accelerator.print(f"{ckpts[-1]} was written on {state['model']}, not {model_id}: starting over")
+        ckpts, state = [], None
     if ckpts:
-        state, rng = load_checkpoint(ckpts[-1], pi)
         _check_resumable(state, cfg, ckpts[-1])
         _load_param_state(state["params"], backbone, params)
         optimizer.load_state_dict(state["optimizer"])
@@ -321,7 +326,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                 log.flush()
             progress.update(bar, advance=1, loss=loss_value, its=(done - start) / max(elapsed, 1e-9))
             if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                state = {"step": done, "config": asdict(cfg), "params": _param_state(method, backbone, params),
+                state = {"step": done, "config": asdict(cfg), "model": model_id,
+                         "params": _param_state(method, backbone, params),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "method": method.state_dict() if hasattr(method, "state_dict") else None}
                 save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)

@@ -11,8 +11,9 @@ The recipe (steps, batch sizes, data sizes) is the same on every device and is w
 renders are drawn in parallel worker processes (--workers), the networks train on the GPU when there is one.
 
 Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
-made-up names, half the time the target itself, through the pipeline's reference tokens) -> trajectories of the
-base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps).
+made-up names, half the time the target itself, through the pipeline's reference tokens), optionally continued by
+a second phase under another loss setting (--tune-steps; scripts/tune_base.py compares settings) -> trajectories of
+the base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps).
 """
 
 from __future__ import annotations
@@ -156,12 +157,28 @@ def set_latent_stats(pipe, seed: int, device) -> None:
     pipe.vae.bn.running_var.copy_(lat.var(dim=(0, 2, 3)))
 
 
+def object_map(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Where the object is, per latent cell: the world paints objects in saturated colours on grey backgrounds, so
+    a pixel's channel spread (max - min) is its objectness. (N, 3, H, W) in [-1, 1] -> (N, 1, grid, grid) in [0, 1]."""
+    spread = (images.amax(1, keepdim=True) - images.amin(1, keepdim=True)) / 2
+    return F.adaptive_avg_pool2d(spread, grid)
+
+
 @torch.no_grad()
-def make_dataset(bb, n: int, seed: int) -> dict:
-    """Pre-render and pre-encode n pretraining examples: target latents, caption embeds, reference latents."""
+def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
+    """Pre-render and pre-encode n pretraining examples: target latents, object maps, captions, reference latents.
+    With `cache`, a dataset saved there for the same seed and size is loaded instead (and a new one is saved)."""
+    key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(R.UNSAID)}
+    if cache is not None and cache.exists():
+        data = torch.load(cache, weights_only=False)
+        if data.get("key") == key:
+            log(f"dataset: loaded from {cache}")
+            return data
+        log(f"dataset: {cache} holds {data.get('key')}, not {key}: making it again")
     rng = np.random.default_rng(seed + 41)
     examples = [pretrain_example(rng) for _ in range(n)]
-    lat, ref, has_ref, caps = [], [], [], []
+    lat, obj, ref, has_ref, caps = [], [], [], [], []
+    grid = bb.latent_shape()[-1]
     for i in range(0, n, 8192):
         chunk = examples[i:i + 8192]
         targets = batch_tensor([e[0] for e in chunk])
@@ -169,10 +186,17 @@ def make_dataset(bb, n: int, seed: int) -> dict:
         for j in range(0, len(chunk), 512):
             lat.append(bb.encode_images(targets[j:j + 512]).cpu())
             ref.append(bb.encode_images(refs[j:j + 512]).cpu())
+        obj.append(object_map(targets, grid).half())
         has_ref += [e[2] is not None for e in chunk]
         caps += [e[1] for e in chunk]
         log(f"dataset {i + len(chunk)}/{n}")
-    return {"latents": torch.cat(lat), "refs": torch.cat(ref), "has_ref": torch.tensor(has_ref), "captions": caps}
+    data = {"latents": torch.cat(lat), "objects": torch.cat(obj), "refs": torch.cat(ref),
+            "has_ref": torch.tensor(has_ref), "captions": caps, "key": key}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache)
+        log(f"dataset: saved to {cache}")
+    return data
 
 
 def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
@@ -188,7 +212,12 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
     return torch.where(torch.rand(n, generator=gen) < 0.25, uni, ln).clamp(1e-3, 1.0)
 
 
-def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0) -> torch.nn.Module:
+def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
+               object_weight: float = 0.0, text_frac: float = 0.5, warmup: int = 100) -> torch.nn.Module:
+    """Flow matching on `data`; returns the EMA of the trained DiT. Each batch holds `text_frac` text-only examples,
+    the rest with their reference. `object_weight` > 0 weights each latent cell's squared error by 1 + object_weight
+    x its objectness (`object_map`), so that the object's outline and fill, a small part of the image, count for
+    more than the unsaid background."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -196,23 +225,27 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     gen = torch.Generator().manual_seed(seed + 51)
     idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
     idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
+    n_text = round(batch * text_frac)
     for step in range(steps):
         loss_total = 0.0
         opt.zero_grad()
-        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
-            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
+        for pool, use_ref, n in ((idx_text, False, n_text), (idx_ref, True, batch - n_text)):
+            if n == 0:
+                continue
+            idx = pool[torch.randint(len(pool), (n,), generator=gen)]
             x0 = data["latents"][idx].to(bb.device)
             caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
             cond = cond_for(bb, caps, data["refs"][idx].to(bb.device) if use_ref else None)
             eps = torch.randn(x0.shape, generator=gen).to(bb.device)
             sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
             v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
-            loss = F.mse_loss(v, flow.velocity_target(x0, eps))
-            (loss / 2).backward()
-            loss_total += loss.item() / 2
+            weight = 1 + object_weight * data["objects"][idx].to(bb.device, torch.float32)
+            loss = ((v - flow.velocity_target(x0, eps)).pow(2) * weight).mean() / weight.mean()
+            (loss * n / batch).backward()
+            loss_total += loss.item() * n / batch
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr)
+            g["lr"] = cosine_lr(step, steps, lr, warmup)
         opt.step()
         ema_update(ema.parameters(), model.parameters(), min(0.999, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
@@ -298,8 +331,17 @@ def save_pipeline(pipe, settings: dict, out: Path) -> None:
 
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
     "judge_steps": 6000, "vae_steps": 10_000, "vae_batch": 64, "vae_pool": 65_536,
-    "examples": 98_304, "base_steps": 4000, "batch": 256, "trajectories": 8192, "distill_steps": 2000,
+    "examples": 98_304, "base_steps": 4000, "tune_steps": 0, "batch": 256, "trajectories": 8192,
+    "distill_steps": 2000,
 }
+TUNE_LR = 3e-4
+
+
+def tune(bb, data: dict, steps: int, batch: int, seed: int, object_weight: float, text_frac: float,
+         lr: float = TUNE_LR) -> torch.nn.Module:
+    """The base's second phase: flow matching continued from the first phase's DiT under another loss setting
+    (scripts/tune_base.py compares settings). Returns the EMA of the continued DiT."""
+    return train_base(bb, data, steps, batch, lr, seed + 1, object_weight=object_weight, text_frac=text_frac)
 
 
 def main() -> None:
@@ -318,6 +360,16 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
+    ap.add_argument("--keep-dit", action="store_true",
+                    help="with --init-from: keep its DiT as the base's first phase and run only the second "
+                         "(--tune-steps)")
+    ap.add_argument("--tune-object-weight", type=float, default=0.0,
+                    help="second phase: extra loss weight on the object's latent cells (0 = plain flow matching)")
+    ap.add_argument("--tune-text-frac", type=float, default=0.5,
+                    help="second phase: fraction of each batch without a reference (the first phase's is 0.5)")
+    ap.add_argument("--data-cache", type=Path, default=None,
+                    help="save the pretraining dataset here, or load it if it holds the same seed and size "
+                         "(repeated builds on one machine skip re-rendering)")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
@@ -333,8 +385,8 @@ def main() -> None:
         RENDER_POOL = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    recipe = {k: getattr(args, k) if k.endswith("batch") else max(2, int(getattr(args, k) * args.scale))
-              for k in RECIPE}
+    recipe = {k: getattr(args, k) if k.endswith("batch") or getattr(args, k) == 0
+              else max(2, int(getattr(args, k) * args.scale)) for k in RECIPE}
 
     log(f"building glyphworld: seed {args.seed}, device {device}, out {args.out}, recipe {recipe}")
     stages = set(args.stages.split(","))
@@ -352,6 +404,11 @@ def main() -> None:
                  "dopsd_bench/assets/glyphworld-base")
     if args.init_from and not stages & {"models", "base"}:
         ap.error("--init-from starts a new base: use it with --stages base or models")
+    if args.keep_dit and not (args.init_from and recipe["tune_steps"]):
+        ap.error("--keep-dit continues the DiT of --init-from: give both --init-from and --tune-steps N (N > 0)")
+    if not 0 <= args.tune_text_frac <= 1 or args.tune_object_weight < 0:
+        ap.error(f"--tune-text-frac {args.tune_text_frac} / --tune-object-weight {args.tune_object_weight}: expected "
+                 "a fraction in [0, 1] and a weight >= 0")
     summary_path = args.out / "build_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     where = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -371,14 +428,26 @@ def main() -> None:
         # a resumed turbo keeps the record of the invocation that built its base
         earlier = summary.get("models", {}) if not stages & {"models", "base"} else {}
         reused = {"init_from": str(args.init_from)} if args.init_from else {}  # its VAE stage did not run
+        if args.keep_dit:  # and its first base phase is the DiT of init_from
+            reused["first_phase_from"] = str(args.init_from)
+        tuned = {"tune_object_weight": args.tune_object_weight, "tune_text_frac": args.tune_text_frac,
+                 "tune_lr": TUNE_LR} if recipe["tune_steps"] else {}
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
         summary["models"] = {**earlier, **where, **reused,
-                             "recipe": {k: v for k, v in recipe.items() if k != "judge_steps"},
+                             "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
                              "stage_wall_s": {**earlier.get("stage_wall_s", {}), **walls},
                              "invocations": invocations, "wall_s": round(sum(i["wall_s"] for i in invocations), 1)}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
+
+
+def recorded_recipe(recipe: dict, earlier: dict, stages: set[str]) -> dict:
+    """The models' recipe for build_summary.json: a resumed turbo keeps the base's entries from the record of the
+    invocation that built it and adds its own."""
+    if stages & {"models", "base"}:
+        return {k: v for k, v in recipe.items() if k != "judge_steps"}
+    return {**earlier, **{k: recipe[k] for k in ("examples", "batch", "trajectories", "distill_steps")}}
 
 
 def load_saved(model_dir: Path):
@@ -407,13 +476,17 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
 
     if train_new_base and args.init_from:
         # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
-        # and rebuilds of the DiT alone skip the VAE stage
+        # and rebuilds of the DiT alone skip the VAE stage; --keep-dit keeps its DiT too
         pipe, settings = load_saved(args.init_from)
         torch.manual_seed(args.seed)
-        config = pipe.transformer.config
-        pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width,
-                                                  args.blocks)
-        log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of {args.init_from}")
+        if args.keep_dit:
+            log(f"continuing the DiT of {args.init_from}")
+        else:
+            config = pipe.transformer.config
+            pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width,
+                                                      args.blocks)
+            log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of "
+                f"{args.init_from}")
     elif train_new_base:
         # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
         # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
@@ -434,13 +507,16 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
     lap("vae" if train_new_base and not args.init_from else "load")
 
-    data = make_dataset(bb, max(512, recipe["examples"]), args.seed)
+    data = make_dataset(bb, max(512, recipe["examples"]), args.seed, args.data_cache)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
     if train_new_base:
-        base = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3, args.seed, args.sigma_loc)
-        pipe.transformer = base
-        bb.denoiser = base
+        if not args.keep_dit:
+            bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3,
+                                                        args.seed, args.sigma_loc)
+        if recipe["tune_steps"]:
+            bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
+                                                  args.tune_object_weight, args.tune_text_frac)
         base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
         save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
         log("saved base")

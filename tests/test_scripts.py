@@ -4,6 +4,7 @@ each on 2 cores)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -98,6 +99,91 @@ def test_diagnose_world_probes_the_shipped_base():
 def test_diagnose_world_rejects_too_few_prompts():
     result = _script("diagnose_world.py", "--n", "2")
     assert result.returncode == 2 and "expected at least 8 prompts" in result.stderr
+
+
+def _build_world():
+    spec = importlib.util.spec_from_file_location("build_world", ROOT / "scripts" / "build_world.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_object_map_is_the_mean_channel_spread_per_latent_cell():
+    W = _build_world()
+    image = torch.full((1, 3, 32, 32), -0.4)  # grey: no spread
+    image[0, :, 0:4, 4:8] = torch.tensor([0.8, -0.76, -0.8]).view(3, 1, 1)  # red, filling one 4x4 cell
+    image[0, :, 8:10, 8:12] = torch.tensor([0.2, 0.2, -0.2]).view(3, 1, 1)  # half of another cell, spread 0.4
+    grid = W.object_map(image, 8)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[0, 0, 0, 1] = 1.6 / 2
+    expected[0, 0, 2, 2] = 0.4 / 2 / 2
+    assert torch.allclose(grid, expected)
+
+
+def test_a_resumed_turbo_records_the_base_recipe_it_continues():
+    W = _build_world()
+    recipe = {"judge_steps": 6, "examples": 512, "base_steps": 9, "tune_steps": 0, "batch": 16, "trajectories": 256,
+              "distill_steps": 4}
+    earlier = {"examples": 512, "base_steps": 4000, "tune_steps": 1000, "tune_object_weight": 8.0, "batch": 256}
+    assert W.recorded_recipe(recipe, earlier, {"turbo"}) == {
+        "examples": 512, "base_steps": 4000, "tune_steps": 1000, "tune_object_weight": 8.0, "batch": 16,
+        "trajectories": 256, "distill_steps": 4}
+    assert W.recorded_recipe(recipe, earlier, {"models"}) == {k: v for k, v in recipe.items() if k != "judge_steps"}
+
+
+@pytest.mark.slow
+def test_build_world_second_phase_continues_the_saved_dit(tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    shipped = ROOT / "dopsd_bench" / "assets" / "glyphworld-base"
+    result = _script("build_world.py", "--stages", "base", "--init-from", str(shipped), "--keep-dit",
+                     "--tune-steps", "1000", "--tune-object-weight", "4", "--out", str(tmp_path), *SMOKE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "continuing the DiT of" in result.stdout and "base step 1/2" in result.stdout  # 1000 x 0.002 steps
+    summary = json.loads((tmp_path / "build_summary.json").read_text())["models"]
+    assert summary["first_phase_from"] == str(shipped)
+    assert summary["recipe"]["tune_steps"] == 2 and summary["recipe"]["tune_object_weight"] == 4.0
+    new, old = (Flux2Transformer2DModel.from_pretrained(d / "transformer") for d in (tmp_path / "glyphworld-base",
+                                                                                      shipped))
+    assert new.config == old.config
+    moved = [not torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values())]
+    assert any(moved)
+
+
+@pytest.mark.slow
+def test_tune_base_measures_each_arm_and_reuses_its_data(tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    cache, out = tmp_path / "data.pt", tmp_path / "arms"
+    common = ["--steps", "2", "--batch", "8", "--examples", "512", "--prompts", "8", "--data-cache", str(cache),
+              "--out", str(out)]
+    result = _script("tune_base.py", "--arms", "0:0.5,4:0.75", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "arms.json").read_text())
+    assert set(report["arms"]) == {"start", "w0-t0.5", "w4-t0.75"} and report["best"] in {"w0-t0.5", "w4-t0.75"}
+    for figures in report["arms"].values():
+        assert 0 <= figures["alignment_32"] <= 1 and figures["fd_32"] > 0
+        assert figures["fd_ratio_4_vs_32"] == pytest.approx(figures["fd_4"] / figures["fd_32"])
+    a, b = (Flux2Transformer2DModel.from_pretrained(out / arm / "glyphworld-base" / "transformer")
+            for arm in ("w0-t0.5", "w4-t0.75"))
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    summary = json.loads((out / "w4-t0.75" / "build_summary.json").read_text())["models"]
+    assert summary["recipe"]["tune_object_weight"] == 4.0 and summary["recipe"]["tune_text_frac"] == 0.75
+
+    again = _script("tune_base.py", "--arms", "0:1", *common)  # same world: the cached data
+    assert again.returncode == 0 and "dataset: loaded from" in again.stdout
+    narrow = _script("tune_base.py", "--arms", "0:1", "--unsaid", "angle=0,scale=0", *common)
+    assert narrow.returncode == 0 and "making it again" in narrow.stdout
+    assert (out / "w0-t1-angle0-scale0" / "glyphworld-base" / "model_index.json").exists()
+
+
+def test_tune_base_rejects_malformed_arms_and_unknown_unsaid_factors(tmp_path):
+    arms = _script("tune_base.py", "--arms", "8:1.5", "--out", str(tmp_path))
+    assert arms.returncode == 2 and "expected WEIGHT:TEXT_FRAC pairs" in arms.stderr
+    unsaid = _script("tune_base.py", "--unsaid", "hue=0", "--out", str(tmp_path))
+    assert unsaid.returncode == 2 and "expected KEY=VALUE pairs with keys ['angle', 'scale', 'shift']" in unsaid.stderr
+    keep = _script("build_world.py", "--stages", "base", "--keep-dit", "--out", str(tmp_path))
+    assert keep.returncode == 2 and "--keep-dit continues the DiT of --init-from" in keep.stderr
 
 
 def test_build_world_rejects_an_unknown_stage(tmp_path):

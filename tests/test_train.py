@@ -126,6 +126,20 @@ def test_resume_without_checkpoint_starts_fresh_and_fresh_start_clears(tmp_path)
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 1
 
 
+def test_resume_starts_over_from_a_checkpoint_written_on_other_weights(tmp_path, capsys):
+    train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path)
+    rebuilt = FakeBackbone()
+    rebuilt.model_id = "fake-rebuilt"
+    t = train(FakeSFT(), rebuilt, fake_batch(), small(steps=4), tmp_path, resume=True)
+    assert t["start_step"] == 0 and t["steps_run"] == 4
+    assert "was written on fake-0, not fake-rebuilt: starting over" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the old run's log lines are gone
+    # the same weights still resume
+    t = train(FakeSFT(), rebuilt, fake_batch(), small(steps=6), tmp_path, resume=True)
+    assert t["start_step"] == 4
+
+
 def test_resume_with_changed_budget_is_refused(tmp_path):
     train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path)
     with pytest.raises(ValueError, match="budget changed"):

@@ -38,6 +38,8 @@ ATTRIBUTES = {
     "shape": JUDGE_SHAPES, "colour": list(COLOURS), "size": list(SIZES), "position": list(POSITIONS),
     "style": JUDGE_STYLES, "background": list(BACKGROUNDS),
 }
+# how far the unsaid factors spread: rotation (+- degrees), scale (+- fraction), position (+- px)
+UNSAID = {"angle": 20.0, "scale": 0.15, "shift": 2.0}
 _NAME_SYLLABLES = ["ba", "ko", "mu", "tu", "ve", "zo", "lo", "qi", "su", "fe", "di", "yo", "ja", "wu", "xu", "ke"]
 
 
@@ -94,8 +96,10 @@ class Scene:
 
     def jitter(self, rng: np.random.Generator) -> Scene:
         return replace(
-            self, dx=float(rng.uniform(-2, 2)), dy=float(rng.uniform(-2, 2)), scale=float(rng.uniform(0.85, 1.15)),
-            angle=float(rng.uniform(-20, 20)), brightness=float(rng.uniform(0.8, 1.1)),
+            self, dx=float(rng.uniform(-UNSAID["shift"], UNSAID["shift"])),
+            dy=float(rng.uniform(-UNSAID["shift"], UNSAID["shift"])),
+            scale=float(rng.uniform(1 - UNSAID["scale"], 1 + UNSAID["scale"])),
+            angle=float(rng.uniform(-UNSAID["angle"], UNSAID["angle"])), brightness=float(rng.uniform(0.8, 1.1)),
             bg_angle=float(rng.uniform(0, math.pi)), bg_freq=float(rng.uniform(0.3, 1.2)),
             bg_phase=float(rng.uniform(0, 2 * math.pi)), ramp=(float(rng.uniform(-0.1, 0.1)),
                                                                float(rng.uniform(-0.1, 0.1))))
