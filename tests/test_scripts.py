@@ -145,7 +145,8 @@ def test_build_world_second_phase_continues_the_saved_dit(tmp_path):
     assert summary["recipe"]["tune_steps"] == 2 and summary["recipe"]["tune_object_weight"] == 4.0
     new, old = (Flux2Transformer2DModel.from_pretrained(d / "transformer") for d in (tmp_path / "glyphworld-base",
                                                                                       shipped))
-    assert new.config == old.config
+    assert {k: v for k, v in new.config.items() if k != "_name_or_path"} == {
+        k: v for k, v in old.config.items() if k != "_name_or_path"}
     moved = [not torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values())]
     assert any(moved)
 
