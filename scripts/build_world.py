@@ -213,7 +213,7 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
 
 
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
-               object_weight: float = 0.0, text_frac: float = 0.5, warmup: int = 100) -> torch.nn.Module:
+               object_weight: float = 0.0, text_frac: float = 0.5) -> torch.nn.Module:
     """Flow matching on `data`; returns the EMA of the trained DiT. Each batch holds `text_frac` text-only examples,
     the rest with their reference. `object_weight` > 0 weights each latent cell's squared error by 1 + object_weight
     x its objectness (`object_map`), so that the object's outline and fill, a small part of the image, count for
@@ -245,7 +245,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
             loss_total += loss.item() * n / batch
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup)
+            g["lr"] = cosine_lr(step, steps, lr)
         opt.step()
         ema_update(ema.parameters(), model.parameters(), min(0.999, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
