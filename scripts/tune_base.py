@@ -2,9 +2,10 @@
 under one loss setting (object weight : text-only fraction, see build_world.tune), then is measured as
 `world check` measures the base (judge alignment and FD on retention prompts, at 32 steps and at the turbo's 4).
 
-Each arm is saved as OUT/<arm>/glyphworld-base with a build_summary.json, so that
-`python scripts/build_world.py --stages turbo --out OUT/<arm>` distils its turbo; OUT/arms.json holds every arm's
-figures (the untouched base as arm "start") and names the arm with the best 32-step alignment.
+Each arm is saved as OUT/<arm>/glyphworld-base with a build_summary.json, so that `python scripts/build_world.py
+--stages turbo --out OUT/<arm>` distils its turbo (from data of the default world: it has no --unsaid). OUT/arms.json
+holds every arm's figures (the untouched base as arm "start"; rewritten after each arm) and names the arm with the
+best 32-step alignment.
 
     python scripts/tune_base.py --arms 0:0.5,8:0.5,8:0.75 --steps 1000 --out /tmp/arms   # GPU: ~2 min per arm
     python scripts/tune_base.py --arms 0:0.5,8:0.5 --steps 3 --examples 512 --prompts 8 --out /tmp/arms  # CPU smoke
@@ -134,9 +135,10 @@ def main() -> None:
                        "tune_object_weight": weight, "tune_text_frac": frac, "tune_lr": W.TUNE_LR},
             "invocations": [invocation], "wall_s": invocation["wall_s"]}}
         (args.out / name / "build_summary.json").write_text(json.dumps(summary, indent=1))
-    arm_names = [n for n in results if n != "start"]
-    best = max(arm_names, key=lambda n: results[n]["alignment_32"])
-    (args.out / "arms.json").write_text(json.dumps({"best": best, "unsaid": R.UNSAID, "arms": results}, indent=1))
+        # after every arm, so that a run stopped by a time limit keeps the arms it finished
+        best = max((n for n in results if n != "start"), key=lambda n: results[n]["alignment_32"])
+        (args.out / "arms.json").write_text(json.dumps({"best": best, "unsaid": R.UNSAID, "arms": results},
+                                                       indent=1))
     print(f"{'arm':<14}{'align@32':>9}{'shape@32':>9}{'fill@32':>8}{'FD@32':>8}{'FD@4':>8}{'4/32':>6}")
     for name, r in results.items():
         print(f"{name:<14}{r['alignment_32']:>9.3f}{r['accuracy_32']['shape']:>9.3f}{r['accuracy_32']['style']:>8.3f}"
