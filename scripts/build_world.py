@@ -55,7 +55,7 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # data: what each stage sees
 # ---------------------------------------------------------------------------------------------------------------
-RENDER_POOL: ProcessPoolExecutor | None = None  # set by main() when --workers > 1
+RENDER_POOL: ProcessPoolExecutor | None = None  # set by start_render_pool (workers > 1)
 
 
 def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
@@ -63,6 +63,21 @@ def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
     if RENDER_POOL is None or len(scenes) < 512:
         return R.to_tensor_batch([R.render(s) for s in scenes])
     return R.to_tensor_batch(list(RENDER_POOL.map(R.render, scenes, chunksize=256)))
+
+
+def start_render_pool(workers: int) -> None:
+    """Render large batches in `workers` processes (none for 1). Spawned, not forked: the parent may already hold a
+    CUDA context."""
+    global RENDER_POOL
+    if workers > 1:
+        RENDER_POOL = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def where_built(device: torch.device, workers: int) -> dict:
+    """What build_summary.json records of an invocation's machine and command."""
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "workers": workers, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -345,7 +360,6 @@ def tune(bb, data: dict, steps: int, batch: int, seed: int, object_weight: float
 
 
 def main() -> None:
-    global RENDER_POOL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "dopsd_bench" / "assets")
@@ -380,9 +394,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.workers > 1:
-        # spawned, not forked: the parent may already hold a CUDA context
-        RENDER_POOL = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    start_render_pool(args.workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     recipe = {k: getattr(args, k) if k.endswith("batch") or getattr(args, k) == 0
@@ -411,9 +423,7 @@ def main() -> None:
                  "a fraction in [0, 1] and a weight >= 0")
     summary_path = args.out / "build_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    where = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-             "threads": torch.get_num_threads(), "workers": args.workers, "torch": torch.__version__,
-             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    where = where_built(device, args.workers)
     summary["seed"] = args.seed
     if "judge" in stages:
         t = time.time()

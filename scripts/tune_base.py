@@ -92,10 +92,7 @@ def main() -> None:
         ap.error(f"--unsaid {args.unsaid!r}: expected KEY=VALUE pairs with keys {list(R.UNSAID)}")
     if not (args.base / "model_index.json").exists():
         ap.error(f"--base {args.base}: expected a saved glyphworld base folder (with model_index.json)")
-    if args.workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        W.RENDER_POOL = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    W.start_render_pool(args.workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from diffusers import Flux2KleinPipeline
 
@@ -125,9 +122,8 @@ def main() -> None:
         W.log(f"{name}: {results[name]}")
         W.save_pipeline(pipe, settings, args.out / name / "glyphworld-base")
         # the record build_world.py --stages turbo appends its own invocation to
-        invocation = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                      "stage_wall_s": {"dataset": data_wall, "tune": wall}, "wall_s": round(data_wall + wall, 1)}
+        invocation = {**W.where_built(device, args.workers), "stage_wall_s": {"dataset": data_wall, "tune": wall},
+                      "wall_s": round(data_wall + wall, 1)}
         summary = {"seed": args.seed, "models": {
             "first_phase_from": str(args.base), "stage_wall_s": invocation["stage_wall_s"],
             "unsaid": dict(R.UNSAID),
