@@ -36,12 +36,14 @@ DEFAULT_TOLERANCE = 0.05  # relative to |baseline mean|
 console = Console(stderr=True)
 
 
-def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "run") -> pd.DataFrame:
-    """The leaderboard in long form (stats.compare over the loaded samples), with rows in display order and the
-    model id each backbone's runs were made on (a UserError if runs of one backbone used different weights)."""
+def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "run",
+                references: tuple[str, ...] = REFERENCES) -> pd.DataFrame:
+    """The leaderboard in long form (stats.compare over the loaded samples, paired against each of `references`),
+    with rows in display order and the model id each backbone's runs were made on (a UserError if runs of one
+    backbone used different weights)."""
     models = models_of(res)
     samples = spread_untrained(res.samples) if not res.samples.empty else res.samples
-    table = compare(samples, references=REFERENCES, unit=unit, n_boot=n_boot, seed=seed)
+    table = compare(samples, references=references, unit=unit, n_boot=n_boot, seed=seed)
     if table.empty:
         return table
     table["model"] = table["backbone"].map(models).fillna("")
@@ -106,8 +108,14 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 Rows = tuple[list[str], list[list[str]]]  # (header, rows) of display strings
 
 
+def references_of(table: pd.DataFrame) -> list[str]:
+    """The methods a table was paired against (build_table's `references`), from its sig_<reference> columns."""
+    return [c.removeprefix("sig_") for c in table.columns if c.startswith("sig_")]
+
+
 def section_tables(group: pd.DataFrame, metrics: list[str] | None = None) -> dict[str, Rows]:
-    """For one (backbone, task, budget): {'scores' | 'vs base' | 'vs sft': (header, rows)} of display strings."""
+    """For one (backbone, task, budget): {'scores' | 'vs <reference>' ...: (header, rows)} of display strings, one
+    'vs' table per reference the table was paired against that ran in this section."""
     metrics = [m for m in (metrics or display_metrics(group)) if m in set(group["metric"])]
     hib = group.groupby("metric")["higher_is_better"].first().to_dict()
     header = ["method", "n"] + [f"{m} {'↑' if hib[m] else '↓'}" for m in metrics]
@@ -123,7 +131,7 @@ def section_tables(group: pd.DataFrame, metrics: list[str] | None = None) -> dic
             row.append("–" if r is None else _interval(r["mean"], r["lo"], r["hi"]))
         scores.append(row)
     out["scores"] = (header, scores)
-    for ref in REFERENCES:
+    for ref in references_of(group):
         if ref not in methods:
             continue
         rows = []
@@ -200,6 +208,23 @@ def baseline_from_table(table: pd.DataFrame, tolerance: float = DEFAULT_TOLERANC
     }
 
 
+ReferenceOption = Annotated[list[str] | None, typer.Option(
+    help=f"a method every other is paired against (a Δ table each); repeatable (default: {', '.join(REFERENCES)})")]
+
+
+def check_references(reference: list[str] | None, res: Results) -> tuple[str, ...]:
+    """--reference as given (default REFERENCES); exit 2, naming the methods there are, if one never ran."""
+    if not reference:
+        return REFERENCES
+    ran = sorted(set(res.samples["method"])) if not res.samples.empty else []
+    unknown = [r for r in reference if r not in ran]
+    if unknown:
+        console.print(f"[red]error:[/red] --reference {', '.join(unknown)}: no runs of that method in these results; "
+                      f"expected one of {', '.join(ran)}")
+        raise typer.Exit(2)
+    return tuple(dict.fromkeys(reference))
+
+
 def write_outputs(table: pd.DataFrame, results: Path, out: Path | None, csv: bool, parquet: bool) -> list[Path]:
     stem = out.with_suffix("") if out else Path(results) / "leaderboard"
     written = []
@@ -225,6 +250,7 @@ def leaderboard_command(
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     unit: Annotated[str, typer.Option(help="resampling unit: run (cluster bootstrap) or sample")] = "run",
+    reference: ReferenceOption = None,
 ) -> None:
     """Aggregate run dirs into a leaderboard with paired-bootstrap 95% intervals."""
     import shlex
@@ -241,7 +267,8 @@ def leaderboard_command(
     if res.empty:
         console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
         raise typer.Exit(2)
-    table = build_table(res, n_boot=n_boot, seed=seed, unit=unit)
+    references = check_references(reference, res)
+    table = build_table(res, n_boot=n_boot, seed=seed, unit=unit, references=references)
     md = render_markdown(table, metrics=metrics.split(",") if metrics else None, n_boot=n_boot,
                          command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
     if out:

@@ -23,7 +23,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
-from dopsd_bench.leaderboard import build_table, section_tables, sections
+from dopsd_bench.leaderboard import ReferenceOption, build_table, check_references, section_tables, sections
 from dopsd_bench.store import NO_BUDGET, Results, load_results
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -265,6 +265,7 @@ def report_command(
     title: Annotated[str, typer.Option(help="page title")] = "dopsd-bench report",
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    reference: ReferenceOption = None,
 ) -> None:
     """Write one self-contained HTML report: leaderboard, image grids, step curves, fidelity-vs-retention."""
     import shlex
@@ -278,7 +279,7 @@ def report_command(
     if res.empty:
         console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
         raise typer.Exit(2)
-    table = build_table(res, n_boot=n_boot, seed=seed)
+    table = build_table(res, n_boot=n_boot, seed=seed, references=check_references(reference, res))
     page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)

@@ -209,7 +209,9 @@ def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
             "has_ref": torch.tensor(has_ref), "captions": caps, "key": key}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache)
+        partial = cache.with_name(cache.name + ".partial")  # renamed when whole: another process may wait for it
+        torch.save(data, partial)
+        os.replace(partial, cache)
         log(f"dataset: saved to {cache}")
     return data
 
@@ -228,11 +230,16 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
 
 
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
-               object_weight: float = 0.0, text_frac: float = 0.5) -> torch.nn.Module:
-    """Flow matching on `data`; returns the EMA of the trained DiT. Each batch holds `text_frac` text-only examples,
-    the rest with their reference. `object_weight` > 0 weights each latent cell's squared error by 1 + object_weight
-    x its objectness (`object_map`), so that the object's outline and fill, a small part of the image, count for
-    more than the unsaid background."""
+               object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None
+               ) -> tuple[torch.nn.Module, int]:
+    """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
+    `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
+    squared error by 1 + object_weight x its objectness (`object_map`), so that the object's outline and fill, a
+    small part of the image, count for more than the unsaid background.
+
+    With `budget_s`, the schedule is fitted to a wall-time budget (a device call has a time limit): after
+    PLAN_AFTER steps the step count becomes what the measured rate allows (at most `steps`), so that the cosine
+    schedule still ends, and training stops at the budget whatever the rate does later."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -241,7 +248,19 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
     idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
     n_text = round(batch * text_frac)
-    for step in range(steps):
+    t_start, step = time.time(), 0
+    while step < steps:
+        if budget_s is not None:
+            elapsed = time.time() - t_start
+            if step == PLAN_AFTER // 5:
+                t_rate = time.time()  # the rate is measured after the first steps' warm-up
+            if step == PLAN_AFTER:
+                rate = (time.time() - t_rate) / (PLAN_AFTER - PLAN_AFTER // 5)
+                steps = min(steps, max(PLAN_AFTER + 1, int(PLAN_AFTER + (budget_s - elapsed) / rate)))
+                log(f"base: {rate * 1000:.0f} ms/step, {steps} steps fit the budget of {budget_s:g} s")
+            if elapsed > budget_s:
+                log(f"base: budget of {budget_s:g} s spent at step {step} of {steps}")
+                break
         loss_total = 0.0
         opt.zero_grad()
         for pool, use_ref, n in ((idx_text, False, n_text), (idx_ref, True, batch - n_text)):
@@ -265,7 +284,8 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
         ema_update(ema.parameters(), model.parameters(), min(0.999, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
-    return ema
+        step += 1
+    return ema, step
 
 
 @torch.no_grad()
@@ -350,13 +370,30 @@ RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the
     "distill_steps": 2000,
 }
 TUNE_LR = 3e-4
+PLAN_AFTER = 100  # steps timed before a budgeted schedule is fitted (train_base's budget_s)
 
 
 def tune(bb, data: dict, steps: int, batch: int, seed: int, object_weight: float, text_frac: float,
-         lr: float = TUNE_LR) -> torch.nn.Module:
+         lr: float = TUNE_LR, budget_s: float | None = None) -> tuple[torch.nn.Module, int]:
     """The base's second phase: flow matching continued from the first phase's DiT under another loss setting
-    (scripts/tune_base.py compares settings). Returns the EMA of the continued DiT."""
-    return train_base(bb, data, steps, batch, lr, seed + 1, object_weight=object_weight, text_frac=text_frac)
+    (scripts/tune_base.py compares settings). Returns the EMA of the continued DiT and the steps it took."""
+    return train_base(bb, data, steps, batch, lr, seed + 1, object_weight=object_weight, text_frac=text_frac,
+                      budget_s=budget_s)
+
+
+def parse_unsaid(text: str) -> dict[str, float]:
+    """'angle=0,scale=0' -> {'angle': 0.0, 'scale': 0.0}; ValueError on a key render.UNSAID does not have or a
+    value that is not a number >= 0."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(item) from None
+        if key not in R.UNSAID or out[key] < 0:
+            raise ValueError(item)
+    return out
 
 
 def main() -> None:
@@ -384,6 +421,10 @@ def main() -> None:
     ap.add_argument("--data-cache", type=Path, default=None,
                     help="save the pretraining dataset here, or load it if it holds the same seed and size "
                          "(repeated builds on one machine skip re-rendering)")
+    ap.add_argument("--unsaid", default="",
+                    help="narrow the world's unsaid spread for every stage this invocation runs, e.g. angle=0,scale=0 "
+                         f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in R.UNSAID.items())}); a resumed "
+                         "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
@@ -392,6 +433,10 @@ def main() -> None:
                     help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render worker processes")
     args = ap.parse_args()
+    try:
+        R.UNSAID.update(parse_unsaid(args.unsaid))  # scenes are jittered in this process, never in the workers
+    except ValueError as e:
+        ap.error(f"--unsaid {args.unsaid!r}: {e} is not KEY=VALUE with a key of {list(R.UNSAID)} and a value >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     start_render_pool(args.workers)
@@ -443,7 +488,7 @@ def main() -> None:
         tuned = {"tune_object_weight": args.tune_object_weight, "tune_text_frac": args.tune_text_frac,
                  "tune_lr": TUNE_LR} if recipe["tune_steps"] else {}
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
-        summary["models"] = {**earlier, **where, **reused,
+        summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
                              "stage_wall_s": {**earlier.get("stage_wall_s", {}), **walls},
                              "invocations": invocations, "wall_s": round(sum(i["wall_s"] for i in invocations), 1)}
@@ -523,10 +568,10 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     if train_new_base:
         if not args.keep_dit:
             bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3,
-                                                        args.seed, args.sigma_loc)
+                                                        args.seed, args.sigma_loc)[0]
         if recipe["tune_steps"]:
             bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
-                                                  args.tune_object_weight, args.tune_text_frac)
+                                                  args.tune_object_weight, args.tune_text_frac)[0]
         base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
         save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
         log("saved base")

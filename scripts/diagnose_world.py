@@ -5,6 +5,7 @@
 
     python scripts/diagnose_world.py                                   # the shipped base, about 5 min on 1 CPU thread
     python scripts/diagnose_world.py --model /tmp/gw/glyphworld-base --n 32 --threads 2    # a candidate, quicker
+    python scripts/diagnose_world.py --grid-only /tmp/grid.png         # only the picture (below), about 30 s
 
 Probes (one JSON object on stdout, progress on stderr):
 - `latent_noise`: true renders -> latents + Gaussian noise of std s -> decoder. If small s already breaks the
@@ -12,8 +13,13 @@ Probes (one JSON object on stdout, progress on stderr):
 - `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (`denoise_latents`, with
   the model's CFG). The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
 - `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
+- `confusion`: for those samples at the model's own guidance, how the judge labels each shape and fill style a
+  prompt asked for. Rows that differ say the model draws something for the word, even where the judge does not
+  recognise it (low accuracy); rows that are all alike say the model ignores the word.
 - `word_sensitivity`: RMS change of the model's x0 prediction when one caption word changes (same noise), per
   sigma. A word the model ignores moves nothing.
+- `--grid PNG`: a picture of what the model draws: 32-step samples (seeds 0-17) of every base shape (rows) in
+  every fill style (columns), large, red, left, on a light background, beside true renders of the same captions.
 - `word_signal_in_renders`: the same swaps in the world itself, no model: RMS change of the mean true render (over
   the unsaid factors) when the word changes, and `spread`, one render's RMS distance from its caption's mean. At
   sigma -> 1 the ideal x0 prediction is that mean, so this is how much each word is worth to the loss there.
@@ -25,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +86,19 @@ def word_sensitivity(bb, n: int) -> dict:
     return out
 
 
+def confusion(judge, images, targets, attrs: tuple[str, ...] = ("shape", "style")) -> dict:
+    """{attribute: {value asked for: {judge's label: fraction of those samples}}}, labels under 5% left out."""
+    probs, _ = judge_all(judge, images)
+    out = {}
+    for attr in attrs:
+        rows: dict[str, Counter] = {}
+        for target, label in zip(targets, probs[attr].argmax(1).tolist(), strict=True):
+            rows.setdefault(target[attr], Counter())[R.ATTRIBUTES[attr][label]] += 1
+        out[attr] = {want: {got: round(c / sum(row.values()), 2) for got, c in row.most_common()
+                            if c / sum(row.values()) >= 0.05} for want, row in sorted(rows.items())}
+    return out
+
+
 def word_signal_in_renders(n: int = 1000) -> dict:
     """Pixel-space RMS change of the mean render (over `n` jittered scenes) for each word swap of PROBE_CAPTION."""
     import numpy as np
@@ -99,18 +119,47 @@ def word_signal_in_renders(n: int = 1000) -> dict:
     return out
 
 
+@torch.no_grad()
+def sample_grid(bb, path: Path) -> None:
+    """Write `--grid`'s picture: the model's samples (left block) beside true renders (right block), 4x enlarged."""
+    import numpy as np
+    from PIL import Image
+
+    scenes = [R.Scene(shape, "red", "large", "left", style, "light") for shape in R.SHAPES for style in R.STYLES]
+    samples = bb.sample([R.caption(s) for s in scenes], list(range(len(scenes))), 32)
+    rng = np.random.default_rng(0)
+    renders = R.to_tensor_batch([R.render(s.jitter(rng)) for s in scenes])
+
+    def block(images: torch.Tensor) -> np.ndarray:
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rows = [np.concatenate(list(pixels[i:i + len(R.STYLES)]), 1) for i in range(0, len(pixels), len(R.STYLES))]
+        return np.concatenate(rows, 0)
+
+    left, right = block(samples), block(renders)
+    grid = np.concatenate([left, np.zeros((left.shape[0], 8, 3), np.uint8), right], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="glyphworld-base", help="embedded name or a saved pipeline folder")
     ap.add_argument("--n", type=int, default=128, help="retention prompts per probe")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", type=Path, default=None, help="also write a PNG of samples beside true renders")
+    ap.add_argument("--grid-only", type=Path, default=None, help="only write that PNG (no probes)")
     args = ap.parse_args()
     if args.n < 8:
         ap.error(f"--n {args.n}: expected at least 8 prompts (a Fréchet distance needs several samples)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    judge = WorldJudge.load()
     bb = Flux2KleinBackbone.from_pretrained(args.model, device="cpu")
+    if args.grid or args.grid_only:
+        sample_grid(bb, args.grid or args.grid_only)
+        print(f"wrote {args.grid or args.grid_only}", file=sys.stderr)
+        if args.grid_only:
+            return
+    judge = WorldJudge.load()
     prompts, targets, _ = D.retention_prompts(args.n, 0)
     real_feats = judge_all(judge, D.true_renders(targets, 0))[1]
     latents = bb.encode_images(D.true_renders(targets, 7))
@@ -131,7 +180,10 @@ def main() -> None:
     cfg = {}
     for g in (1.0, 2.0, 4.0):
         bb.guidance_scale = g
-        cfg[str(g)] = _scores(judge, bb.sample(prompts, seeds, 32), targets, real_feats)
+        images = bb.sample(prompts, seeds, 32)
+        cfg[str(g)] = _scores(judge, images, targets, real_feats)
+        if g == out["guidance_scale"]:
+            out["confusion"] = confusion(judge, images, targets)
     bb.guidance_scale = out["guidance_scale"]
     out["cfg"] = cfg
     progress("cfg")

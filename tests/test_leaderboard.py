@@ -83,6 +83,27 @@ def test_cli_stdout_and_errors(results, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
+def test_reference_option_pairs_against_the_named_methods(results, tmp_path):
+    out = tmp_path / "board.md"
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--out", str(out), "--n-boot", "200",
+                                   "--reference", "dopsd", "--reference", "base", "--csv"])
+    assert res.exit_code == 0, res.output
+    md = out.read_text()
+    assert "**Δ vs dopsd**" in md and "**Δ vs base**" in md and "**Δ vs sft**" not in md
+    vs_dopsd = md.split("## concept")[1].split("**Δ vs dopsd**")[1].split("**Δ vs base**")[0]
+    sft_row = next(line for line in vs_dopsd.splitlines() if line.startswith("| sft"))
+    delta = float(sft_row.split("|")[3].split()[0])
+    assert delta == pytest.approx(0.15 - 0.1, abs=0.02)  # the grid's fidelity offsets, sft minus dopsd
+    assert {"d_dopsd", "d_base"} <= set(pd.read_csv(out.with_suffix(".csv")).columns)
+    page = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(page), "--n-boot", "100",
+                                   "--reference", "icl"])
+    assert res.exit_code == 0, res.output
+    assert "Δ vs icl" in page.read_text() and "Δ vs sft" not in page.read_text()
+    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--reference", "lora"])
+    assert res.exit_code == 2 and "--reference lora" in res.output and "base, dopsd, icl, sft" in res.output
+
+
 def test_report_is_one_self_contained_html(results, tmp_path):
     out = tmp_path / "report.html"
     res = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out), "--n-boot", "100"])

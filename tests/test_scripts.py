@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dopsd_bench.world import render as R
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ["--scale", "0.002", "--batch", "16", "--vae-batch", "16", "--workers", "1", "--threads", "2"]
 
@@ -78,9 +80,13 @@ def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
 
 
 @pytest.mark.slow
-def test_diagnose_world_probes_the_shipped_base():
-    result = _script("diagnose_world.py", "--n", "8", "--threads", "2")
+def test_diagnose_world_probes_the_shipped_base(tmp_path):
+    result = _script("diagnose_world.py", "--n", "8", "--threads", "2", "--grid", str(tmp_path / "grid.png"))
     assert result.returncode == 0, result.stderr[-2000:]
+    from PIL import Image
+
+    # 6 shapes x 3 fills of 32-px samples, a gap of 8, the true renders; enlarged 4x
+    assert Image.open(tmp_path / "grid.png").size == (4 * (3 * 32 + 8 + 3 * 32), 4 * 6 * 32)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(figures) >= {"latent_noise", "from_partial", "cfg", "word_sensitivity", "word_signal_in_renders"}
     # the shipped VAE keeps every attribute of true renders through a clean round trip
@@ -94,6 +100,10 @@ def test_diagnose_world_probes_the_shipped_base():
     signal = figures["word_signal_in_renders"]
     assert set(signal) == {"spread", "shape", "colour", "size", "style", "position"}
     assert signal["colour"] > signal["shape"] > 0 and signal["spread"] > 0
+    # every sample is labelled once: each row of the confusion is a distribution over the judge's labels
+    for attr, rows in figures["confusion"].items():
+        for row in rows.values():
+            assert set(row) <= set(R.ATTRIBUTES[attr]) and 0.8 <= sum(row.values()) <= 1.0 + 1e-6
 
 
 def test_diagnose_world_rejects_too_few_prompts():
@@ -177,6 +187,22 @@ def test_tune_base_measures_each_arm_and_reuses_its_data(tmp_path):
     assert narrow.returncode == 0 and "making it again" in narrow.stdout
     assert (out / "w0-t1-angle0-scale0" / "glyphworld-base" / "model_index.json").exists()
 
+    # a new DiT from scratch, its schedule fitted to a time budget (counted from the script's start)
+    common[common.index("--steps") + 1] = "100000"
+    fresh = _script("tune_base.py", "--fresh", "--width", "64", "--arms", "0:0.5", "--unsaid", "angle=0,scale=0",
+                    "--budget-s", "45", *common)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "steps fit the budget of" in fresh.stdout and "dataset: loaded from" in fresh.stdout
+    report = json.loads((out / "arms.json").read_text())
+    arm = report["arms"]["w0-t0.5-fresh-d64-b8-angle0-scale0"]
+    assert "start" not in report["arms"] and arm["fresh"] and arm["width"] == 64 and arm["lr"] == 1e-3
+    assert 100 < arm["steps"] < 100000 and arm["wall_s"] < 45
+    dit = Flux2Transformer2DModel.from_pretrained(out / "w0-t0.5-fresh-d64-b8-angle0-scale0" / "glyphworld-base"
+                                                  / "transformer")
+    assert dit.config.num_attention_heads == 2  # 64 wide
+    summary = json.loads((out / "w0-t0.5-fresh-d64-b8-angle0-scale0" / "build_summary.json").read_text())["models"]
+    assert summary["recipe"]["base_steps"] == arm["steps"] and summary["unsaid"]["angle"] == 0
+
 
 def test_tune_base_rejects_malformed_arms_and_unknown_unsaid_factors(tmp_path):
     arms = _script("tune_base.py", "--arms", "8:1.5", "--out", str(tmp_path))
@@ -187,10 +213,21 @@ def test_tune_base_rejects_malformed_arms_and_unknown_unsaid_factors(tmp_path):
     assert keep.returncode == 2 and "--keep-dit continues the DiT of --init-from" in keep.stderr
 
 
-def test_build_world_rejects_an_unknown_stage(tmp_path):
+def test_build_world_rejects_an_unknown_stage_and_a_negative_spread(tmp_path):
     result = _script("build_world.py", "--stages", "judge,vae", "--out", str(tmp_path))
     assert result.returncode == 2
     assert "expected a comma-separated list of judge, models, base, turbo" in result.stderr
+    result = _script("build_world.py", "--unsaid", "angle=-5", "--out", str(tmp_path))
+    assert result.returncode == 2 and "angle=-5 is not KEY=VALUE with a key of ['angle'" in result.stderr
+
+
+def test_parse_unsaid_reads_key_value_pairs():
+    W = _build_world()
+    assert W.parse_unsaid("angle=0,scale=0.05") == {"angle": 0.0, "scale": 0.05}
+    assert W.parse_unsaid("") == {}
+    for bad in ("hue=0", "angle", "angle=x", "shift=-1"):
+        with pytest.raises(ValueError, match=bad):
+            W.parse_unsaid(bad)
 
 
 @pytest.mark.slow
