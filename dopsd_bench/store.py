@@ -58,15 +58,6 @@ def budget_label(budget: dict[str, Any] | None) -> str:
     return ",".join(f"{k}={budget[k]}" for k in keys) or NO_BUDGET
 
 
-def is_complete_result(path: Path) -> bool:
-    """True when `path` is a readable result.json of the current schema (what a finished cell leaves)."""
-    try:
-        _validate(json.loads(Path(path).read_text()))
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def _validate(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 -- bad file content
