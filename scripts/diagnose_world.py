@@ -178,11 +178,12 @@ def main() -> None:
     progress("from_partial")
     seeds = list(range(10_000, 10_000 + args.n))
     cfg = {}
-    for g in (1.0, 2.0, 4.0):
+    own = float(out["guidance_scale"] or 1.0)  # the confusion is read at the model's own guidance
+    for g in sorted({1.0, 2.0, 4.0, own}):
         bb.guidance_scale = g
         images = bb.sample(prompts, seeds, 32)
         cfg[str(g)] = _scores(judge, images, targets, real_feats)
-        if g == out["guidance_scale"]:
+        if g == own:
             out["confusion"] = confusion(judge, images, targets)
     bb.guidance_scale = out["guidance_scale"]
     out["cfg"] = cfg

@@ -91,6 +91,8 @@ def main() -> None:
         R.UNSAID.update(W.parse_unsaid(args.unsaid))
     except ValueError:
         ap.error(f"--unsaid {args.unsaid!r}: expected KEY=VALUE pairs with keys {list(R.UNSAID)} and values >= 0")
+    if args.width != 128 and not args.fresh:
+        ap.error(f"--width {args.width}: a width is for a new DiT; add --fresh (without it, arms continue --base's)")
     if args.width % 32 or args.width <= 0 or (args.budget_s is not None and args.budget_s <= 0):
         ap.error(f"--width {args.width} / --budget-s {args.budget_s}: expected a positive multiple of 32 (heads of "
                  "32) and a positive number of seconds")
@@ -163,8 +165,8 @@ def main() -> None:
                                                        indent=1))
     print(f"{'arm':<40}{'steps':>6}{'align@32':>9}{'shape@32':>9}{'fill@32':>8}{'FD@32':>8}{'FD@4':>8}{'4/32':>6}")
     for name, r in results.items():
-        print(f"{name:<40}{r['steps']:>6}{r['alignment_32']:>9.3f}{r['accuracy_32']['shape']:>9.3f}{r['accuracy_32']['style']:>8.3f}"
-              f"{r['fd_32']:>8.1f}{r['fd_4']:>8.1f}{r['fd_ratio_4_vs_32']:>6.2f}")
+        print(f"{name:<40}{r['steps']:>6}{r['alignment_32']:>9.3f}{r['accuracy_32']['shape']:>9.3f}"
+              f"{r['accuracy_32']['style']:>8.3f}{r['fd_32']:>8.1f}{r['fd_4']:>8.1f}{r['fd_ratio_4_vs_32']:>6.2f}")
     if len(results) > ("start" in results):
         print(f"best: {best}")
 

@@ -207,6 +207,8 @@ def test_tune_base_measures_each_arm_and_reuses_its_data(tmp_path):
 def test_tune_base_rejects_malformed_arms_and_unknown_unsaid_factors(tmp_path):
     arms = _script("tune_base.py", "--arms", "8:1.5", "--out", str(tmp_path))
     assert arms.returncode == 2 and "expected WEIGHT:TEXT_FRAC pairs" in arms.stderr
+    width = _script("tune_base.py", "--width", "192", "--out", str(tmp_path))
+    assert width.returncode == 2 and "add --fresh" in width.stderr
     unsaid = _script("tune_base.py", "--unsaid", "hue=0", "--out", str(tmp_path))
     assert unsaid.returncode == 2 and "expected KEY=VALUE pairs with keys ['angle', 'scale', 'shift']" in unsaid.stderr
     keep = _script("build_world.py", "--stages", "base", "--keep-dit", "--out", str(tmp_path))
