@@ -25,6 +25,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from dopsd_bench.errors import UnknownNameError
 from dopsd_bench.stats import REFERENCES, compare
 from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
 
@@ -213,15 +214,14 @@ ReferenceOption = Annotated[list[str] | None, typer.Option(
 
 
 def check_references(reference: list[str] | None, res: Results) -> tuple[str, ...]:
-    """--reference as given (default REFERENCES); exit 2, naming the methods there are, if one never ran."""
+    """--reference as given (default REFERENCES); an UnknownNameError (the CLI's exit 2, with the methods that ran
+    and the closest one) for a method with no runs in `res`."""
     if not reference:
         return REFERENCES
     ran = sorted(set(res.samples["method"])) if not res.samples.empty else []
-    unknown = [r for r in reference if r not in ran]
-    if unknown:
-        console.print(f"[red]error:[/red] --reference {', '.join(unknown)}: no runs of that method in these results; "
-                      f"expected one of {', '.join(ran)}")
-        raise typer.Exit(2)
+    for r in reference:
+        if r not in ran:
+            raise UnknownNameError("--reference method", r, ran)  # valid: the methods that ran
     return tuple(dict.fromkeys(reference))
 
 

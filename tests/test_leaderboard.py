@@ -100,8 +100,11 @@ def test_reference_option_pairs_against_the_named_methods(results, tmp_path):
                                    "--reference", "icl"])
     assert res.exit_code == 0, res.output
     assert "Δ vs icl" in page.read_text() and "Δ vs sft" not in page.read_text()
-    res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--reference", "lora"])
-    assert res.exit_code == 2 and "--reference lora" in res.output and "base, dopsd, icl, sft" in res.output
+    from dopsd_bench.cli import app as cli_app  # the real CLI: a user's bad input is one line and exit 2
+
+    res = CliRunner().invoke(cli_app, ["leaderboard", "--results", str(results), "--reference", "dopds"])
+    assert res.exit_code == 2, res.output
+    assert "unknown --reference method 'dopds' (did you mean 'dopsd'?); valid: base, dopsd, icl, sft" in res.output
 
 
 def test_report_is_one_self_contained_html(results, tmp_path):
