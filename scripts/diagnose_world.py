@@ -18,6 +18,9 @@ Probes (one JSON object on stdout, progress on stderr):
   recognise it (low accuracy); rows that are all alike say the model ignores the word.
 - `word_sensitivity`: RMS change of the model's x0 prediction when one caption word changes (same noise), per
   sigma. A word the model ignores moves nothing.
+- `latent_gap`: how far the model's 32-step latents lie from what the VAE's encoder makes of images: relative RMS
+  of encode(decode(z)) - z for generated latents, against the same for true latents. A large gap says the DiT
+  generates latents the decoder was never trained on (one reading of ragged samples).
 - `--grid PNG`: a picture of what the model draws: 32-step samples (seeds 0-17) of every base shape (rows) in
   every fill style (columns), large, red, left, on a light background, beside true renders of the same captions.
 - `word_signal_in_renders`: the same swaps in the world itself, no model: RMS change of the mean true render (over
@@ -97,6 +100,13 @@ def confusion(judge, images, targets, attrs: tuple[str, ...] = ("shape", "style"
         out[attr] = {want: {got: round(c / sum(row.values()), 2) for got, c in row.most_common()
                             if c / sum(row.values()) >= 0.05} for want, row in sorted(rows.items())}
     return out
+
+
+@torch.no_grad()
+def latent_gap(bb, latents: torch.Tensor) -> float:
+    """Relative RMS of encode(decode(z)) - z: 0 for latents the VAE reproduces exactly."""
+    again = bb.encode_images(bb.decode_latents(latents).clamp(-1, 1))
+    return round(float(((again - latents).pow(2).mean() / latents.pow(2).mean()).sqrt()), 4)
 
 
 def word_signal_in_renders(n: int = 1000) -> dict:
@@ -181,10 +191,12 @@ def main() -> None:
     own = float(out["guidance_scale"] or 1.0)  # the confusion is read at the model's own guidance
     for g in sorted({1.0, 2.0, 4.0, own}):
         bb.guidance_scale = g
-        images = bb.sample(prompts, seeds, 32)
+        generated = bb.sample_latents(bb.encode_prompts(prompts), seeds, 32)
+        images = bb.decode_latents(generated).clamp(-1, 1)  # as bb.sample makes them
         cfg[str(g)] = _scores(judge, images, targets, real_feats)
         if g == own:
             out["confusion"] = confusion(judge, images, targets)
+            out["latent_gap"] = {"generated": latent_gap(bb, generated), "true": latent_gap(bb, latents)}
     bb.guidance_scale = out["guidance_scale"]
     out["cfg"] = cfg
     progress("cfg")

@@ -100,6 +100,8 @@ def test_diagnose_world_probes_the_shipped_base(tmp_path):
     signal = figures["word_signal_in_renders"]
     assert set(signal) == {"spread", "shape", "colour", "size", "style", "position"}
     assert signal["colour"] > signal["shape"] > 0 and signal["spread"] > 0
+    assert 0 <= figures["latent_gap"]["true"] < 0.2  # the shipped VAE reproduces its own latents closely
+    assert figures["latent_gap"]["generated"] > 0
     # every sample is labelled once: each row of the confusion is a distribution over the judge's labels
     for attr, rows in figures["confusion"].items():
         for row in rows.values():
