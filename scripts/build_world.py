@@ -369,8 +369,15 @@ RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the
     "examples": 98_304, "base_steps": 4000, "tune_steps": 0, "batch": 256, "trajectories": 8192,
     "distill_steps": 2000,
 }
+BASE_LR = 1e-3  # the base stage's learning rate (a second phase uses TUNE_LR)
 TUNE_LR = 3e-4
 PLAN_AFTER = 100  # steps timed before a budgeted schedule is fitted (train_base's budget_s)
+
+
+def new_dit_like(transformer, width: int, blocks: tuple[int, int] = (1, 3)) -> torch.nn.Module:
+    """A random-init DiT of `width` and `blocks` that reads what `transformer` reads (latent channels, text dim)."""
+    config = transformer.config
+    return tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, width, blocks)
 
 
 def tune(bb, data: dict, steps: int, batch: int, seed: int, object_weight: float, text_frac: float,
@@ -537,9 +544,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         if args.keep_dit:
             log(f"continuing the DiT of {args.init_from}")
         else:
-            config = pipe.transformer.config
-            pipe.transformer = tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width,
-                                                      args.blocks)
+            pipe.transformer = new_dit_like(pipe.transformer, args.width, args.blocks)
             log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of "
                 f"{args.init_from}")
     elif train_new_base:
@@ -567,7 +572,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     lap("dataset")
     if train_new_base:
         if not args.keep_dit:
-            bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], 1e-3,
+            bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
                                                         args.seed, args.sigma_loc)[0]
         if recipe["tune_steps"]:
             bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,

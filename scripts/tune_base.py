@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--arms", default="0:0.5,8:0.5,8:0.75", help="object weight:text-only fraction, comma-separated")
     ap.add_argument("--steps", type=int, default=1000, help="training steps per arm")
     ap.add_argument("--fresh", action="store_true",
-                    help="train each arm's DiT from scratch (lr 1e-3, as the base stage), not continue --base's")
+                    help=f"train each arm's DiT from scratch (lr {W.BASE_LR:g}, as the base stage), not continue "
+                         "--base's")
     ap.add_argument("--width", type=int, default=128, help="with --fresh: the new DiT's width (attention heads x 32)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="end all training this many seconds after the start, arms sharing the time left equally "
@@ -120,7 +121,8 @@ def main() -> None:
         W.log(f"start: {results['start']}")
     setting = [f"fresh-d{args.width}-b{args.batch}"] if args.fresh else []
     setting += [item.replace("=", "") for item in args.unsaid.split(",") if item]
-    lr = 1e-3 if args.fresh else W.TUNE_LR
+    lr = W.BASE_LR if args.fresh else W.TUNE_LR
+    best = None
     for i, (weight, frac) in enumerate(arms):
         name = "-".join([f"w{weight:g}-t{frac:g}", *setting])
         t = time.time()
@@ -130,9 +132,7 @@ def main() -> None:
             break
         if args.fresh:
             torch.manual_seed(args.seed)
-            config = start.config
-            new = W.tiny_flux2_transformer(config.in_channels, config.joint_attention_dim, args.width)
-            bb.denoiser = pipe.transformer = new.to(device)
+            bb.denoiser = pipe.transformer = W.new_dit_like(start, args.width).to(device)
             bb.denoiser, steps = W.train_base(bb, data, args.steps, args.batch, lr, args.seed,
                                               object_weight=weight, text_frac=frac, budget_s=budget)
         else:
@@ -167,7 +167,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<40}{r['steps']:>6}{r['alignment_32']:>9.3f}{r['accuracy_32']['shape']:>9.3f}"
               f"{r['accuracy_32']['style']:>8.3f}{r['fd_32']:>8.1f}{r['fd_4']:>8.1f}{r['fd_ratio_4_vs_32']:>6.2f}")
-    if len(results) > ("start" in results):
+    if best:
         print(f"best: {best}")
 
 
