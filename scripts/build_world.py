@@ -13,7 +13,8 @@ renders are drawn in parallel worker processes (--workers), the networks train o
 Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
 made-up names, half the time the target itself, through the pipeline's reference tokens), optionally continued by
 a second phase under another loss setting (--tune-steps; scripts/tune_base.py compares settings) -> trajectories of
-the base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps).
+the base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps). The base is
+saved with the stochastic sampler (--base-sampler), the better of its two (MODEL_CARD.md); the turbo with Euler.
 """
 
 from __future__ import annotations
@@ -290,7 +291,9 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
 
 @torch.no_grad()
 def make_trajectories(bb, data: dict, n: int, guidance: float, seed: int, batch: int = 256) -> dict:
-    """Teacher (base, CFG `guidance`) trajectories from fixed noise: states at the 4-step schedule's sigmas."""
+    """Teacher (base, CFG `guidance`) trajectories from fixed noise: states at the 4-step schedule's sigmas. They
+    follow the ODE (Euler steps) whatever the base's own sampler: distillation needs a deterministic map from the
+    noise to the sample."""
     gen = torch.Generator().manual_seed(seed + 61)
     sig = bb.sigmas(32).to(bb.device)
     keep = [0, 8, 16, 24, 32]
@@ -433,6 +436,10 @@ def main() -> None:
                          f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in R.UNSAID.items())}); a resumed "
                          "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
+    ap.add_argument("--base-sampler", choices=["stochastic", "euler"], default="stochastic",
+                    help="the saved base's sampler (its scheduler's stochastic_sampling; MODEL_CARD.md compares "
+                         "them). Trajectories for the turbo always follow the ODE (Euler), and the turbo samples "
+                         "with Euler steps")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
                          "'turbo' (trajectories and turbo from the saved base); the judge is independent")
@@ -578,6 +585,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
             bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
                                                   args.tune_object_weight, args.tune_text_frac)[0]
         base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
+        pipe.scheduler.register_to_config(stochastic_sampling=args.base_sampler == "stochastic")
         save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
         log("saved base")
         lap("base")
@@ -586,6 +594,7 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         lap("trajectories")
         turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
         pipe.transformer = turbo
+        pipe.scheduler.register_to_config(stochastic_sampling=False)  # a resumed base may have the stochastic one
         save_pipeline(pipe, {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance},
                       args.out / "glyphworld-turbo")
         lap("distill")

@@ -13,6 +13,10 @@ Probes (one JSON object on stdout, progress on stderr):
 - `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (`denoise_latents`, with
   the model's CFG). The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
 - `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
+- `sampler`: 32-step samples at the model's guidance with each of the scheduler's two samplers: Euler (the
+  probability-flow ODE) and `stochastic` (each step re-noises the x0 prediction). A model whose stochastic samples
+  are much better than its ODE's has a fair denoiser whose velocity errors accumulate along the ODE; a turbo
+  distilled from ODE trajectories inherits those errors.
 - `confusion`: for those samples at the model's own guidance, how the judge labels each shape and fill style a
   prompt asked for. Rows that differ say the model draws something for the word, even where the judge does not
   recognise it (low accuracy); rows that are all alike say the model ignores the word.
@@ -68,7 +72,8 @@ def from_partial(bb, judge, latents, prompts, targets, real_feats) -> dict:
     for start in (4, 8, 16, 24):
         gen = torch.Generator().manual_seed(start)
         x = flow.add_noise(latents, torch.randn(latents.shape, generator=gen).to(bb.device), sig[start])
-        images = bb.decode_latents(bb.denoise_latents(x, cond, sig[start:])).clamp(-1, 1)
+        seeds = list(range(len(prompts)))  # the fresh noise of a stochastic sampler
+        images = bb.decode_latents(bb.denoise_latents(x, cond, sig[start:], seeds)).clamp(-1, 1)
         out[f"{float(sig[start]):.3f}"] = _scores(judge, images, targets, real_feats)
     return out
 
@@ -200,6 +205,13 @@ def main() -> None:
     bb.guidance_scale = out["guidance_scale"]
     out["cfg"] = cfg
     progress("cfg")
+    own_sampler = bb.stochastic_sampling  # its samples are cfg's at the model's guidance: sample the other only
+    names = {False: "euler", True: "stochastic"}
+    out["sampler"] = {"own": names[own_sampler], names[own_sampler]: cfg[str(own)]}
+    bb.stochastic_sampling = not own_sampler
+    out["sampler"][names[not own_sampler]] = _scores(judge, bb.sample(prompts, seeds, 32), targets, real_feats)
+    bb.stochastic_sampling = own_sampler
+    progress("sampler")
     out["word_sensitivity"] = word_sensitivity(bb, min(args.n, 64))
     out["word_signal_in_renders"] = word_signal_in_renders()
     out["wall_s"] = round(time.time() - t0, 1)

@@ -9,13 +9,14 @@ only its own parameters and round-trip through the pipeline's load_lora_weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from dopsd_bench import flow
-from dopsd_bench.backbones.base import cat_conds, index_cond, repeat_cond
+from dopsd_bench.backbones.base import cat_conds, index_cond, repeat_cond, step_noise_seed
 from dopsd_bench.registry import BACKBONES
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
@@ -129,6 +130,60 @@ def test_denoising_a_schedule_tail_continues_the_sample(model_dir):
     assert not torch.allclose(mid, backbone.noise(SEEDS))
     resumed = backbone.denoise_latents(mid, cond, sig[half:])
     torch.testing.assert_close(resumed, backbone.sample_latents(cond, SEEDS), atol=1e-6, rtol=0)
+
+
+def _stochastic_copy(model_dir, tmp_path: Path) -> Path:
+    """The saved model with its scheduler's `stochastic_sampling` switched on."""
+    name, path = model_dir
+    copy = tmp_path / name
+    shutil.copytree(path, copy)
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "stochastic_sampling": True}))
+    return copy
+
+
+def test_stochastic_sampling_follows_the_scheduler(model_dir, tmp_path):
+    """A model whose scheduler samples stochastically is sampled so by its adapter: the same sample for a seed
+    whatever its batch, the same after stopping half-way and resuming, and not the Euler sampler's."""
+    name, _ = model_dir
+    euler = _load(model_dir)
+    backbone = BACKBONES.get(name).from_pretrained(str(_stochastic_copy(model_dir, tmp_path)), device="cpu")
+    assert backbone.stochastic_sampling and not euler.stochastic_sampling
+    assert backbone.model_id.split("@")[1] != euler.model_id.split("@")[1]  # no cached Euler samples are reused
+    cond = backbone.encode_prompts(PROMPTS)
+    full = backbone.sample_latents(cond, SEEDS)
+    torch.testing.assert_close(backbone.sample_latents(cond, SEEDS), full, atol=0, rtol=0)
+    alone = backbone.sample_latents(index_cond(cond, slice(1, 2)), SEEDS[1:])
+    torch.testing.assert_close(alone, full[1:], atol=1e-5, rtol=0)
+    sig = backbone.sigmas(backbone.native_steps).to(backbone.device)
+    half = len(sig) // 2
+    mid = backbone.denoise_latents(backbone.noise(SEEDS), cond, sig[: half + 1], SEEDS)
+    torch.testing.assert_close(backbone.denoise_latents(mid, cond, sig[half:], SEEDS), full, atol=1e-5, rtol=0)
+    assert (full - euler.sample_latents(euler.encode_prompts(PROMPTS), SEEDS)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="one seed per latent"):
+        backbone.denoise_latents(backbone.noise(SEEDS), cond, sig)
+
+
+def test_stochastic_step_is_the_diffusers_schedulers():
+    """`Backbone.step` with stochastic sampling is FlowMatchEulerDiscreteScheduler.step(stochastic_sampling=True)
+    given the same fresh noise, at every step of a schedule (the last one lands on the x0 prediction)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from helpers_train import FakeBackbone
+
+    backbone = FakeBackbone()
+    backbone.stochastic_sampling = True
+    scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *backbone.latent_shape()), generator=gen)
+    sig, seed = scheduler.sigmas, 7
+    for i, t in enumerate(scheduler.timesteps):
+        v = torch.randn(x.shape, generator=gen)
+        noise_gen = torch.Generator().manual_seed(step_noise_seed(seed, sig[i + 1]))
+        expected = scheduler.step(v, t, x, generator=noise_gen, return_dict=False)[0]
+        x = backbone.step(x, v, sig[i], sig[i + 1], [seed])
+        torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    assert sig[-1] == 0
 
 
 def test_convention_translation(model_dir):

@@ -32,6 +32,8 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     assert base.returncode == 0, base.stderr[-2000:]
     assert (tmp_path / "glyphworld-base" / "model_index.json").exists()
     assert not (tmp_path / "glyphworld-turbo").exists()
+    # the base samples with its better sampler (MODEL_CARD.md), the turbo with the Euler steps it was distilled for
+    assert Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-base"), device="cpu").stochastic_sampling
 
     turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
     assert turbo.returncode == 0, turbo.stderr[-2000:]
@@ -44,7 +46,7 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     assert set(summary["models"]["stage_wall_s"]) == {"vae", "load", "dataset", "base", "trajectories", "distill"}
 
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
-    assert bb.native_steps == 4
+    assert bb.native_steps == 4 and not bb.stochastic_sampling
     images = bb.sample(["a small solid red circle at the top, dark background"], [0])
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 

@@ -41,8 +41,11 @@ def module_dtype(module: nn.Module) -> torch.dtype:
 def model_identity(model: str, path: str | Path) -> str:
     """`model` tagged with a digest of the local denoiser weights, so caches of untuned samples never outlive a
     rebuild or an edit of the model. Small weight files are hashed whole; large ones (real checkpoints) by size
-    and modification time. A hub id (no local dir) is returned as is."""
+    and modification time. A scheduler set to sample stochastically changes every sample as new weights would,
+    so it enters the digest too (an Euler model's digest is its weights' alone). A hub id (no local dir) is
+    returned as is."""
     import hashlib
+    import json
 
     files = sorted(Path(path).glob("transformer/*.safetensors"))
     if not files:
@@ -51,7 +54,15 @@ def model_identity(model: str, path: str | Path) -> str:
     for f in files:
         st = f.stat()
         h.update(f.read_bytes() if st.st_size <= 64 * 2**20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
+    scheduler = Path(path) / "scheduler" / "scheduler_config.json"
+    if scheduler.exists() and json.loads(scheduler.read_text()).get("stochastic_sampling"):
+        h.update(b"stochastic_sampling")
     return f"{model}@{h.hexdigest()[:10]}"
+
+
+def step_noise_seed(seed: int, sigma_next: torch.Tensor | float) -> int:
+    """The seed of a sample's fresh noise for the stochastic step that ends at `sigma_next`."""
+    return (int(seed) * 1_000_003 + round(float(sigma_next) * 1e6)) % 2**63
 
 
 class Backbone(ABC):
@@ -60,10 +71,12 @@ class Backbone(ABC):
     name: str = ""
     native_steps: int = 4  # the few-step count the model was distilled for
     guidance_scale: float = 1.0  # CFG used by `sample` (1 = none: distilled models have guidance baked in)
+    stochastic_sampling: bool = False  # the scheduler's setting: each step re-noises the x0 prediction (`step`)
     resolution: int = 32  # square sample size in pixels
     denoiser: nn.Module  # the module LoRA adapters attach to (a diffusers transformer)
     device: torch.device = torch.device("cpu")
     default_model: str = ""
+    model_id: str = ""  # the model's name with its weights digest (`model_identity`), set by each adapter
 
     @staticmethod
     def resolve(model: str) -> tuple[str, dict]:
@@ -118,9 +131,26 @@ class Backbone(ABC):
         out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(out).to(self.device)
 
+    def step(self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+             seeds: list[int] | None = None) -> torch.Tensor:
+        """One sampling step from sigma to sigma_next, as the model's scheduler takes it: Euler, or with
+        `stochastic_sampling` (diffusers' FlowMatchEulerDiscreteScheduler) the x0 prediction noised afresh to
+        sigma_next. Fresh noise is drawn per sample from its seed and sigma_next (`step_noise_seed`), so a sample
+        depends neither on its batch nor on where a schedule was stopped and resumed."""
+        if not self.stochastic_sampling or float(sigma_next) == 0:
+            return flow.euler_step(x, v, sigma, sigma_next)
+        if seeds is None or len(seeds) != x.shape[0]:
+            raise ValueError(f"{self.model_id} samples stochastically (its scheduler's stochastic_sampling): "
+                             f"expected one seed per latent ({x.shape[0]}), got {seeds!r}")
+        fresh = [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(step_noise_seed(s, sigma_next)))
+                 for s in seeds]
+        return flow.add_noise(flow.x0_from_velocity(x, v, sigma), torch.stack(fresh).to(x), sigma_next)
+
     @torch.no_grad()
-    def denoise_latents(self, x: torch.Tensor, cond: Cond, sigmas: torch.Tensor) -> torch.Tensor:
-        """Euler steps from latents `x` at noise level sigmas[0] down the schedule `sigmas` (any tail of one).
+    def denoise_latents(self, x: torch.Tensor, cond: Cond, sigmas: torch.Tensor,
+                        seeds: list[int] | None = None) -> torch.Tensor:
+        """Sampling steps (`step`) from latents `x` at noise level sigmas[0] down the schedule `sigmas` (any tail of
+        one); `seeds` (one per latent) are needed only by a model that samples stochastically.
 
         With guidance_scale > 1, classifier-free guidance against the empty prompt (no reference), as the
         pipelines do for undistilled models.
@@ -132,12 +162,13 @@ class Backbone(ABC):
             if uncond is not None:
                 v_uncond = self.predict_velocity(x, s, uncond)
                 v = v_uncond + self.guidance_scale * (v - v_uncond)
-            x = flow.euler_step(x, v, sigmas[i], sigmas[i + 1])
+            x = self.step(x, v, sigmas[i], sigmas[i + 1], seeds)
         return x
 
     def sample_latents(self, cond: Cond, seeds: list[int], steps: int | None = None) -> torch.Tensor:
-        """Euler sampling from the fixed noise of `seeds` at `steps` (default: native) steps."""
-        return self.denoise_latents(self.noise(seeds), cond, self.sigmas(steps or self.native_steps).to(self.device))
+        """Sampling from the fixed noise of `seeds` at `steps` (default: native) steps."""
+        sigmas = self.sigmas(steps or self.native_steps).to(self.device)
+        return self.denoise_latents(self.noise(seeds), cond, sigmas, seeds)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None,

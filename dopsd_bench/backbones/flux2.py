@@ -57,6 +57,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         self.settings = settings
         self.model_id = model_id
         self.native_steps = int(settings["native_steps"])
+        self.stochastic_sampling = bool(pipe.scheduler.config.get("stochastic_sampling", False))
         self.guidance_scale = float(settings.get("guidance_scale", 1.0))
         self.resolution = int(settings["resolution"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -160,6 +160,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         self.settings = settings
         self.model_id = model_id
         self.native_steps = int(settings["native_steps"])
+        self.stochastic_sampling = bool(pipe.scheduler.config.get("stochastic_sampling", False))
         self.resolution = int(settings["resolution"])
         self.max_sequence_length = int(settings["max_sequence_length"])
         self.teacher_max_length = int(settings["teacher_max_length"])

@@ -27,7 +27,8 @@ def teacher_student_divergence(backbone, prompts: list[str], seeds: list[int], r
     """(B,) mean over the K roll-out states of the mean squared distance between teacher and student x0.
 
     `student` / `teacher` name the backbone adapters (None = no adapter, the untuned model). The student rolls
-    out with Euler steps on the backbone's schedule, exactly as `Backbone.sample_latents` does.
+    out on the backbone's schedule with its sampling steps (`Backbone.step`), exactly as `Backbone.sample_latents`
+    does.
     """
     if not (len(prompts) == len(seeds) == references.shape[0]):
         raise ValueError(f"expected one seed and one reference per prompt, got {len(prompts)} prompts, "
@@ -45,6 +46,6 @@ def teacher_student_divergence(backbone, prompts: list[str], seeds: list[int], r
         backbone.set_adapter(teacher)
         x0_teacher = backbone.predict_x0(x, s, ctx)
         total += (x0_teacher.double() - x0_student.double()).square().flatten(1).mean(1).cpu()
-        x = flow.euler_step(x, v, sig[i], sig[i + 1])
+        x = backbone.step(x, v, sig[i], sig[i + 1], seeds)
     backbone.set_adapter(student)
     return total / (len(sig) - 1)
