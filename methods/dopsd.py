@@ -7,7 +7,9 @@ References are to wangshankun/D-OPSD, flux2-klein_self-distill-edit/ (the z-imag
   `ema_update_lora_adapter` (ema_utils.py) called in train_dopsd.py, `--ema-decay 0.9999` in scripts/train_lora_*.sh;
 - one fresh Gaussian noise per sample and step (`pipeline.prepare_latents(generator=None)`), no re-noising: the
   student rolls out K Euler steps at the pipeline's own schedule for K = `--num-training-steps 4` (the native step
-  count), x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v_student(x_k);
+  count), x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v_student(x_k). Here the roll-out takes the student's own
+  sampling steps (`Backbone.step`): those Euler steps for the models the paper tunes, whose schedulers are Euler;
+  a student whose scheduler samples stochastically rolls out as it samples;
 - every state is detached (`latents_student.detach()`, "avoid cross-timestep BPTT"); at each state the teacher
   predicts with text + target-image reference tokens under no_grad after `set_adapter("teacher")`, the student
   with text after `set_adapter("student")`;
@@ -87,6 +89,7 @@ class _Step:
     x0: torch.Tensor | None  # clean latents (offpolicy only)
     eps: torch.Tensor | None  # (K, B, C, h, w) noise per state (offpolicy only)
     selected: list[int]  # indices of the states that enter the loss, increasing
+    seeds: list[int] | None  # the fresh noise of a student that samples stochastically (Backbone.step); else None
 
 
 @METHODS.register("dopsd", description="on-policy self-distillation: student roll-out, in-context EMA teacher")
@@ -160,8 +163,10 @@ class DOPSD(Method):
         selected = list(range(k))
         if self.config.state_subset is not None and self.config.state_subset < k:
             selected = sorted(torch.randperm(k, generator=generator)[: self.config.state_subset].tolist())
+        # drawn last and only then, so that an Euler student's random stream is what it always was
+        seeds = torch.randint(2**31 - 1, (b,), generator=generator).tolist() if bb.stochastic_sampling else None
         return _Step(bb.encode_prompts(batch.captions), bb.encode_teacher(batch.captions, batch.images),
-                     sigmas, x, x0, eps, selected)
+                     sigmas, x, x0, eps, selected, seeds)
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """The released loop, literally: K states, every graph kept until one backward of the mean."""
@@ -176,7 +181,7 @@ class DOPSD(Method):
             else:
                 with torch.no_grad():
                     v_s = self.backbone.predict_velocity(x, sigma, st.cond_s)
-            x = flow.euler_step(x, v_s.detach(), st.sigmas[k], st.sigmas[k + 1]).detach()
+            x = self.backbone.step(x, v_s.detach(), st.sigmas[k], st.sigmas[k + 1], st.seeds).detach()
         return total / len(st.selected)
 
     def loss_and_backward(self, batch: Batch, generator: torch.Generator,
@@ -201,7 +206,7 @@ class DOPSD(Method):
             else:
                 with torch.no_grad():
                     v_s = self.backbone.predict_velocity(x, sigma, st.cond_s)
-            x = flow.euler_step(x, v_s.detach(), st.sigmas[k], st.sigmas[k + 1]).detach()
+            x = self.backbone.step(x, v_s.detach(), st.sigmas[k], st.sigmas[k + 1], st.seeds).detach()
         return total
 
     @torch.no_grad()
@@ -210,7 +215,7 @@ class DOPSD(Method):
         states, x = [st.x], st.x
         for k in range(st.selected[-1]):
             v = self.backbone.predict_velocity(x, st.sigmas[k].expand(x.shape[0]), st.cond_s)
-            x = flow.euler_step(x, v, st.sigmas[k], st.sigmas[k + 1])
+            x = self.backbone.step(x, v, st.sigmas[k], st.sigmas[k + 1], st.seeds)
             states.append(x)
         return states
 

@@ -11,7 +11,8 @@ Probes (one JSON object on stdout, progress on stderr):
 - `latent_noise`: true renders -> latents + Gaussian noise of std s -> decoder. If small s already breaks the
   judge's attributes, the VAE's latent space is fragile and every small DiT error shows.
 - `from_partial`: true latents noised to sigma0, then the rest of the 32-step schedule (`denoise_latents`, with
-  the model's CFG). The sigma0 at which an attribute is lost is the noise level where the model fails to form it.
+  the model's CFG, Euler steps). The sigma0 at which an attribute is lost is the noise level where the model fails
+  to form it.
 - `cfg`: per-attribute accuracy of full 32-step samples at several guidance scales.
 - `sampler`: 32-step samples at the model's guidance with each of the scheduler's two samplers: Euler (the
   probability-flow ODE) and `stochastic` (each step re-noises the x0 prediction). A model whose stochastic samples
@@ -66,15 +67,18 @@ def _scores(judge, images, targets, real_feats) -> dict:
 
 @torch.no_grad()
 def from_partial(bb, judge, latents, prompts, targets, real_feats) -> dict:
+    """Always with Euler steps, whatever the model's sampler: a stochastic first step would replace the true
+    latent's noise by fresh noise, and the probe would measure the sampler rather than the denoiser."""
     sig = bb.sigmas(32).to(bb.device)
     cond = bb.encode_prompts(prompts)
+    own_sampler, bb.stochastic_sampling = bb.stochastic_sampling, False
     out = {}
     for start in (4, 8, 16, 24):
         gen = torch.Generator().manual_seed(start)
         x = flow.add_noise(latents, torch.randn(latents.shape, generator=gen).to(bb.device), sig[start])
-        seeds = list(range(len(prompts)))  # the fresh noise of a stochastic sampler
-        images = bb.decode_latents(bb.denoise_latents(x, cond, sig[start:], seeds)).clamp(-1, 1)
+        images = bb.decode_latents(bb.denoise_latents(x, cond, sig[start:])).clamp(-1, 1)
         out[f"{float(sig[start]):.3f}"] = _scores(judge, images, targets, real_feats)
+    bb.stochastic_sampling = own_sampler
     return out
 
 

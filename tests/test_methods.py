@@ -211,8 +211,9 @@ def test_dopsd_loss_is_zero_when_teacher_sees_what_the_student_sees(tiny, batch,
     assert method.loss(batch, gen(1)).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def _parity(tiny, batch, name, variants, **common):
+def _parity(tiny, batch, name, variants, stochastic=False, **common):
     method = dopsd_method(tiny, batch, name=name, **common)
+    method.backbone.stochastic_sampling = stochastic
     params = method.student_params
     reference = method.loss(batch, gen(3))
     reference.backward()
@@ -238,6 +239,21 @@ def test_dopsd_gradient_parity_with_the_plain_loop(tiny, batch):
 
 def test_dopsd_gradient_parity_velocity_target_and_state_subset(tiny, batch):
     _parity(tiny, batch, "dopsd", VARIANTS[::2], k=3, target="velocity", state_subset=2)
+
+
+def test_dopsd_gradient_parity_when_the_student_samples_stochastically(tiny, batch):
+    _parity(tiny, batch, "dopsd", VARIANTS, stochastic=True, k=3)
+
+
+def test_dopsd_rolls_out_with_the_students_own_sampler(tiny, batch):
+    """A student whose scheduler samples stochastically rolls out as it samples: the states after the first
+    step, and so the loss, differ from the Euler roll-out's from the same noise, reproducibly."""
+    method = dopsd_method(tiny, batch, k=3)
+    euler = method.loss(batch, gen(3)).item()
+    method.backbone.stochastic_sampling = True
+    stochastic = method.loss(batch, gen(3)).item()
+    assert stochastic != pytest.approx(euler, rel=1e-3)
+    assert method.loss(batch, gen(3)).item() == stochastic
 
 
 def test_offpolicy_gradient_parity(tiny, batch):

@@ -90,7 +90,12 @@ def test_diagnose_world_probes_the_shipped_base(tmp_path):
     # 6 shapes x 3 fills of 32-px samples, a gap of 8, the true renders; enlarged 4x
     assert Image.open(tmp_path / "grid.png").size == (4 * (3 * 32 + 8 + 3 * 32), 4 * 6 * 32)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(figures) >= {"latent_noise", "from_partial", "cfg", "word_sensitivity", "word_signal_in_renders"}
+    assert set(figures) >= {"latent_noise", "from_partial", "cfg", "sampler", "word_sensitivity",
+                            "word_signal_in_renders"}
+    # both samplers are measured, the model's own being the cfg probe's samples at its guidance
+    sampler = figures["sampler"]
+    assert sampler["own"] == "stochastic" and sampler["stochastic"] == figures["cfg"]["2.0"]
+    assert sampler["euler"] != sampler["stochastic"]
     # the shipped VAE keeps every attribute of true renders through a clean round trip
     assert min(figures["latent_noise"]["0.0"]["accuracy"].values()) == 1.0
     # the more of the true latent a sample starts from, the closer it ends to true renders
