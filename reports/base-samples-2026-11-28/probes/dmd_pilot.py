@@ -4,6 +4,8 @@
     # -> dmd_lr2e-5.txt
     python reports/base-samples-2026-11-28/probes/dmd_pilot.py --steps 300 --eval-every 50 --lr-g 1e-4
     # -> dmd_lr1e-4.txt
+    python reports/base-samples-2026-11-28/probes/dmd_pilot.py --steps 1000 --eval-every 100 --lr-g 2e-5
+    # -> dmd_lr2e-5_1000.txt
 
 Text-only captions from the pretraining distribution, batch 32, 100 fake-score warm-up updates, then per step one
 generator update (backward simulation to a random one of its 4 levels; DMD gradient at a random noise level, the
