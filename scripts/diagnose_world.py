@@ -52,7 +52,7 @@ from dopsd_bench import flow
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
-from dopsd_bench.world.check import judge_all, retention_scores
+from dopsd_bench.world.check import judge_all, retention_scores, retention_setup
 from dopsd_bench.world.judge import WorldJudge
 
 PROBE_CAPTION = "a large solid red circle at the top, dark background"
@@ -179,8 +179,7 @@ def main() -> None:
         if args.grid_only:
             return
     judge = WorldJudge.load()
-    prompts, targets, _ = D.retention_prompts(args.n, 0)
-    real_feats = judge_all(judge, D.true_renders(targets, 0))[1]
+    prompts, targets, real_feats, seeds = retention_setup(judge, args.n)
     latents = bb.encode_images(D.true_renders(targets, 7))
     out: dict = {"model": args.model, "n": args.n, "guidance_scale": bb.guidance_scale,
                  "dit_parameters": sum(p.numel() for p in bb.denoiser.parameters())}
@@ -195,7 +194,6 @@ def main() -> None:
     progress("latent_noise")
     out["from_partial"] = from_partial(bb, judge, latents, prompts, targets, real_feats)
     progress("from_partial")
-    seeds = list(range(10_000, 10_000 + args.n))
     cfg = {}
     own = float(out["guidance_scale"] or 1.0)  # the confusion is read at the model's own guidance
     for g in sorted({1.0, 2.0, 4.0, own}):

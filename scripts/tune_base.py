@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_world as W  # the build's own stages, so an arm is what the build would make
 
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
-from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
-from dopsd_bench.world.check import judge_all, retention_figures
+from dopsd_bench.world.check import retention_figures, retention_setup
 from dopsd_bench.world.judge import WorldJudge
 
 
@@ -107,9 +106,7 @@ def main() -> None:
     settings = json.loads((args.base / "dopsd_bench.json").read_text())  # the base's own: 32 steps, its CFG
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-tune", device=device)
     judge = WorldJudge.load().to(device).eval()
-    prompts, targets, _ = D.retention_prompts(args.prompts, args.seed)  # world check's prompts and seeds
-    real_feats = judge_all(judge, D.true_renders(targets, args.seed))[1]
-    seeds = list(range(10_000, 10_000 + args.prompts))
+    prompts, targets, real_feats, seeds = retention_setup(judge, args.prompts, args.seed)  # world check's
 
     t = time.time()
     data = W.make_dataset(bb, args.examples, args.seed, args.data_cache)

@@ -143,6 +143,15 @@ def retention_scores(judge: WorldJudge, images, targets, real_feats) -> tuple[fl
             {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
 
 
+def retention_setup(judge: WorldJudge, n: int, seed: int = 0) -> tuple[list[str], list[dict], torch.Tensor,
+                                                                           list[int]]:
+    """World check's retention evaluation: `n` prompts, their target attributes, the judge's features of true
+    renders of them (the FD reference) and the sampling seeds, so that scripts measure on exactly its figures."""
+    prompts, targets, _ = D.retention_prompts(n, seed)
+    real_feats = judge_all(judge, D.true_renders(targets, seed))[1]
+    return prompts, targets, real_feats, list(range(10_000, 10_000 + n))
+
+
 def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds,
                       steps=None) -> tuple[float, float, dict[str, float]]:
     """`retention_scores` of samples of `bb` on retention prompts (`steps`: default native)."""
@@ -183,9 +192,7 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None) 
     n_ret, n_teach = (64, 4) if quick else (256, 16)
     rng = np.random.default_rng(seed + 1)
     out: dict = {"judge_accuracy": judge_accuracy(judge, [judge_scene(rng) for _ in range(200 if quick else 1000)])}
-    prompts, targets, _ = D.retention_prompts(n_ret, seed)
-    real_feats = judge_all(judge, D.true_renders(targets, seed))[1]
-    seeds = list(range(10_000, 10_000 + n_ret))
+    prompts, targets, real_feats, seeds = retention_setup(judge, n_ret, seed)
 
     turbo = Flux2KleinBackbone.from_pretrained(turbo_name)
     out["turbo_native_steps"] = turbo.native_steps
