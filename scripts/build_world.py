@@ -326,8 +326,46 @@ def make_trajectories(bb, data: dict, n: int, guidance: float, seed: int, batch:
             "sigmas": sig[keep].cpu()}
 
 
-def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int) -> torch.nn.Module:
-    """Trajectory distillation: at each native sigma, the student's Euler step lands on the teacher's next state."""
+@torch.no_grad()
+def restart_rollouts(bb, data: dict, n: int, seed: int, batch: int = 256) -> dict:
+    """The consistency stage's targets, from the trajectory-distilled turbo `bb` (Euler steps, guidance baked in):
+    at each native sigma s_i, the state x_i and the endpoint e_i of the turbo's Euler steps from x_i to 0. x_1 is
+    Gaussian noise and x_{i+1} is e_i noised afresh to s_{i+1}: the states a consistency turbo meets when it samples
+    with restarts (diffusers' stochastic_sampling; MODEL_CARD.md, "Restart sampling"). The first n examples of
+    `data` (captions, and references where it has them) condition them."""
+    gen = torch.Generator().manual_seed(seed + 81)
+    sig = bb.sigmas(4).to(bb.device)
+    states, ends, caps, refs, has_ref = [], [], [], [], []
+    for b in range(0, n, batch):
+        idx = torch.arange(b, min(b + batch, n))
+        for use_ref in (False, True):
+            sel = idx[data["has_ref"][idx] == use_ref]
+            if len(sel) == 0:
+                continue
+            c = [data["captions"][i] for i in sel.tolist()]
+            cond = cond_for(bb, c, data["refs"][sel].to(bb.device) if use_ref else None)
+            x = torch.randn((len(sel), *bb.latent_shape()), generator=gen).to(bb.device)
+            xs, es = [], []
+            for i in range(4):
+                e = bb.denoise_latents(x, cond, sig[i:])
+                xs.append(x)
+                es.append(e)
+                if i < 3:
+                    x = flow.add_noise(e, torch.randn(e.shape, generator=gen).to(bb.device), sig[i + 1])
+            states.append(torch.stack(xs, 1).cpu())
+            ends.append(torch.stack(es, 1).cpu())
+            caps += c
+            refs.append(data["refs"][sel])
+            has_ref += [use_ref] * len(sel)
+        log(f"restart roll-outs {min(b + batch, n)}/{n}")
+    return {"states": torch.cat(states), "ends": torch.cat(ends), "captions": caps, "refs": torch.cat(refs),
+            "has_ref": torch.tensor(has_ref), "sigmas": sig[:4].cpu()}
+
+
+def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consistency: bool = False) -> torch.nn.Module:
+    """Trajectory distillation: at each native sigma, the student's Euler step lands on the teacher's next state.
+    With `consistency` (`traj` from restart_rollouts), its x0 prediction lands on the endpoint of the teacher's
+    remaining steps instead: one step does what they did, and the student samples with restarts."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -342,13 +380,16 @@ def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int) -> tor
         for pool, use_ref in ((idx_text, False), (idx_ref, True)):
             idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
             k = torch.randint(4, (len(idx),), generator=gen)
-            x = traj["states"][idx, k].to(bb.device)
-            x_next = traj["states"][idx, k + 1].to(bb.device)
-            s, s_next = sig[k.to(bb.device)], sig[(k + 1).to(bb.device)]
-            target = (x_next - x) / (s_next - s).view(-1, 1, 1, 1)
+            x, s = traj["states"][idx, k].to(bb.device), sig[k.to(bb.device)]
             cond = cond_for(bb, [traj["captions"][i] for i in idx.tolist()],
                             traj["refs"][idx].to(bb.device) if use_ref else None)
-            loss = F.mse_loss(bb.predict_velocity(x, s, cond), target)
+            if consistency:  # an x0 loss: each step's x0 prediction is the sample the restart noises afresh
+                v = bb.predict_velocity(x, s, cond)
+                loss = F.mse_loss(flow.x0_from_velocity(x, v, s), traj["ends"][idx, k].to(bb.device))
+            else:
+                x_next, s_next = traj["states"][idx, k + 1].to(bb.device), sig[(k + 1).to(bb.device)]
+                target = (x_next - x) / (s_next - s).view(-1, 1, 1, 1)
+                loss = F.mse_loss(bb.predict_velocity(x, s, cond), target)
             (loss / 2).backward()
             total += loss.item() / 2
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -370,10 +411,11 @@ def save_pipeline(pipe, settings: dict, out: Path) -> None:
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
     "judge_steps": 6000, "vae_steps": 10_000, "vae_batch": 64, "vae_pool": 65_536,
     "examples": 98_304, "base_steps": 4000, "tune_steps": 0, "batch": 256, "trajectories": 8192,
-    "distill_steps": 2000,
+    "distill_steps": 2000, "consistency_examples": 8192, "consistency_steps": 1000, "consistency_batch": 64,
 }
 BASE_LR = 1e-3  # the base stage's learning rate (a second phase uses TUNE_LR)
 TUNE_LR = 3e-4
+CONSISTENCY_LR = 1e-4  # a fine-tune of the trajectory-distilled turbo
 PLAN_AFTER = 100  # steps timed before a budgeted schedule is fitted (train_base's budget_s)
 
 
@@ -436,13 +478,16 @@ def main() -> None:
                          f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in R.UNSAID.items())}); a resumed "
                          "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
+    ap.add_argument("--consistency-lr", type=float, default=CONSISTENCY_LR,
+                    help=f"learning rate of the consistency stage (default {CONSISTENCY_LR})")
     ap.add_argument("--base-sampler", choices=["stochastic", "euler"], default="stochastic",
                     help="the saved base's sampler (its scheduler's stochastic_sampling; MODEL_CARD.md compares "
                          "them). Trajectories for the turbo always follow the ODE (Euler), and the turbo samples "
                          "with Euler steps")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
-                         "'turbo' (trajectories and turbo from the saved base); the judge is independent")
+                         "'turbo' (trajectories and turbo from the saved base), or 'consistency' (re-distil a saved "
+                         "Euler turbo into the restart-sampled one); the judge is independent")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render worker processes")
@@ -461,8 +506,11 @@ def main() -> None:
 
     log(f"building glyphworld: seed {args.seed}, device {device}, out {args.out}, recipe {recipe}")
     stages = set(args.stages.split(","))
-    if stages - {"judge", "models", "base", "turbo"}:
-        ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo")
+    if stages - {"judge", "models", "base", "turbo", "consistency"}:
+        ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo, "
+                 "consistency")
+    if "consistency" in stages and not recipe["consistency_steps"]:
+        ap.error("--stages consistency with --consistency-steps 0: nothing to do")
     try:
         blocks = tuple(int(b) for b in args.blocks.split(","))
     except ValueError:
@@ -490,7 +538,7 @@ def main() -> None:
         judge.cpu().save(args.out / "judge")
         summary["judge"] = {**where, "steps": recipe["judge_steps"], "accuracy": accuracy,
                             "wall_s": round(time.time() - t, 1)}
-    if stages & {"models", "base", "turbo"}:
+    if stages & {"models", "base", "turbo", "consistency"}:
         t = time.time()
         walls = build_models(args, recipe, device, stages)
         wall = round(time.time() - t, 1)
@@ -501,11 +549,13 @@ def main() -> None:
             reused["first_phase_from"] = str(args.init_from)
         tuned = {"tune_object_weight": args.tune_object_weight, "tune_text_frac": args.tune_text_frac,
                  "tune_lr": TUNE_LR} if recipe["tune_steps"] else {}
+        if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
+            tuned["consistency_lr"] = args.consistency_lr
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
         summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
                              "stage_wall_s": {**earlier.get("stage_wall_s", {}), **walls},
-                             "invocations": invocations, "wall_s": round(sum(i["wall_s"] for i in invocations), 1)}
+                             "invocations": invocations, "wall_s": round(earlier.get("wall_s", 0.0) + wall, 1)}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
@@ -516,7 +566,10 @@ def recorded_recipe(recipe: dict, earlier: dict, stages: set[str]) -> dict:
     invocation that built it and adds its own."""
     if stages & {"models", "base"}:
         return {k: v for k, v in recipe.items() if k != "judge_steps"}
-    return {**earlier, **{k: recipe[k] for k in ("examples", "batch", "trajectories", "distill_steps")}}
+    own = [k for k in recipe if k.startswith("consistency_")]
+    if "turbo" in stages:
+        own += ["examples", "batch", "trajectories", "distill_steps"]
+    return {**earlier, **{k: recipe[k] for k in own}}
 
 
 def load_saved(model_dir: Path):
@@ -530,12 +583,14 @@ def load_saved(model_dir: Path):
 
 
 def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str]) -> dict[str, float]:
-    """VAE -> base -> trajectories -> turbo, saving base and turbo under args.out; stage 'turbo' alone resumes from
-    a saved base (same seed and recipe: the dataset is re-made, deterministically). Returns each stage's wall time."""
+    """VAE -> base -> trajectories -> turbo -> consistency turbo, saving base and turbo under args.out; stage 'turbo'
+    alone resumes from a saved base (same seed and recipe: the dataset is re-made, deterministically), stage
+    'consistency' alone from a saved Euler turbo. Returns each stage's wall time."""
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
     walls, t = {}, time.time()
-    train_new_base = bool(stages & {"models", "base"})  # else resume from the saved base
+    train_new_base = bool(stages & {"models", "base"})  # else resume from the saved base (or turbo)
+    turbo_dir = args.out / "glyphworld-turbo"
 
     def lap(stage: str) -> None:
         nonlocal t
@@ -564,6 +619,16 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,
                   judge=judge)
         set_latent_stats(pipe, args.seed, device)
+    elif not stages & {"turbo"}:  # --stages consistency
+        if not (turbo_dir / "model_index.json").exists():
+            raise SystemExit(f"--stages consistency re-distils a saved turbo, but {turbo_dir} has none: build it "
+                             "first (--stages turbo) or use --stages models")
+        pipe, settings = load_saved(turbo_dir)
+        settings["guidance_baked"] = json.loads((turbo_dir / "dopsd_bench.json").read_text())["guidance_baked"]
+        if pipe.scheduler.config.get("stochastic_sampling"):
+            raise SystemExit(f"{turbo_dir} samples with restarts already (its scheduler's stochastic_sampling): it "
+                             "is a consistency turbo. The stage starts from the Euler turbo of --stages turbo")
+        log(f"resuming from the turbo in {turbo_dir}")
     else:
         base_dir = args.out / "glyphworld-base"
         if not (base_dir / "model_index.json").exists():
@@ -574,7 +639,8 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
     lap("vae" if train_new_base and not args.init_from else "load")
 
-    data = make_dataset(bb, max(512, recipe["examples"]), args.seed, args.data_cache)
+    n_data = recipe["examples"] if stages & {"models", "base", "turbo"} else recipe["consistency_examples"]
+    data = make_dataset(bb, max(512, n_data), args.seed, args.data_cache)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
     if train_new_base:
@@ -593,11 +659,21 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
         lap("trajectories")
         turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
-        pipe.transformer = turbo
+        bb.denoiser = pipe.transformer = turbo
         pipe.scheduler.register_to_config(stochastic_sampling=False)  # a resumed base may have the stochastic one
-        save_pipeline(pipe, {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance},
-                      args.out / "glyphworld-turbo")
+        settings = {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance}
+        save_pipeline(pipe, settings, turbo_dir)  # what --stages consistency resumes from
         lap("distill")
+    if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
+        bb.stochastic_sampling, bb.guidance_scale = False, 1.0  # the turbo's Euler steps, guidance baked in
+        rolls = restart_rollouts(bb, data, min(len(data["captions"]), max(256, recipe["consistency_examples"])),
+                                 args.seed)
+        lap("restart_rollouts")
+        bb.denoiser = pipe.transformer = distill(bb, rolls, recipe["consistency_steps"], recipe["consistency_batch"],
+                                                 args.consistency_lr, args.seed, consistency=True)
+        pipe.scheduler.register_to_config(stochastic_sampling=True)
+        save_pipeline(pipe, {**settings, "role": "4-step turbo, consistency-distilled (restart sampling)"}, turbo_dir)
+        lap("consistency")
     return walls
 
 

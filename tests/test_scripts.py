@@ -16,7 +16,8 @@ import torch
 from dopsd_bench.world import render as R
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["--scale", "0.002", "--batch", "16", "--vae-batch", "16", "--workers", "1", "--threads", "2"]
+SMOKE = ["--scale", "0.002", "--batch", "16", "--vae-batch", "16", "--consistency-batch", "8", "--workers", "1",
+         "--threads", "2"]
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -41,14 +42,24 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     summary = json.loads((tmp_path / "build_summary.json").read_text())
     assert summary["models"]["recipe"]["distill_steps"] == 4  # 2000 x 0.002
     # the resumed run keeps the base's record: both invocations, every stage
+    turbo_stages = {"load", "dataset", "trajectories", "distill", "restart_rollouts", "consistency"}
     assert [set(i["stage_wall_s"]) for i in summary["models"]["invocations"]] == [
-        {"vae", "dataset", "base"}, {"load", "dataset", "trajectories", "distill"}]
-    assert set(summary["models"]["stage_wall_s"]) == {"vae", "load", "dataset", "base", "trajectories", "distill"}
+        {"vae", "dataset", "base"}, turbo_stages]
+    assert set(summary["models"]["stage_wall_s"]) == {"vae", "base"} | turbo_stages
+    recipe = summary["models"]["recipe"]
+    assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 1e-4
 
+    # the turbo is the consistency-distilled one: it samples with restarts, reproducibly per seed
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
-    assert bb.native_steps == 4 and not bb.stochastic_sampling
-    images = bb.sample(["a small solid red circle at the top, dark background"], [0])
-    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert bb.native_steps == 4 and bb.stochastic_sampling
+    prompt = "a small solid red circle at the top, dark background"
+    images = bb.sample([prompt, prompt], [0, 1])
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert torch.allclose(bb.sample([prompt], [1]), images[1:], atol=1e-5)
+
+    # its stage does not run twice on one turbo: it starts from the Euler turbo of --stages turbo
+    again = _script("build_world.py", "--stages", "consistency", "--out", str(tmp_path), *SMOKE)
+    assert again.returncode != 0 and "samples with restarts already" in again.stderr
 
 
 @pytest.mark.slow
@@ -142,12 +153,15 @@ def test_object_map_is_the_mean_channel_spread_per_latent_cell():
 def test_a_resumed_turbo_records_the_base_recipe_it_continues():
     W = _build_world()
     recipe = {"judge_steps": 6, "examples": 512, "base_steps": 9, "tune_steps": 0, "batch": 16, "trajectories": 256,
-              "distill_steps": 4}
+              "distill_steps": 4, "consistency_examples": 256, "consistency_steps": 3, "consistency_batch": 8}
     earlier = {"examples": 512, "base_steps": 4000, "tune_steps": 1000, "tune_object_weight": 8.0, "batch": 256}
+    consistency = {"consistency_examples": 256, "consistency_steps": 3, "consistency_batch": 8}
     assert W.recorded_recipe(recipe, earlier, {"turbo"}) == {
         "examples": 512, "base_steps": 4000, "tune_steps": 1000, "tune_object_weight": 8.0, "batch": 16,
-        "trajectories": 256, "distill_steps": 4}
+        "trajectories": 256, "distill_steps": 4} | consistency
     assert W.recorded_recipe(recipe, earlier, {"models"}) == {k: v for k, v in recipe.items() if k != "judge_steps"}
+    # a consistency stage resumed from a saved turbo keeps the turbo's record (its batch, its examples)
+    assert W.recorded_recipe(recipe, earlier, {"consistency"}) == earlier | consistency
 
 
 @pytest.mark.slow
