@@ -36,7 +36,8 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     # the base samples with its better sampler (MODEL_CARD.md), the turbo with the Euler steps it was distilled for
     assert Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-base"), device="cpu").stochastic_sampling
 
-    turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
+    turbo = _script("build_world.py", "--stages", "turbo", "--consistency-steps", "1000", "--out", str(tmp_path),
+                    *SMOKE)
     assert turbo.returncode == 0, turbo.stderr[-2000:]
     assert "resuming from the base" in turbo.stdout
     summary = json.loads((tmp_path / "build_summary.json").read_text())
@@ -47,7 +48,7 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
         {"vae", "dataset", "base"}, turbo_stages]
     assert set(summary["models"]["stage_wall_s"]) == {"vae", "base"} | turbo_stages
     recipe = summary["models"]["recipe"]
-    assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 1e-4
+    assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 3e-4
 
     # the turbo is the consistency-distilled one: it samples with restarts, reproducibly per seed
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
@@ -58,7 +59,8 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     assert torch.allclose(bb.sample([prompt], [1]), images[1:], atol=1e-5)
 
     # its stage does not run twice on one turbo: it starts from the Euler turbo of --stages turbo
-    again = _script("build_world.py", "--stages", "consistency", "--out", str(tmp_path), *SMOKE)
+    again = _script("build_world.py", "--stages", "consistency", "--consistency-steps", "1000", "--out",
+                    str(tmp_path), *SMOKE)
     assert again.returncode != 0 and "samples with restarts already" in again.stderr
 
 
@@ -90,6 +92,8 @@ def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
     assert turbo.returncode == 2 and "use it with --stages base or models" in turbo.stderr
     blocks = _script("build_world.py", "--stages", "base", "--blocks", "3", "--out", str(tmp_path))
     assert blocks.returncode == 2 and "expected two counts" in blocks.stderr
+    consistency = _script("build_world.py", "--stages", "consistency", "--out", str(tmp_path))
+    assert consistency.returncode == 2 and "give --consistency-steps N" in consistency.stderr
 
 
 @pytest.mark.slow
