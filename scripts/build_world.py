@@ -513,6 +513,9 @@ def main() -> None:
     if stages - {"judge", "models", "base", "turbo", "consistency"}:
         ap.error(f"--stages {args.stages!r}: expected a comma-separated list of judge, models, base, turbo, "
                  "consistency")
+    if "base" in stages and "consistency" in stages and not stages & {"models", "turbo"}:
+        ap.error("--stages base,consistency: the consistency stage starts from the turbo, which --stages base does "
+                 "not make: add turbo (--stages base,turbo with --consistency-steps N) or use --stages models")
     if "consistency" in stages and not recipe["consistency_steps"]:
         ap.error("--stages consistency trains for --consistency-steps steps, 0 in the shipped recipe: give "
                  "--consistency-steps N (e.g. 1000)")
@@ -644,8 +647,10 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
     lap("vae" if train_new_base and not args.init_from else "load")
 
-    n_data = recipe["examples"] if stages & {"models", "base", "turbo"} else recipe["consistency_examples"]
-    data = make_dataset(bb, max(512, n_data), args.seed, args.data_cache)
+    if stages & {"models", "base", "turbo"}:
+        data = make_dataset(bb, max(512, recipe["examples"]), args.seed, args.data_cache)
+    else:  # the consistency stage alone renders only its examples (the first ones of the build's: same seed)
+        data = make_dataset(bb, max(512, recipe["consistency_examples"]), args.seed)
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
     if train_new_base:

@@ -94,6 +94,9 @@ def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
     assert blocks.returncode == 2 and "expected two counts" in blocks.stderr
     consistency = _script("build_world.py", "--stages", "consistency", "--out", str(tmp_path))
     assert consistency.returncode == 2 and "give --consistency-steps N" in consistency.stderr
+    no_turbo = _script("build_world.py", "--stages", "base,consistency", "--consistency-steps", "9", "--out",
+                       str(tmp_path))
+    assert no_turbo.returncode == 2 and "starts from the turbo" in no_turbo.stderr
 
 
 @pytest.mark.slow
