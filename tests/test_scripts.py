@@ -1,6 +1,6 @@
-"""The scripts users run by hand still run: smoke builds of the embedded world (base, then turbo resumed from it; a
-new DiT on the shipped VAE), the world diagnostics and the benchmarks' CPU paths. Most are slow (about a minute
-each on 2 cores)."""
+"""The scripts users run by hand still run: smoke builds of the embedded world (base, then turbo resumed from it,
+then its consistency stage; a new DiT on the shipped VAE), the world diagnostics and the benchmarks' CPU paths.
+Most are slow (about a minute each on 2 cores)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
+def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
     base = _script("build_world.py", "--stages", "base", "--out", str(tmp_path), *SMOKE)
@@ -36,21 +36,29 @@ def test_build_world_smoke_base_then_resumed_turbo(tmp_path):
     # the base samples with its better sampler (MODEL_CARD.md), the turbo with the Euler steps it was distilled for
     assert Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-base"), device="cpu").stochastic_sampling
 
-    turbo = _script("build_world.py", "--stages", "turbo", "--consistency-steps", "1000", "--out", str(tmp_path),
-                    *SMOKE)
+    turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
     assert turbo.returncode == 0, turbo.stderr[-2000:]
     assert "resuming from the base" in turbo.stdout
-    summary = json.loads((tmp_path / "build_summary.json").read_text())
-    assert summary["models"]["recipe"]["distill_steps"] == 4  # 2000 x 0.002
-    # the resumed run keeps the base's record: both invocations, every stage
-    turbo_stages = {"load", "dataset", "trajectories", "distill", "restart_rollouts", "consistency"}
-    assert [set(i["stage_wall_s"]) for i in summary["models"]["invocations"]] == [
-        {"vae", "dataset", "base"}, turbo_stages]
-    assert set(summary["models"]["stage_wall_s"]) == {"vae", "base"} | turbo_stages
-    recipe = summary["models"]["recipe"]
-    assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 3e-4
+    # the shipped recipe's turbo: trajectory-distilled, sampled with the Euler steps it was distilled for
+    bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
+    assert bb.native_steps == 4 and not bb.stochastic_sampling
 
-    # the turbo is the consistency-distilled one: it samples with restarts, reproducibly per seed
+    consistency = _script("build_world.py", "--stages", "consistency", "--consistency-steps", "1000", "--out",
+                          str(tmp_path), *SMOKE)
+    assert consistency.returncode == 0, consistency.stderr[-2000:]
+    assert "resuming from the turbo" in consistency.stdout
+    summary = json.loads((tmp_path / "build_summary.json").read_text())
+    recipe = summary["models"]["recipe"]
+    assert recipe["distill_steps"] == 4  # 2000 x 0.002
+    assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 3e-4
+    # the resumed runs keep the base's record: all three invocations, every stage
+    assert [set(i["stage_wall_s"]) for i in summary["models"]["invocations"]] == [
+        {"vae", "dataset", "base"}, {"load", "dataset", "trajectories", "distill"},
+        {"load", "dataset", "restart_rollouts", "consistency"}]
+    assert set(summary["models"]["stage_wall_s"]) == {"vae", "load", "dataset", "base", "trajectories", "distill",
+                                                      "restart_rollouts", "consistency"}
+
+    # the consistency turbo samples with restarts, reproducibly per seed
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
     assert bb.native_steps == 4 and bb.stochastic_sampling
     prompt = "a small solid red circle at the top, dark background"
