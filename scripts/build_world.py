@@ -293,6 +293,29 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     return ema, step
 
 
+def rollouts_by_reference(bb, data: dict, order: torch.Tensor, batch: int, label: str, roll) -> dict:
+    """`roll(cond, n) -> {name: tensor}` over the examples `order` of `data`, in batches, text-only and referenced
+    examples apart (one batch's conditioning has one form); its outputs are collected with their captions, reference
+    latents and has_ref flags, as the distillation stages read them."""
+    outs, caps, refs, has_ref = {}, [], [], []
+    for b in range(0, len(order), batch):
+        idx = order[b:b + batch]
+        for use_ref in (False, True):
+            sel = idx[data["has_ref"][idx] == use_ref]
+            if len(sel) == 0:
+                continue
+            c = [data["captions"][i] for i in sel.tolist()]
+            cond = cond_for(bb, c, data["refs"][sel].to(bb.device) if use_ref else None)
+            for name, value in roll(cond, len(sel)).items():
+                outs.setdefault(name, []).append(value.cpu())
+            caps += c
+            refs.append(data["refs"][sel])
+            has_ref += [use_ref] * len(sel)
+        log(f"{label} {min(b + batch, len(order))}/{len(order)}")
+    return {**{k: torch.cat(v) for k, v in outs.items()}, "captions": caps, "refs": torch.cat(refs),
+            "has_ref": torch.tensor(has_ref)}
+
+
 @torch.no_grad()
 def make_trajectories(bb, data: dict, n: int, guidance: float, seed: int, batch: int = 256) -> dict:
     """Teacher (base, CFG `guidance`) trajectories from fixed noise: states at the 4-step schedule's sigmas. They
@@ -301,33 +324,21 @@ def make_trajectories(bb, data: dict, n: int, guidance: float, seed: int, batch:
     gen = torch.Generator().manual_seed(seed + 61)
     sig = bb.sigmas(32).to(bb.device)
     keep = [0, 8, 16, 24, 32]
-    idx_all = torch.randperm(len(data["captions"]), generator=gen)[:n]
-    states, caps, refs, has_ref = [], [], [], []
-    for b in range(0, n, batch):
-        idx = idx_all[b:b + batch]
-        for use_ref in (False, True):
-            sel = idx[data["has_ref"][idx] == use_ref]
-            if len(sel) == 0:
-                continue
-            c = [data["captions"][i] for i in sel.tolist()]
-            ref = data["refs"][sel].to(bb.device) if use_ref else None
-            cond = cond_for(bb, c, ref)
-            uncond = cond_for(bb, [""] * len(sel), None)
-            x = torch.randn((len(sel), *bb.latent_shape()), generator=gen).to(bb.device)
-            traj = [x]
-            for i in range(32):
-                s = sig[i].expand(len(sel))
-                vc = bb.predict_velocity(x, s, cond)
-                vu = bb.predict_velocity(x, s, uncond)
-                x = flow.euler_step(x, vu + guidance * (vc - vu), sig[i], sig[i + 1])
-                traj.append(x)
-            states.append(torch.stack([traj[k] for k in keep], 1).cpu())
-            caps += c
-            refs.append(data["refs"][sel])
-            has_ref += [use_ref] * len(sel)
-        log(f"trajectories {min(b + batch, n)}/{n}")
-    return {"states": torch.cat(states), "captions": caps, "refs": torch.cat(refs), "has_ref": torch.tensor(has_ref),
-            "sigmas": sig[keep].cpu()}
+    order = torch.randperm(len(data["captions"]), generator=gen)[:n]
+
+    def roll(cond: dict, m: int) -> dict:
+        uncond = cond_for(bb, [""] * m, None)
+        x = torch.randn((m, *bb.latent_shape()), generator=gen).to(bb.device)
+        traj = [x]
+        for i in range(32):
+            s = sig[i].expand(m)
+            vc = bb.predict_velocity(x, s, cond)
+            vu = bb.predict_velocity(x, s, uncond)
+            x = flow.euler_step(x, vu + guidance * (vc - vu), sig[i], sig[i + 1])
+            traj.append(x)
+        return {"states": torch.stack([traj[k] for k in keep], 1)}
+
+    return {**rollouts_by_reference(bb, data, order, batch, "trajectories", roll), "sigmas": sig[keep].cpu()}
 
 
 @torch.no_grad()
@@ -339,31 +350,20 @@ def restart_rollouts(bb, data: dict, n: int, seed: int, batch: int = 256) -> dic
     `data` (captions, and references where it has them) condition them."""
     gen = torch.Generator().manual_seed(seed + 81)
     sig = bb.sigmas(4).to(bb.device)
-    states, ends, caps, refs, has_ref = [], [], [], [], []
-    for b in range(0, n, batch):
-        idx = torch.arange(b, min(b + batch, n))
-        for use_ref in (False, True):
-            sel = idx[data["has_ref"][idx] == use_ref]
-            if len(sel) == 0:
-                continue
-            c = [data["captions"][i] for i in sel.tolist()]
-            cond = cond_for(bb, c, data["refs"][sel].to(bb.device) if use_ref else None)
-            x = torch.randn((len(sel), *bb.latent_shape()), generator=gen).to(bb.device)
-            xs, es = [], []
-            for i in range(4):
-                e = bb.denoise_latents(x, cond, sig[i:])
-                xs.append(x)
-                es.append(e)
-                if i < 3:
-                    x = flow.add_noise(e, torch.randn(e.shape, generator=gen).to(bb.device), sig[i + 1])
-            states.append(torch.stack(xs, 1).cpu())
-            ends.append(torch.stack(es, 1).cpu())
-            caps += c
-            refs.append(data["refs"][sel])
-            has_ref += [use_ref] * len(sel)
-        log(f"restart roll-outs {min(b + batch, n)}/{n}")
-    return {"states": torch.cat(states), "ends": torch.cat(ends), "captions": caps, "refs": torch.cat(refs),
-            "has_ref": torch.tensor(has_ref), "sigmas": sig[:4].cpu()}
+
+    def roll(cond: dict, m: int) -> dict:
+        x = torch.randn((m, *bb.latent_shape()), generator=gen).to(bb.device)
+        xs, es = [], []
+        for i in range(4):
+            e = bb.denoise_latents(x, cond, sig[i:])
+            xs.append(x)
+            es.append(e)
+            if i < 3:
+                x = flow.add_noise(e, torch.randn(e.shape, generator=gen).to(bb.device), sig[i + 1])
+        return {"states": torch.stack(xs, 1), "ends": torch.stack(es, 1)}
+
+    return {**rollouts_by_reference(bb, data, torch.arange(n), batch, "restart roll-outs", roll),
+            "sigmas": sig[:4].cpu()}
 
 
 def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consistency: bool = False) -> torch.nn.Module:
