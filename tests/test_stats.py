@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_runs import make_result, write_grid, write_run
 
-from dopsd_bench.stats import bootstrap_ci, compare, paired_delta_ci
+from dopsd_bench.stats import bootstrap_ci, bootstrap_statistic, compare, paired_delta_ci
 from dopsd_bench.store import load_results
 
 
@@ -54,6 +54,22 @@ def test_cluster_bootstrap_is_wider_than_iid_when_clusters_share_an_offset():
     clustered = bootstrap_ci(x, units=units)
     assert clustered.n_units == 6 and iid.n_units == 300
     assert (clustered.hi - clustered.lo) > 3 * (iid.hi - iid.lo)
+
+
+def test_statistic_bootstrap_of_the_mean_is_the_mean_bootstrap():
+    """With the mean as the statistic, the generic bootstrap gives the same point and about the same interval as
+    bootstrap_ci (both resample single values); a statistic that ignores the resample has no width."""
+    x = np.random.default_rng(4).normal(1.0, 2.0, 400)
+    generic = bootstrap_statistic(lambda idx: x[idx].mean(), len(x), n_boot=1000, seed=1)
+    direct = bootstrap_ci(x, n_boot=1000, seed=1)
+    assert generic.mean == pytest.approx(x.mean()) and generic.n_units == 400
+    assert generic.lo == pytest.approx(direct.lo, abs=0.05) and generic.hi == pytest.approx(direct.hi, abs=0.05)
+    flat = bootstrap_statistic(lambda idx: 3.0, 10, n_boot=50)
+    assert (flat.mean, flat.lo, flat.hi) == (3.0, 3.0, 3.0)
+    assert bootstrap_statistic(lambda idx: x[idx].mean(), 400, seed=2) == bootstrap_statistic(
+        lambda idx: x[idx].mean(), 400, seed=2)
+    with pytest.raises(ValueError, match="n >= 2"):
+        bootstrap_statistic(lambda idx: 0.0, 1)
 
 
 def test_single_unit_has_no_interval():

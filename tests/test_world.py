@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
@@ -82,6 +83,41 @@ def test_caption_drop_and_names():
     assert R.caption(scene, name="bako", drop=frozenset({"position", "background"})) == "a small solid green bako"
 
 
+def _retention(features, alignment=0.9):
+    from dopsd_bench.world.check import Retention
+
+    return Retention(torch.full((len(features),), alignment, dtype=torch.float64), features, float("nan"), {})
+
+
+def test_requirements_verdicts_and_paired_intervals():
+    """The goals are checked on the figures, and the FD ratios on paired resamples of the prompts: a model with the
+    same samples as the reference has ratio exactly 1 in every resample, a shifted one a ratio far above 1."""
+    from dopsd_bench.world.check import requirements
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(64, 8, generator=gen)
+    near = real + 0.5 * torch.randn(64, 8, generator=gen)
+    far = near + 3.0
+    retention = {"turbo": _retention(near), "base_32": _retention(near), "base_native": _retention(far),
+                 "sft": _retention(near.clone()), "sft_style": _retention(far, alignment=0.5)}
+    figures = {"judge_accuracy": {"shape": 0.99, "colour": 0.97}, "turbo_alignment": 0.9,
+               "teacher_concept_acc": 0.7, "teacher_style_acc": 0.5, "text_only_concept_acc": 0.0,
+               "text_only_style_acc": 0.2}
+    goals = requirements(figures, real, retention, n_boot=50)
+    assert goals["R1_turbo_fd_vs_base_32"] == {"value": 1.0, "goal": "<= 1.5", "holds": True, "ci95": [1.0, 1.0],
+                                               "clear": True}
+    r2 = goals["R2_base_fd_native_vs_32"]
+    assert r2["holds"] and r2["clear"] and 2 < r2["ci95"][0] <= r2["value"] <= r2["ci95"][1]
+    # R4 asks for a measurable degradation: an unchanged model does not pass, a clearly worse one does
+    assert not goals["R4_sft_retention_fd_ratio"]["holds"]
+    assert goals["R4_sft_style_retention_fd_ratio"]["holds"] and goals["R4_sft_style_retention_fd_ratio"]["clear"]
+    assert goals["R1_turbo_alignment"]["holds"] and goals["R1_turbo_alignment"]["ci95"] == [0.9, 0.9]
+    assert not goals["judge_accuracy_min"]["holds"] and goals["judge_accuracy_min"]["value"] == 0.97
+    assert [goals[f"R3_{k}"]["holds"] for k in ("teacher_concept_acc", "teacher_style_acc",
+                                                 "text_only_concept_acc", "text_only_style_acc")] == [
+        True, False, True, False]
+
+
 WORLD_CHECK_KEYS = {"judge_accuracy", "turbo_alignment", "turbo_fd", "base_fd_32", "base_fd_native",
                     "teacher_concept_acc", "teacher_concept_acc_new_context", "text_only_concept_acc",
                     "teacher_style_acc", "teacher_style_acc_new_context", "text_only_style_acc",
@@ -116,3 +152,11 @@ def test_world_check_json_on_the_shipped_model(capsys):
     # two separate LoRAs on two training sets: the tuned models differ from the untuned one and from each other
     after = {figures["turbo_fd"], figures["sft_retention_fd_after"], figures["sft_style_retention_fd_after"]}
     assert len(after) == 3 and figures["sft_retention_fd_ratio"] > 0 and figures["sft_style_retention_fd_ratio"] > 0
+    # the goals restate these figures: the FD ratios are the figures' own, inside their bootstrap intervals
+    goals = figures["requirements"]
+    for name, num, den in (("R1_turbo_fd_vs_base_32", "turbo_fd", "base_fd_32"),
+                           ("R2_base_fd_native_vs_32", "base_fd_native", "base_fd_32"),
+                           ("R4_sft_retention_fd_ratio", "sft_retention_fd_after", "turbo_fd")):
+        assert goals[name]["value"] == pytest.approx(figures[num] / figures[den], abs=1e-4)
+        assert goals[name]["ci95"][0] <= goals[name]["value"] <= goals[name]["ci95"][1]
+    assert goals["R1_turbo_alignment"]["holds"] == (figures["turbo_alignment"] >= 0.85)

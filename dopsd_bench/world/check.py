@@ -1,6 +1,9 @@
 """`dopsd-bench world check`: recompute the embedded world's figures (R1-R4 of the world issue) on fixed seeds.
 
-Every number is measured now by the world judge: nothing is read from a file.
+Every number is measured now by the world judge: nothing is read from a file. `requirements` restates each goal
+of the world issue with its verdict; the retention figures' goals (R1, R2, R4) carry 95% paired-bootstrap
+intervals over the retention prompts, since at 256 prompts another draw of prompts and seeds moves an FD by
+several percent.
 
     dopsd-bench world check --json                 # full check (a few minutes on 2 CPU cores)
     dopsd-bench world check --json --quick         # fewer samples and SFT steps (a smoke test)
@@ -14,7 +17,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +30,7 @@ from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.frechet import frechet_distance
 from dopsd_bench.metrics.scores import attribute_accuracy, attribute_alignment, label_index
+from dopsd_bench.stats import Interval, bootstrap_ci, bootstrap_statistic
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
 from dopsd_bench.world.judge import WorldJudge
@@ -135,12 +139,28 @@ def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, f
     return out
 
 
+@dataclass(frozen=True)
+class Retention:
+    """The judge's reading of samples made for retention prompts: per-sample attribute alignment, judge features,
+    FD of those features to true renders of the same prompts, and accuracy per attribute."""
+
+    alignment: torch.Tensor  # (N,)
+    features: torch.Tensor  # (N, D), row i for prompt i: resampling rows keeps samples paired across models
+    fd: float
+    accuracy: dict[str, float]
+
+
+def judge_retention(judge: WorldJudge, images, targets, real_feats) -> Retention:
+    probs, feats = judge_all(judge, images)
+    return Retention(attribute_alignment(probs, targets), feats, frechet_distance(real_feats, feats),
+                     {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
+
+
 def retention_scores(judge: WorldJudge, images, targets, real_feats) -> tuple[float, float, dict[str, float]]:
     """(attribute alignment, judge-feature FD to true renders, accuracy per attribute) of `images` made for
     retention prompts with attributes `targets`."""
-    probs, feats = judge_all(judge, images)
-    return (float(attribute_alignment(probs, targets).mean()), frechet_distance(real_feats, feats),
-            {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
+    r = judge_retention(judge, images, targets, real_feats)
+    return float(r.alignment.mean()), r.fd, r.accuracy
 
 
 def retention_setup(judge: WorldJudge, n: int, seed: int = 0) -> tuple[list[str], list[dict], torch.Tensor,
@@ -159,10 +179,11 @@ def retention_figures(bb, judge: WorldJudge, prompts, targets, real_feats, seeds
 
 
 def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps: int | None, fd_before: float,
-                        family: str = "concept", instance: str = "zorb") -> dict[str, float]:
+                        family: str = "concept", instance: str = "zorb") -> tuple[dict[str, float], Retention]:
     """Train the default `sft` LoRA on a held-out concept (or style) and compare native-step retention FD with the
     untuned turbo's (`fd_before`, the same prompts and seeds). Keys are `sft_retention_*` for the concept (R4's
-    figure) and `sft_{family}_retention_*` for any other family."""
+    figure) and `sft_{family}_retention_*` for any other family; the tuned turbo's retention samples come with
+    them."""
     from dopsd_bench.method import Batch
     from dopsd_bench.registry import METHODS
     from dopsd_bench.train import TrainConfig, train
@@ -173,11 +194,57 @@ def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps
     with tempfile.TemporaryDirectory() as tmp:
         train(method, turbo, Batch(images, captions), replace(cfg, checkpoint_every=0), tmp)
     turbo.set_adapter(method.adapter)
-    _, fd_after, _ = retention_figures(turbo, judge, prompts, targets, real_feats, seeds)
+    after = judge_retention(judge, _batched_sample(turbo, prompts, seeds), targets, real_feats)
     turbo.set_adapter(None)
     key = "sft" if family == "concept" else f"sft_{family}"
-    return {f"{key}_retention_fd_before": fd_before, f"{key}_retention_fd_after": fd_after,
-            f"{key}_retention_fd_ratio": fd_after / fd_before, f"{key}_steps": cfg.steps}
+    return {f"{key}_retention_fd_before": fd_before, f"{key}_retention_fd_after": after.fd,
+            f"{key}_retention_fd_ratio": after.fd / fd_before, f"{key}_steps": cfg.steps}, after
+
+
+def fd_ratio_interval(real_feats: torch.Tensor, num: Retention, den: Retention, n_boot: int, seed: int = 0
+                      ) -> Interval:
+    """FD(num) / FD(den), both to the same true renders, with a 95% paired bootstrap over the retention prompts
+    (a resample keeps each prompt's true render and both models' samples together)."""
+    def ratio(idx: np.ndarray) -> float:
+        real = real_feats[idx]
+        return frechet_distance(real, num.features[idx]) / frechet_distance(real, den.features[idx])
+
+    return bootstrap_statistic(ratio, len(real_feats), n_boot, seed=seed)
+
+
+def _goal(value: float, goal: str, holds, ci: Interval | None = None, on_interval: bool = False) -> dict:
+    """One requirement: its figure, goal and verdict. With an interval, `clear` says whether the whole interval is
+    on one side of the goal (a verdict another draw of prompts and seeds would likely keep); with `on_interval`
+    the goal must hold over the whole interval ("measurably")."""
+    entry = {"value": round(value, 4), "goal": goal,
+             "holds": bool(holds(ci.lo) and holds(ci.hi) if on_interval else holds(value))}
+    if ci is not None:
+        entry["ci95"] = [round(ci.lo, 4), round(ci.hi, 4)]
+        entry["clear"] = bool(holds(ci.lo) == holds(ci.hi))
+    return entry
+
+
+def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, Retention], n_boot: int = 300,
+                 seed: int = 0) -> dict[str, dict]:
+    """The world issue's goals (R1-R4 and the judge's), each checked on `figures`; the retention figures get
+    paired-bootstrap intervals from the samples in `retention` (turbo, base_32, base_native, sft, sft_style)."""
+    def ratio(num: str, den: str) -> Interval:
+        return fd_ratio_interval(real_feats, retention[num], retention[den], n_boot, seed)
+
+    alignment = bootstrap_ci(retention["turbo"].alignment.numpy(), n_boot=n_boot, seed=seed)
+    r1_fd, r2 = ratio("turbo", "base_32"), ratio("base_native", "base_32")
+    out = {"judge_accuracy_min": _goal(min(figures["judge_accuracy"].values()), ">= 0.98", lambda v: v >= 0.98),
+           "R1_turbo_alignment": _goal(figures["turbo_alignment"], ">= 0.85", lambda v: v >= 0.85, alignment),
+           "R1_turbo_fd_vs_base_32": _goal(r1_fd.mean, "<= 1.5", lambda v: v <= 1.5, r1_fd),
+           "R2_base_fd_native_vs_32": _goal(r2.mean, ">= 2", lambda v: v >= 2, r2)}
+    for family in ("concept", "style"):
+        out[f"R3_teacher_{family}_acc"] = _goal(figures[f"teacher_{family}_acc"], ">= 0.6", lambda v: v >= 0.6)
+        out[f"R3_text_only_{family}_acc"] = _goal(figures[f"text_only_{family}_acc"], "<= 0.15",
+                                                  lambda v: v <= 0.15)
+    for key, name in (("sft", "R4_sft_retention_fd_ratio"), ("sft_style", "R4_sft_style_retention_fd_ratio")):
+        ci = ratio(key, "turbo")
+        out[name] = _goal(ci.mean, "> 1, measurably", lambda v: v > 1, ci, on_interval=True)
+    return out
 
 
 def world_check(quick: bool = False, seed: int = 0, models: Path | None = None) -> dict:
@@ -194,15 +261,20 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None) 
     out: dict = {"judge_accuracy": judge_accuracy(judge, [judge_scene(rng) for _ in range(200 if quick else 1000)])}
     prompts, targets, real_feats, seeds = retention_setup(judge, n_ret, seed)
 
+    retention: dict[str, Retention] = {}
+
+    def measure(name: str, suffix: str, bb, steps: int | None = None) -> None:
+        r = judge_retention(judge, _batched_sample(bb, prompts, seeds, steps), targets, real_feats)
+        retention[name + suffix] = r  # turbo, base_32, base_native
+        out[f"{name}_alignment{suffix}"], out[f"{name}_fd{suffix}"] = float(r.alignment.mean()), r.fd
+        out[f"{name}_attribute_accuracy{suffix}"] = r.accuracy
+
     turbo = Flux2KleinBackbone.from_pretrained(turbo_name)
     out["turbo_native_steps"] = turbo.native_steps
-    out["turbo_alignment"], out["turbo_fd"], out["turbo_attribute_accuracy"] = retention_figures(
-        turbo, judge, prompts, targets, real_feats, seeds)
+    measure("turbo", "", turbo)
     base = Flux2KleinBackbone.from_pretrained(base_name)
-    out["base_alignment_32"], out["base_fd_32"], out["base_attribute_accuracy_32"] = retention_figures(
-        base, judge, prompts, targets, real_feats, seeds, 32)
-    out["base_alignment_native"], out["base_fd_native"], out["base_attribute_accuracy_native"] = retention_figures(
-        base, judge, prompts, targets, real_feats, seeds, turbo.native_steps)
+    measure("base", "_32", base, 32)
+    measure("base", "_native", base, turbo.native_steps)
     del base
     # same-prompt real-vs-real floor: what FD two independent sets of true renders reach at this N
     other_renders = D.true_renders(targets, seed + 7)
@@ -214,8 +286,11 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None) 
     # R4 at the default budget: on the concept (the issue's figure) and on the style, where the fill is learnt
     for family, instance in (("concept", "zorb"), ("style", "dotted")):
         fresh = Flux2KleinBackbone.from_pretrained(turbo_name)  # each run starts from the untuned turbo
-        out.update(sft_retention_ratio(fresh, judge, prompts, targets, real_feats, seeds, 20 if quick else None,
-                                       out["turbo_fd"], family, instance))
+        figures, retention["sft" if family == "concept" else "sft_style"] = sft_retention_ratio(
+            fresh, judge, prompts, targets, real_feats, seeds, 20 if quick else None, out["turbo_fd"], family,
+            instance)
+        out.update(figures)
+    out["requirements"] = requirements(out, real_feats, retention, n_boot=100 if quick else 300, seed=seed)
     out["n_retention_prompts"] = n_ret
     out["wall_s"] = round(time.time() - t0, 1)
     return out
@@ -245,9 +320,19 @@ def check_command(
     from rich.console import Console
     from rich.table import Table
 
+    goals = figures.pop("requirements")
     table = Table(title="glyphworld check")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in figures.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
-    Console().print(table)
+    verdicts = Table(title="the world issue's goals (95% interval: paired bootstrap over the retention prompts)")
+    verdicts.add_column("goal", no_wrap=True)
+    for column in ("figure", "95% interval", "wanted", "verdict"):
+        verdicts.add_column(column, justify="right" if column in ("figure", "95% interval") else "left")
+    for name, g in goals.items():
+        # not clear: the interval straddles the goal, so another draw of prompts and seeds could flip the verdict
+        verdict = ("[green]holds" if g["holds"] else "[red]misses") + ("" if g.get("clear", True) else ", in noise")
+        interval = f"{g['ci95'][0]:.3g}-{g['ci95'][1]:.3g}" if "ci95" in g else ""
+        verdicts.add_row(name, f"{g['value']:.4g}", interval, g["goal"], verdict)
+    Console().print(table, verdicts)
