@@ -16,6 +16,7 @@ A difference is significant when its 95% interval excludes 0.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,8 @@ def bootstrap_ci(
     return Interval(mean, float(min(lo, mean)), float(max(hi, mean)), n_units)
 
 
-def bootstrap_statistic(statistic, n: int, n_boot: int = 500, level: float = 0.95, seed: int = 0) -> Interval:
+def bootstrap_statistic(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 500, level: float = 0.95,
+                        seed: int = 0) -> Interval:
     """Bootstrap interval of any statistic of n paired samples: `statistic(idx)` is computed on the samples idx (an
     int array drawn with replacement from range(n)); `mean` holds the statistic on all n samples. For a set-level
     figure such as a ratio of two Fréchet distances on the same prompts, whose resamples keep each prompt's samples

@@ -151,6 +151,7 @@ class Retention:
 
 
 def judge_retention(judge: WorldJudge, images, targets, real_feats) -> Retention:
+    """`Retention` of `images` made for retention prompts with attributes `targets` (FD against `real_feats`)."""
     probs, feats = judge_all(judge, images)
     return Retention(attribute_alignment(probs, targets), feats, frechet_distance(real_feats, feats),
                      {k: round(v, 4) for k, v in attribute_accuracy(probs, targets).items()})
