@@ -229,3 +229,7 @@ def test_world_check_of_a_folder_without_a_build_is_a_user_error(tmp_path):
     (tmp_path / "glyphworld-base").mkdir()
     assert_user_error(invoke("world", "check", "--models", str(tmp_path)),
                       "expected a build folder", "missing: glyphworld-base, glyphworld-turbo")
+
+
+def test_world_check_with_too_few_prompts_is_a_user_error():
+    assert_user_error(invoke("world", "check", "--prompts", "4"), "--prompts 4", "at least 16")
