@@ -8,7 +8,7 @@ several percent.
     dopsd-bench world check --json                 # full check (a few minutes on 2 CPU cores)
     dopsd-bench world check --json --quick         # fewer samples and SFT steps (a smoke test)
     dopsd-bench world check --models /tmp/gw       # a candidate build (scripts/build_world.py --out /tmp/gw)
-    dopsd-bench world check --prompts 1024         # firmer retention figures (about 4x the sampling time)
+    dopsd-bench world check --prompts 1024         # firmer retention figures (about 6 minutes)
 """
 
 from __future__ import annotations
@@ -308,8 +308,8 @@ def check_command(
         help="A build's output folder (scripts/build_world.py --out) holding glyphworld-base/ and "
              "glyphworld-turbo/: check a candidate before it replaces the shipped models.")] = None,
     prompts: Annotated[int | None, typer.Option(
-        help="Retention prompts (default 256, 64 with --quick): more give firmer R1, R2 and R4 figures, at about "
-             "0.6 s of CPU per prompt; FDs are comparable only at the same number.")] = None,
+        help="Retention prompts (default 256, 64 with --quick): more give firmer R1, R2 and R4 figures; each 256 "
+             "more add about a minute on 2 CPU cores. FDs are comparable only at the same number.")] = None,
 ) -> None:
     """Recompute the embedded world's figures (judge accuracy, few-step quality, distillation, in-context teacher,
     SFT sensitivity) on fixed seeds."""
