@@ -83,25 +83,33 @@ def bootstrap_ci(
     return Interval(mean, float(min(lo, mean)), float(max(hi, mean)), n_units)
 
 
-def bootstrap_statistic(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 500, level: float = 0.95,
-                        seed: int = 0) -> Interval:
-    """Bootstrap interval of any statistic of n paired samples: `statistic(idx)` is computed on the samples idx (an
-    int array drawn with replacement from range(n)); `mean` holds the statistic on all n samples. For a set-level
-    figure such as a ratio of two Fréchet distances on the same prompts, whose resamples keep each prompt's samples
-    together.
+def bootstrap_statistics(statistics: Callable[[np.ndarray], list[float]], n: int, n_boot: int = 500,
+                         level: float = 0.95, seed: int = 0) -> list[Interval]:
+    """Bootstrap intervals of several statistics of n paired samples, all on the same resamples: `statistics(idx)`
+    returns their values on the samples idx (an int array drawn with replacement from range(n)), so work they share
+    (e.g. one model's Fréchet distance in two ratios) is done once per resample. Each Interval's `mean` holds the
+    statistic on all n samples. For set-level figures such as ratios of Fréchet distances on the same prompts, whose
+    resamples keep each prompt's samples together.
 
-    The interval is the resamples' percentile spread around their median, placed around the full-sample statistic:
+    Each interval is the resamples' percentile spread around their median, placed around the full-sample statistic:
     repeated samples bias a Fréchet distance upwards, which would shift raw percentiles off the estimate."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1 or n < 2:
         raise ValueError(f"expected n >= 2 samples and n_boot >= 1, got n={n}, n_boot={n_boot}")
-    point = float(statistic(np.arange(n)))
+    point = np.asarray(statistics(np.arange(n)), dtype=np.float64)
     rng = np.random.default_rng(seed)
-    stats = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
+    stats = np.array([statistics(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
     a = (1 - level) / 2
-    lo, median, hi = np.quantile(stats, [a, 0.5, 1 - a])
-    return Interval(point, float(point + lo - median), float(point + hi - median), n)
+    lo, median, hi = np.quantile(stats.reshape(n_boot, -1), [a, 0.5, 1 - a], axis=0)
+    return [Interval(float(p), float(p + lo[j] - median[j]), float(p + hi[j] - median[j]), n)
+            for j, p in enumerate(point.reshape(-1))]
+
+
+def bootstrap_statistic(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 500, level: float = 0.95,
+                        seed: int = 0) -> Interval:
+    """`bootstrap_statistics` of one statistic."""
+    return bootstrap_statistics(lambda idx: [statistic(idx)], n, n_boot, level, seed)[0]
 
 
 def paired_delta_ci(

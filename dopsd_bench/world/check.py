@@ -31,7 +31,7 @@ from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.frechet import frechet_distance
 from dopsd_bench.metrics.scores import attribute_accuracy, attribute_alignment, label_index
-from dopsd_bench.stats import Interval, bootstrap_ci, bootstrap_statistic
+from dopsd_bench.stats import Interval, bootstrap_ci, bootstrap_statistics
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
 from dopsd_bench.world.judge import WorldJudge
@@ -203,15 +203,26 @@ def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps
             f"{key}_retention_fd_ratio": after.fd / fd_before, f"{key}_steps": cfg.steps}, after
 
 
+def fd_ratio_intervals(real_feats: torch.Tensor, retention: dict[str, Retention], pairs: list[tuple[str, str]],
+                       n_boot: int, seed: int = 0) -> dict[tuple[str, str], Interval]:
+    """FD(num) / FD(den) for each (num, den) of `pairs` (keys of `retention`), all to the same true renders, with 95%
+    paired-bootstrap intervals over the retention prompts: a resample keeps each prompt's true render and every
+    model's sample together, and each model's FD is computed once per resample however many ratios use it."""
+    names = sorted({name for pair in pairs for name in pair})
+
+    def ratios(idx: np.ndarray) -> list[float]:
+        real = real_feats[idx]
+        fd = {name: frechet_distance(real, retention[name].features[idx]) for name in names}
+        return [fd[num] / fd[den] for num, den in pairs]
+
+    return dict(zip(pairs, bootstrap_statistics(ratios, len(real_feats), n_boot, seed=seed), strict=True))
+
+
 def fd_ratio_interval(real_feats: torch.Tensor, num: Retention, den: Retention, n_boot: int, seed: int = 0
                       ) -> Interval:
-    """FD(num) / FD(den), both to the same true renders, with a 95% paired bootstrap over the retention prompts
-    (a resample keeps each prompt's true render and both models' samples together)."""
-    def ratio(idx: np.ndarray) -> float:
-        real = real_feats[idx]
-        return frechet_distance(real, num.features[idx]) / frechet_distance(real, den.features[idx])
-
-    return bootstrap_statistic(ratio, len(real_feats), n_boot, seed=seed)
+    """FD(num) / FD(den) with its interval, as `fd_ratio_intervals` gives it."""
+    pair = ("num", "den")
+    return fd_ratio_intervals(real_feats, {"num": num, "den": den}, [pair], n_boot, seed)[pair]
 
 
 def _goal(value: float, goal: str, holds, ci: Interval | None = None, on_interval: bool = False) -> dict:
@@ -230,11 +241,11 @@ def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, R
                  seed: int = 0) -> dict[str, dict]:
     """The world issue's goals (R1-R4 and the judge's), each checked on `figures`; the retention figures get
     paired-bootstrap intervals from the samples in `retention` (turbo, base_32, base_native, sft, sft_style)."""
-    def ratio(num: str, den: str) -> Interval:
-        return fd_ratio_interval(real_feats, retention[num], retention[den], n_boot, seed)
-
+    r4 = {"sft": "R4_sft_retention_fd_ratio", "sft_style": "R4_sft_style_retention_fd_ratio"}
+    ratio = fd_ratio_intervals(real_feats, retention, [("turbo", "base_32"), ("base_native", "base_32")]
+                               + [(key, "turbo") for key in r4], n_boot, seed)
     alignment = bootstrap_ci(retention["turbo"].alignment.numpy(), n_boot=n_boot, seed=seed)
-    r1_fd, r2 = ratio("turbo", "base_32"), ratio("base_native", "base_32")
+    r1_fd, r2 = ratio["turbo", "base_32"], ratio["base_native", "base_32"]
     out = {"judge_accuracy_min": _goal(min(figures["judge_accuracy"].values()), ">= 0.98", lambda v: v >= 0.98),
            "R1_turbo_alignment": _goal(figures["turbo_alignment"], ">= 0.85", lambda v: v >= 0.85, alignment),
            "R1_turbo_fd_vs_base_32": _goal(r1_fd.mean, "<= 1.5", lambda v: v <= 1.5, r1_fd),
@@ -243,8 +254,8 @@ def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, R
         out[f"R3_teacher_{family}_acc"] = _goal(figures[f"teacher_{family}_acc"], ">= 0.6", lambda v: v >= 0.6)
         out[f"R3_text_only_{family}_acc"] = _goal(figures[f"text_only_{family}_acc"], "<= 0.15",
                                                   lambda v: v <= 0.15)
-    for key, name in (("sft", "R4_sft_retention_fd_ratio"), ("sft_style", "R4_sft_style_retention_fd_ratio")):
-        ci = ratio(key, "turbo")
+    for key, name in r4.items():
+        ci = ratio[key, "turbo"]
         out[name] = _goal(ci.mean, "> 1, measurably", lambda v: v > 1, ci, on_interval=True)
     return out
 
