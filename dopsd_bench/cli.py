@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -23,47 +24,70 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from dopsd_bench import __version__
 from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
 
 # ---- commands from other modules: one line each, imported only when used -------------------------------------------
-# name -> "module:function" (a typer-annotated function). Loading on demand keeps `run`, `list` and error messages
-# fast, and a command appears as soon as its module and function exist.
-COMMANDS = {
-    "sweep": "dopsd_bench.sweep:sweep_command",
-    "leaderboard": "dopsd_bench.leaderboard:leaderboard_command",
-    "report": "dopsd_bench.report:report_command",
-    "check": "dopsd_bench.check:check_command",
+# name -> ("module:function", one-line help). The function is typer-annotated and its docstring's first line is the
+# help shown here (a test keeps the two equal): `--help` lists commands without importing their modules (pandas,
+# torch), and a command is imported when it runs. A bare "module:function" is imported to be listed, and is hidden
+# while that module or function does not exist.
+COMMANDS: dict[str, str | tuple[str, str]] = {
+    "sweep": ("dopsd_bench.sweep:sweep_command",
+              "Run a matched grid of methods x tasks x seeds x budgets; resumable and shardable."),
+    "leaderboard": ("dopsd_bench.leaderboard:leaderboard_command",
+                    "Aggregate run dirs into a leaderboard with paired-bootstrap 95% intervals."),
+    "report": ("dopsd_bench.report:report_command",
+               "Write one self-contained HTML report: leaderboard, image grids, step curves, fidelity-vs-retention."),
+    "check": ("dopsd_bench.check:check_command",
+              "Exit 1 when a metric is worse than the baseline beyond its interval or tolerance; 0 otherwise."),
 }
-WORLD_COMMANDS = {
-    "check": "dopsd_bench.world.check:check_command",
+WORLD_COMMANDS: dict[str, str | tuple[str, str]] = {
+    "check": ("dopsd_bench.world.check:check_command",
+              "Recompute the embedded world's figures on fixed seeds, each goal with its verdict."),
 }
 
 
 class LazyGroup(TyperGroup):
-    """A command group that also offers `lazy` commands ("module:function"), imported on first use."""
+    """A command group that also offers `lazy` commands (see COMMANDS), imported when they run."""
 
-    lazy: ClassVar[dict[str, str]] = {}
+    lazy: ClassVar[dict[str, str | tuple[str, str]]] = {}
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:  # typer vendors click: its Context/Command types
         if cmd_name not in self.commands and cmd_name in self.lazy:
-            command = load_command(cmd_name, self.lazy[cmd_name])
-            if command is not None:
-                self.commands[cmd_name] = command
+            entry = self.lazy[cmd_name]
+            if isinstance(entry, tuple):  # listed from its static help: a stand-in until it runs
+                return TyperCommand(cmd_name, help=entry[1], short_help=entry[1])
+            return self._load(cmd_name)
         return super().get_command(ctx, cmd_name)
 
+    def _load(self, cmd_name: str) -> Any:
+        entry = self.lazy[cmd_name]
+        command = load_command(cmd_name, entry[0] if isinstance(entry, tuple) else entry)
+        if command is not None:
+            self.commands[cmd_name] = command
+        return command
+
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        if args and args[0] not in self.commands and args[0] not in self.lazy:
-            self.list_commands(ctx)  # a typo: load every command, so "did you mean" can name any of them
+        if args and args[0] not in self.commands and args[0] in self.lazy:
+            self._load(args[0])  # it runs (or shows its own help): the real command
+        elif args and args[0] not in self.commands:
+            for name in self.lazy:  # a typo: load every command, so "did you mean" can name any of them
+                self._load(name)
         return super().resolve_command(ctx, args)
 
     def list_commands(self, ctx: Any) -> list[str]:
-        for name in self.lazy:  # help lists every command: load the ones that exist
-            self.get_command(ctx, name)
-        return super().list_commands(ctx)
+        names = set(self.commands)
+        for name, entry in self.lazy.items():
+            if isinstance(entry, tuple):
+                if importlib.util.find_spec(entry[0].partition(":")[0]) is not None:  # finds, does not import
+                    names.add(name)
+            elif self.get_command(ctx, name) is not None:
+                names.add(name)
+        return sorted(names)
 
 
 def load_command(name: str, ref: str) -> Any:
@@ -83,7 +107,7 @@ def load_command(name: str, ref: str) -> Any:
     return typer.main.get_command(single)
 
 
-def lazy_group(commands: dict[str, str]) -> type[LazyGroup]:
+def lazy_group(commands: dict[str, str | tuple[str, str]]) -> type[LazyGroup]:
     return type("LazyGroup", (LazyGroup,), {"lazy": commands})
 
 
@@ -223,10 +247,11 @@ def list_(what: Annotated[str, typer.Argument(help="methods, tasks, backbones or
     if what not in LIST_KINDS:
         raise UnknownNameError("kind", what, list(LIST_KINDS))
     registry = LIST_KINDS[what]
-    table = Table(title=f"{what} ({len(registry.names())})", title_justify="left")
+    entries = registry.catalog()
+    table = Table(title=f"{what} ({len(entries)})", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
-    for name, description in registry.describe().items():
+    for name, description in entries.items():
         table.add_row(escape(name), escape(description))  # descriptions may hold [brackets]
     out.print(table)
 

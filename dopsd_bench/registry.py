@@ -38,10 +38,13 @@ __all__ = ["BACKBONES", "METHODS", "METRICS", "TASKS", "Registry", "UnknownNameE
 class Registry:
     """A named collection of plug-ins of one kind, filled by `register` and, once, by an optional loader."""
 
-    def __init__(self, kind: str, loader: Callable[[Registry], None] | None = None):
+    def __init__(self, kind: str, loader: Callable[[Registry], None] | None = None,
+                 catalog: Callable[[], dict[str, str]] | None = None, group: str | None = None):
         self.kind = kind  # singular noun for messages: "method", "task", ...
         self._entries: dict[str, tuple[Any, str]] = {}
         self._loader = loader
+        self._catalog = catalog  # the shipped entries' descriptions, read without importing them
+        self._group = group  # entry-point group of third-party plug-ins
         self._loaded = loader is None
         self.extra_paths: list[Path] = []  # third-party plug-in files/folders (see METHODS)
 
@@ -76,6 +79,15 @@ class Registry:
         """name -> one-line description, sorted by name."""
         self._ensure_loaded()
         return {n: self._entries[n][1] for n in sorted(self._entries)}
+
+    def catalog(self) -> dict[str, str]:
+        """What `describe` returns, without importing the shipped plug-ins (torch and friends) where their
+        descriptions can be read as they are written: `list` stays fast. Third-party plug-ins are imported."""
+        plugins = self.extra_paths or _env_paths(PLUGIN_PATH_VARS.get(self.kind, "")) or (
+            self._group and importlib.metadata.entry_points(group=self._group))
+        if self._loaded or self._catalog is None or plugins:
+            return self.describe()
+        return dict(sorted(self._catalog().items()))
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
@@ -180,6 +192,51 @@ def _env_paths(var: str) -> list[Path]:
     return [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p.strip()]
 
 
+PLUGIN_PATH_VARS = {"method": "DOPSD_BENCH_METHODS_PATH"}
+
+
+def registered_in_source(files: list[Path], registry_name: str) -> dict[str, str]:
+    """name -> description of each `@<registry_name>.register("name", description="...")` decorator in `files`, read
+    from their source without importing them (the shipped plug-ins write them so; a test holds the result equal to
+    the imported registry's `describe`)."""
+    import ast
+
+    found = {}
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                continue
+            for deco in node.decorator_list:
+                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"
+                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == registry_name):
+                    name = ast.literal_eval(deco.args[0])
+                    found[name] = next((ast.literal_eval(k.value) for k in deco.keywords if k.arg == "description"),
+                                       "")
+    return found
+
+
+def _package_files(package: str, only: tuple[str, ...] = ()) -> list[Path]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.py")
+                   if not f.name.startswith("_"))
+    return [f for f in files if not only or f.stem in only]
+
+
+def _methods_catalog() -> dict[str, str]:
+    return registered_in_source(_package_files("dopsd_bench.methods"), "METHODS")
+
+
+def _backbones_catalog() -> dict[str, str]:
+    return registered_in_source(_package_files("dopsd_bench.backbones", ("flux2", "zimage")), "BACKBONES")
+
+
+def _metrics_catalog() -> dict[str, str]:
+    info = importlib.import_module("dopsd_bench.metrics.info")
+    return {name: spec.description for name, spec in info.METRIC_INFO.items()}
+
+
 def _load_methods(registry: Registry) -> None:
     import_submodules("dopsd_bench.methods")
     load_entry_points(registry, "dopsd_bench.methods")
@@ -206,7 +263,7 @@ def _load_tasks(registry: Registry) -> None:
     register_task_dirs(registry)
 
 
-METHODS = Registry("method", _load_methods)
+METHODS = Registry("method", _load_methods, _methods_catalog, "dopsd_bench.methods")
 TASKS = Registry("task", _load_tasks)
-BACKBONES = Registry("backbone", _load_backbones)
-METRICS = Registry("metric", _load_metrics)
+BACKBONES = Registry("backbone", _load_backbones, _backbones_catalog, "dopsd_bench.backbones")
+METRICS = Registry("metric", _load_metrics, _metrics_catalog, "dopsd_bench.metrics")

@@ -233,3 +233,32 @@ def test_world_check_of_a_folder_without_a_build_is_a_user_error(tmp_path):
 
 def test_world_check_with_too_few_prompts_is_a_user_error():
     assert_user_error(invoke("world", "check", "--prompts", "4"), "--prompts 4", "at least 16")
+
+
+# ---- cold start: --help and list read static text, not the modules behind it -------------------------------------
+def test_static_command_help_is_the_commands_own_docstring():
+    import importlib
+
+    from dopsd_bench import cli as cli_module
+
+    for table in (cli_module.COMMANDS, cli_module.WORLD_COMMANDS):
+        for name, (ref, short) in table.items():
+            module, _, attr = ref.partition(":")
+            doc = getattr(importlib.import_module(module), attr).__doc__
+            assert doc.strip().splitlines()[0] == short, name
+
+
+@pytest.mark.parametrize("registry", [METHODS, BACKBONES, METRICS], ids=lambda r: r.kind)
+def test_catalog_read_without_import_is_what_the_registry_describes(registry):
+    static = registry._catalog()  # the source-read entries that `list` shows when no plug-in is configured
+    assert static and dict(sorted(static.items())) == registry.describe()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["world", "--help"], ["list", "methods"], ["list", "metrics"],
+                                  ["list", "backbones"], ["list", "tasks"]])
+def test_help_and_list_import_neither_torch_nor_pandas(args):
+    code = ("import sys; from dopsd_bench.cli import app\n"
+            f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'torchmetrics') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

@@ -1,9 +1,22 @@
 """Metrics and the scoring protocol (docs/metrics.md): features, per-sample scores, Fréchet/KID, teacher diagnostics.
 
     from dopsd_bench.metrics import evaluate, features_for_task
+
+The names below load their modules on first use, so that `dopsd_bench.metrics.info` (what each metric is) imports
+without torch.
 """
 
-from dopsd_bench.metrics.evaluate import METRIC_INFO, MetricInfo, evaluate, prepare_untuned
-from dopsd_bench.metrics.features import FeatureExtractor, features_for_task
+from __future__ import annotations
 
+import importlib
+from typing import Any
+
+_HOMES = {"METRIC_INFO": "info", "MetricInfo": "info", "evaluate": "evaluate", "prepare_untuned": "evaluate",
+          "FeatureExtractor": "features", "features_for_task": "features"}
 __all__ = ["METRIC_INFO", "FeatureExtractor", "MetricInfo", "evaluate", "features_for_task", "prepare_untuned"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

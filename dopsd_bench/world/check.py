@@ -322,8 +322,9 @@ def check_command(
         help="Retention prompts (default 256, 64 with --quick): more give firmer R1, R2 and R4 figures; each 256 "
              "more add about a minute on 2 CPU cores. FDs are comparable only at the same number.")] = None,
 ) -> None:
-    """Recompute the embedded world's figures (judge accuracy, few-step quality, distillation, in-context teacher,
-    SFT sensitivity) on fixed seeds."""
+    """Recompute the embedded world's figures on fixed seeds, each goal with its verdict.
+
+    Judge accuracy, few-step quality, distillation, the in-context teacher and SFT's effect on retention."""
     if prompts is not None and prompts < 16:
         raise UserError(f"--prompts {prompts}: expected at least 16 retention prompts (a Fréchet distance needs "
                         "many samples; the default is 256)")
