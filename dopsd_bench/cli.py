@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -155,7 +156,11 @@ def main(
         "DOPSD_BENCH_METHODS_PATH works too")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="show dependencies' loading bars and messages "
+                                          "(DOPSD_BENCH_VERBOSE=1 works too)")] = False,
 ) -> None:
+    if verbose:
+        os.environ["DOPSD_BENCH_VERBOSE"] = "1"  # read where it applies, in this process and in sweep workers
     for path in methods_path or []:
         if not path.exists():
             raise UserError(f"--methods-path {path} does not exist; give a method .py file or a folder of them")

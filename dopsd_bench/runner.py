@@ -357,7 +357,12 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     # ---- sample + score -------------------------------------------------------------------------------------
     recorder = _Recorder(method)
     eval_t: dict[str, float] = {}
-    metrics = _evaluate(backbone, data, recorder, features, cache_dir, eval_t)
+    started = time.perf_counter()
+
+    def phase(name: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:6.1f}s  {name}[/dim]", highlight=False)
+
+    metrics = _evaluate(backbone, data, recorder, features, cache_dir, eval_t, progress=phase)
     timings["sample_s"] = sum(eval_t.get(k, 0.0) for k in ("sample_tuned", "teacher_tuned", "untuned"))
     timings["score_s"] = eval_t.get("score", 0.0)
     base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings)

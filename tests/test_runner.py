@@ -40,8 +40,10 @@ retention_seeds: {range: [100000, 4]}
 def fake_evaluate(calls: list):
     """Scores from the method's own samples (so a different adapter gives different numbers)."""
 
-    def evaluate(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8)):
+    def evaluate(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8), progress=None):
         calls.append(method)
+        if progress is not None:
+            progress("sampling")
         images = method.sample(data.eval_prompts, data.eval_seeds, backbone.native_steps)
         per = images.double().mean(dim=(1, 2, 3)).tolist()
         timings.update({"sample_tuned": 0.01, "score": 0.02})
@@ -149,8 +151,9 @@ def test_comparison_table_marks_better_and_worse():
 
 
 # ---- run_cell -----------------------------------------------------------------------------------------------
-def test_run_cell_writes_a_complete_run_dir(tmp_path, world_task, fakes):
+def test_run_cell_writes_a_complete_run_dir(tmp_path, world_task, fakes, capsys):
     run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs", checkpoint_every=1))
+    assert "s  sampling" in capsys.readouterr().out  # each scoring phase has its line: no silent minute
     assert run_dir == tmp_path / "runs" / "fake" / "tiny_style-dotted" / "sft" / run_dir.name
     result = json.loads((run_dir / "result.json").read_text())
     assert set(rundir.RESULT_KEYS) <= set(result)
@@ -326,3 +329,19 @@ def test_run_cell_end_to_end_tiny_flux2(tmp_path, world_task, monkeypatch):
     assert len(result["metrics"]["fidelity"]["per_sample"]) == 4
     # diffusers can read the adapter the run saved
     pipe.load_lora_weights(str(run_dir / "adapter"), adapter_name="reloaded")
+
+
+def test_loading_a_backbone_hides_the_loading_bars_of_diffusers_and_transformers(monkeypatch):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from dopsd_bench.backbones import load_backbone
+
+    monkeypatch.delenv("DOPSD_BENCH_VERBOSE", raising=False)
+    try:
+        load_backbone("flux2-klein", device="cpu")
+        assert not diffusers_logging.is_progress_bar_enabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()

@@ -21,7 +21,20 @@ def load_backbone(name: str, model: str | None = None, device: str | None = None
 
     `options` go to the adapter's from_pretrained (e.g. z-image's `vl_model`, the teacher's path or hub id)."""
     cls = BACKBONES.get(name)
+    if not verbose():  # diffusers' and transformers' loading bars, printed on every run, say nothing to a user
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     return cls.from_pretrained(model or cls.default_model, device=device, **options)
+
+
+def verbose() -> bool:
+    """Whether the user asked for dependencies' own output (`--verbose` or DOPSD_BENCH_VERBOSE=1)."""
+    import os
+
+    return os.environ.get("DOPSD_BENCH_VERBOSE", "") not in ("", "0")
 
 
 def backbone_identity(name: str, model: str | None = None) -> str:

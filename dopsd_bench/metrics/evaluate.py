@@ -177,16 +177,18 @@ def prepare_untuned(backbone, task: TaskData, *, cache_dir: str | Path | None,
 
 def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, cache_dir: str | Path | None,
              step_curve=STEP_CURVE, batch_size: int | None = None,
-             timings: dict[str, float] | None = None) -> dict[str, dict]:
+             timings: dict[str, float] | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Score `method` (already set up / trained on `backbone`) on `task`; returns result.json's `metrics`.
 
     Each entry is {"mean": float, "per_sample": list | None, "higher_is_better": bool}; `step_curve` is a dict
     of such entries keyed 'fd@K', 'fd_untuned@K', 'fd_ratio@K', 'alignment@K', 'alignment_untuned@K'.
     `batch_size` bounds how many images are sampled at once (None: all of a set). `timings`, if given, is
-    filled with seconds per phase.
+    filled with seconds per phase; `progress`, if given, is called with the name of each phase as it starts.
     """
     _check_task(task, step_curve)
     timings = timings if timings is not None else {}
+    progress = progress or (lambda phase: None)
     t0 = time.perf_counter()
     native = backbone.native_steps
     steps_list = sorted({int(k) for k in step_curve} | {native})
@@ -201,11 +203,15 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     def tuned(prompts, seeds, steps):
         return _in_batches(lambda p, s, _: method.sample(p, s, steps), prompts, seeds, None, batch_size)
 
+    steps_text = ", ".join(map(str, steps_list))
+    progress(f"sampling the tuned model: {len(P)} evaluation prompts, {len(R)} retention prompts at {steps_text} "
+             "steps")
     gen = tuned(P, Ps, native)
     ret = {k: tuned(R, Rs, k) for k in steps_list}
     timings["sample_tuned"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    progress("sampling the in-context teacher")
     if teacher is None and not weights_changed:  # the tuned teacher is the untuned one: reuse the cache
         teacher_after = untuned.sample(P, Ps, native, eval_refs)
         divergence = untuned.divergence(P, Ps, eval_refs, native)
@@ -220,6 +226,7 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     timings["teacher_tuned"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    progress("sampling the untuned model (cached after its first run)")
     ret_untuned = {k: untuned.sample(R, Rs, k) for k in steps_list}
     teacher_before = untuned.sample(P, Ps, native, eval_refs)
     divergence_untuned = untuned.divergence(P, Ps, eval_refs, native)
@@ -230,6 +237,7 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
 
     # ---- scoring --------------------------------------------------------------------------------------------
     t = time.perf_counter()
+    progress("scoring")
     sc = _Scorer(task, features)
     f_gen = features.extract(gen)
     out: dict[str, dict] = {}
