@@ -29,3 +29,7 @@ class UnknownNameError(UserError, LookupError):
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         listed = ", ".join(self.valid) if self.valid else f"(none: no {kind} is registered)"
         super().__init__(f"unknown {kind} {name!r}{hint}; valid: {listed}")
+
+
+class CellBusy(UserError):
+    """Another process holds the cell's lock: it is running that cell now."""

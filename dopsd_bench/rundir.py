@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first, then drop it
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move directory `new` to `path`, replacing what is there (os.replace cannot replace a non-empty directory: the
+    old one is moved aside first, then dropped)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, path)
 
 
 def _json_default(obj: Any) -> Any:
@@ -95,6 +101,73 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy scalars
         return obj.item()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON: convert it to a number, string, list or dict")
+
+
+# ---- the cell lock ------------------------------------------------------------------------------------------
+def lock_path(run_dir: str | Path) -> Path:
+    """The cell's lock file, beside its run dir (so that swapping the run dir in place keeps it)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']} (since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def cell_lock(run_dir: str | Path, say: Any = print) -> Iterator[None]:
+    """Hold the cell's lock while its body runs; CellBusy (one line naming the holder) if another process holds it.
+
+    An OS file lock (flock): the kernel releases it when its process ends, however it ends, so a lock is never
+    stale. A lock file still naming a process that is gone (killed) is taken over, and `say` tells the user."""
+    import fcntl
+
+    from dopsd_bench.errors import CellBusy
+
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise CellBusy(f"cell {run_dir} is being run by {_holder(f.read())}; wait for it to finish, or stop "
+                           "that process and run again") from None
+        f.seek(0)
+        earlier = f.read()
+        if earlier.strip():
+            say(f"cell {run_dir}: taking over from {_holder(earlier)}, which stopped without finishing it")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # an empty lock file: the last holder finished (or failed) in its own time
+            f.flush()
+
+
+def lock_holder(run_dir: str | Path) -> str | None:
+    """Who holds the cell's lock now ("pid P on HOST (since T)"), or None if nobody does."""
+    import fcntl
+
+    path = lock_path(run_dir)
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(f.read())
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 # ---- result.json --------------------------------------------------------------------------------------------

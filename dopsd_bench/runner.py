@@ -238,12 +238,16 @@ def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, f
 
 # ---- the cell -----------------------------------------------------------------------------------------------
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """An incomplete or forced cell: drop the old result first, so a failure below leaves no result.json."""
+    """An incomplete cell: drop a partial result first, so a failure below leaves no result.json. A forced cell runs in
+    a fresh staging dir (`_staging_dir`) and replaces the finished one only once its own result is written."""
+    if cfg.force:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a staging dir a failed forced run left behind
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / rundir.RESULT_FILE).unlink(missing_ok=True)
-    if cfg.force:  # nothing of the earlier run may be mistaken for this one's
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-        shutil.rmtree(run_dir / rundir.ADAPTER_DIR, ignore_errors=True)
-        (run_dir / rundir.SAMPLES_FILE).unlink(missing_ok=True)
+
+
+def _staging_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.forced")
 
 
 def _config_record(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, extra: dict) -> dict:
@@ -292,23 +296,46 @@ class _LoadedLora(Method):
     adapter = "student"
 
 
+def _finished(run_dir: Path, model_id: str, force: bool, console) -> bool:
+    """Whether the cell has its result on these weights already (and is not forced to run again); says so."""
+    state, done = rundir.cell_state(run_dir, model_id)
+    if state == "done" and not force:
+        console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
+        return True
+    if state == "stale":
+        console.print(f"{run_dir}: its result.json was made on {done['model']}, the weights are now {model_id}: "
+                      "running it again")
+    return False
+
+
 def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, label: str,
          lora: Path | None = None) -> Path:
+    """Run one cell under its lock (the main process holds it; a second writer gets CellBusy, exit 2)."""
     from rich.console import Console
 
     console = Console()
     t0 = time.perf_counter()
     run_dir = cfg.run_dir()
     model_id = _model_identity(cfg)
-    state, done = rundir.cell_state(run_dir, model_id)
-    if state == "done" and not cfg.force:
-        console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
+    if _finished(run_dir, model_id, cfg.force, console):
         return run_dir
-    if state == "stale":
-        console.print(f"{run_dir}: its result.json was made on {done['model']}, the weights are now {model_id}: "
-                      "running it again")
-
     accelerator = make_accelerator(cfg.device)
+    if not accelerator.is_main_process:
+        return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
+    with rundir.cell_lock(run_dir, say=console.print):
+        if not cfg.force and _finished(run_dir, model_id, False, console):  # finished by another process meanwhile
+            return run_dir
+        staging = _staging_dir(run_dir)
+        try:
+            return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed forced run: the finished cell stays as it was
+
+
+def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, label: str,
+                lora: Path | None, accelerator, console, t0: float) -> Path:
+    final_dir = cfg.run_dir()
+    run_dir = _staging_dir(final_dir) if cfg.force else final_dir
     main = accelerator.is_main_process
     device = _device(cfg, accelerator)
     if main:
@@ -335,7 +362,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         batch = Batch(images=data.train_images, captions=list(data.train_captions), token=data.token)
         train_t = train(method, backbone, batch, tcfg, run_dir, resume=cfg.resume, accelerator=accelerator)
         if not main:
-            return run_dir
+            return final_dir
         if method.trains and method.adapter is not None:
             with rundir.atomic_dir(run_dir / rundir.ADAPTER_DIR) as tmp:
                 backbone.save_lora(tmp, method.adapter)
@@ -350,7 +377,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         method.backbone = backbone
         train_t = {"train_s": 0.0, "step_s": 0.0, "steps_run": 0}
         if not main:
-            return run_dir
+            return final_dir
     timings.update({k: float(train_t[k]) for k in ("train_s", "setup_s", "step_s") if k in train_t})
     training = {k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")}
 
@@ -389,7 +416,9 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     }
     rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
+    if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one
+        rundir.replace_dir(run_dir, final_dir)
     console.print(comparison_table(result, base, base_source))
-    console.print(f"run dir: {run_dir}  (train {timings.get('train_s', 0):.1f}s, sample {timings['sample_s']:.1f}s, "
+    console.print(f"run dir: {final_dir}  (train {timings.get('train_s', 0):.1f}s, sample {timings['sample_s']:.1f}s, "
                   f"score {timings['score_s']:.1f}s, total {timings['total_s']:.1f}s)")
-    return run_dir
+    return final_dir

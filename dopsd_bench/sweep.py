@@ -54,7 +54,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dopsd_bench.errors import UserError
+from dopsd_bench.errors import CellBusy, UserError
 
 DEFAULT_RUNNER = "dopsd_bench.runner:run_cell"
 DEFAULT_OUT = "runs/sweep"
@@ -357,7 +357,7 @@ def run_cells(
     force: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell (all of them with force); returns counts of done / skipped / failed."""
-    from dopsd_bench.rundir import cell_state, is_complete
+    from dopsd_bench.rundir import cell_state, is_complete, lock_holder
 
     subprocess_mode = isolate or processes > 1
     run_fn = None if subprocess_mode else resolve_runner(runner)
@@ -380,6 +380,13 @@ def run_cells(
             if state == "stale":
                 log.write("stale", cell=cid, made_on=done["model"], model=model_id)
                 console.print(f"cell {cid}: made on {done['model']}, the weights are now {model_id}: running it again")
+            holder = lock_holder(run_dir)
+            if holder is not None:  # another process (a shard, a shell) runs this cell now: it is theirs
+                counts["skipped"] += 1
+                log.write("busy", cell=cid, holder=holder)
+                console.print(f"cell {cid}: being run by {holder}; skipped here")
+                progress.advance(bar)
+                continue
             progress.update(bar, description=cid)
             _clean_stale_temp(run_dir)
             log.write("start", cell=cid)
@@ -395,6 +402,12 @@ def run_cells(
             else:
                 try:
                     run_fn(dataclasses.replace(cfg, force=True, resume=False) if force else cfg)
+                except CellBusy as e:  # taken by another process since the check above: theirs
+                    counts["skipped"] += 1
+                    log.write("busy", cell=cid, holder=str(e))
+                    console.print(f"{e}; skipped here")
+                    progress.advance(bar)
+                    continue
                 except (Exception, SystemExit) as e:  # noqa: BLE001 -- one failing cell must not stop the grid
                     error = f"{type(e).__name__}: {e}"
                     log.write("traceback", cell=cid, traceback=traceback.format_exc())

@@ -226,6 +226,44 @@ def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
     return bb.encode_prompts(captions) if ref_latents is None else bb.teacher_cond(captions, ref_latents)
 
 
+class LearnedText:
+    """The text encoder's token embeddings, trained with the base DiT: `embeds(captions)` is the pipeline's prompt
+    encoding (its Qwen3 layers, `text_encoder_out_layers`) with gradients to the embedding table, whose EMA is
+    written back into the encoder by `finish` (the rest of the encoder stays frozen at its random init)."""
+
+    def __init__(self, bb):
+        self.bb, self.pipe = bb, bb.pipe
+        self.weight = self.pipe.text_encoder.get_input_embeddings().weight
+        self.weight.requires_grad_(True)
+        self.ema = self.weight.detach().clone()
+        self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def embeds(self, captions: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        for c in dict.fromkeys(captions):
+            if c not in self.ids:
+                text = tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=False)
+                t = tok(text, return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=int(self.bb.settings["max_sequence_length"]))
+                self.ids[c] = (t["input_ids"][0], t["attention_mask"][0])
+        ids = torch.stack([self.ids[c][0] for c in captions]).to(self.bb.device)
+        mask = torch.stack([self.ids[c][1] for c in captions]).to(self.bb.device)
+        out = self.pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        return torch.cat([out.hidden_states[k] for k in self.bb.settings["text_encoder_out_layers"]], -1)
+
+    def cond(self, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
+        cond = cond_for(self.bb, captions, ref_latents)
+        cond["prompt_embeds"] = self.embeds(captions)
+        return cond
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.ema)
+        self.weight.requires_grad_(False)
+        self.bb._text_cache.clear()  # encodings made with the old table
+
+
 def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor:
     """Logit-normal sigmas (SD3; location `loc`, > 0 favours high noise) mixed with 25% uniform, so the high-noise
     end is not starved."""
@@ -235,8 +273,8 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
 
 
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
-               object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None
-               ) -> tuple[torch.nn.Module, int]:
+               object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None,
+               learn_text: bool = False) -> tuple[torch.nn.Module, int]:
     """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
     squared error by 1 + object_weight x its objectness (`object_map`), so that the object's outline and fill, a
@@ -244,11 +282,18 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
 
     With `budget_s`, the schedule is fitted to a wall-time budget (a device call has a time limit): after
     PLAN_AFTER steps the step count becomes what the measured rate allows (at most `steps`), so that the cosine
-    schedule still ends, and training stops at the budget whatever the rate does later."""
+    schedule still ends, and training stops at the budget whatever the rate does later.
+
+    With `learn_text`, the text encoder's token embeddings train too (LearnedText) and their EMA is kept."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    text = LearnedText(bb) if learn_text else None
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
+    if text is not None:
+        groups.append({"params": [text.weight], "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr)
     gen = torch.Generator().manual_seed(seed + 51)
     idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
     idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
@@ -274,7 +319,8 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
             idx = pool[torch.randint(len(pool), (n,), generator=gen)]
             x0 = data["latents"][idx].to(bb.device)
             caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
-            cond = cond_for(bb, caps, data["refs"][idx].to(bb.device) if use_ref else None)
+            refs = data["refs"][idx].to(bb.device) if use_ref else None
+            cond = text.cond(caps, refs) if text is not None else cond_for(bb, caps, refs)
             eps = torch.randn(x0.shape, generator=gen).to(bb.device)
             sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
             v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
@@ -282,14 +328,19 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
             loss = ((v - flow.velocity_target(x0, eps)).pow(2) * weight).mean() / weight.mean()
             (loss * n / batch).backward()
             loss_total += loss.item() * n / batch
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
         opt.step()
-        ema_update(ema.parameters(), model.parameters(), min(0.999, (1 + step) / (10 + step)))
+        decay = min(0.999, (1 + step) / (10 + step))
+        ema_update(ema.parameters(), model.parameters(), decay)
+        if text is not None:
+            ema_update([text.ema], [text.weight], decay)
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
         step += 1
+    if text is not None:
+        text.finish()
     return ema, step
 
 
@@ -464,6 +515,11 @@ def main() -> None:
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--sigma-loc", type=float, default=0.0,
                     help="location of the base's logit-normal noise levels (> 0 trains more at high noise)")
+    ap.add_argument("--learn-text", action="store_true",
+                    help="train the text encoder's token embeddings with the base DiT (the rest of the encoder stays "
+                         "at its random init); the turbo and every later user read the trained table")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="base: extra loss weight on the object's latent cells (0 = plain flow matching)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
@@ -559,6 +615,8 @@ def main() -> None:
                  "tune_lr": TUNE_LR} if recipe["tune_steps"] else {}
         if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
             tuned["consistency_lr"] = args.consistency_lr
+        if stages & {"models", "base"}:
+            tuned |= {"learn_text": args.learn_text, "object_weight": args.object_weight}
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
         summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
@@ -656,7 +714,8 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     if train_new_base:
         if not args.keep_dit:
             bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
-                                                        args.seed, args.sigma_loc)[0]
+                                                        args.seed, args.sigma_loc, object_weight=args.object_weight,
+                                                        learn_text=args.learn_text)[0]
         if recipe["tune_steps"]:
             bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
                                                   args.tune_object_weight, args.tune_text_frac)[0]

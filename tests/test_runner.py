@@ -8,6 +8,7 @@ end-to-end test on the tiny FLUX.2-klein pipeline with the real scoring is marke
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,18 +201,52 @@ def test_a_cell_finished_on_other_weights_runs_again(tmp_path, world_task, fakes
 
 
 def test_failure_in_scoring_leaves_no_result(tmp_path, world_task, fakes, monkeypatch):
-    cfg = cfg_for(world_task, tmp_path / "runs")
-    run_dir = runner.run_cell(cfg)  # a complete cell ...
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scorer crashed")))
+    with pytest.raises(RuntimeError, match="scorer crashed"):
+        runner.run_cell(cfg_for(world_task, tmp_path / "runs"))
+    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("config.json")]
+    assert not (run_dir / "result.json").exists() and not rundir.is_complete(run_dir)
+    assert not list(run_dir.glob(".*"))
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("scorer crashed")
 
-    monkeypatch.setattr(runner, "_evaluate", broken)
+def test_a_forced_run_that_fails_keeps_the_finished_cell(tmp_path, world_task, fakes, monkeypatch):
+    run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs"))  # a complete cell ...
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scorer crashed")))
     with pytest.raises(RuntimeError, match="scorer crashed"):
         runner.run_cell(cfg_for(world_task, tmp_path / "runs", force=True))  # ... forced again, and failing
-    assert not (run_dir / "result.json").exists() and not rundir.is_complete(run_dir)
-    assert (run_dir / "config.json").exists()
-    assert not list(run_dir.glob(".*"))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing lost
+    assert {p.name for p in run_dir.parent.iterdir()} == {run_dir.name, f".{run_dir.name}.lock"}
+
+
+def test_a_forced_run_replaces_the_cell_only_when_it_is_complete(tmp_path, world_task, fakes):
+    run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs"))
+    first = json.loads((run_dir / "result.json").read_text())
+    again = runner.run_cell(cfg_for(world_task, tmp_path / "runs", force=True))
+    assert again == run_dir and rundir.is_complete(run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["timings"] != first["timings"]
+    assert {p.name for p in run_dir.parent.iterdir()} == {run_dir.name, f".{run_dir.name}.lock"}
+
+
+def test_a_second_writer_of_a_running_cell_is_refused_naming_the_holder(tmp_path, world_task, fakes):
+    from dopsd_bench.errors import CellBusy
+
+    cfg = cfg_for(world_task, tmp_path / "runs")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from dopsd_bench.rundir import cell_lock\n"
+        f"with cell_lock({str(cfg.run_dir())!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CellBusy, match=f"being run by pid {holder.pid} on "):
+            runner.run_cell(cfg)
+        assert rundir.lock_holder(cfg.run_dir()).startswith(f"pid {holder.pid} ")
+        assert not (cfg.run_dir() / "config.json").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rundir.lock_holder(cfg.run_dir()) is None  # the kernel released the dead holder's lock
+    assert rundir.is_complete(runner.run_cell(cfg))  # and the next run takes it over
 
 
 def test_resume_after_a_failure_skips_finished_training(tmp_path, world_task, fakes, monkeypatch):

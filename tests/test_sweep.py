@@ -207,3 +207,29 @@ def test_dry_run_tells_cells_made_on_other_weights_stale(tmp_path):
         atomic_write_json(tmp_path / cell / "result.json", {**result, "model": model})
         res = CliRunner().invoke(_app, args)
         assert res.output.split() == [expected, cell], res.output
+
+
+def test_a_shard_skips_a_cell_another_process_is_running(tmp_path, monkeypatch):
+    from dopsd_bench.rundir import cell_lock
+
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    spec = SweepSpec(methods=["base"], tasks=["style:dotted"], seeds=[0, 1], out=tmp_path)
+    busy = expand(spec, check_names=False)[0].run_config().run_dir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from dopsd_bench.rundir import cell_lock\n"
+        f"with cell_lock({str(busy)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style:dotted", "--seeds", "0,1",
+                                        "--out", str(tmp_path), "--runner", RUNNER], terminal_width=300)
+        assert res.exit_code == 0, res.output
+        assert f"being run by pid {holder.pid}" in res.output and "skipped here" in res.output
+        started = [c for e, c in _ledger(tmp_path) if e == "start"]
+        assert len(started) == 1 and not str(busy).endswith(started[0])  # only the free cell ran here
+        assert '"event": "busy"' in (tmp_path / "sweep.log").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    with cell_lock(busy):  # free again once its holder is gone
+        pass
