@@ -28,7 +28,7 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from dopsd_bench import __version__
-from dopsd_bench.errors import UnknownNameError, UserError
+from dopsd_bench.errors import RunFailed, UnknownNameError, UserError
 from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
 
 # ---- commands from other modules: one line each, imported only when used -------------------------------------------
@@ -130,7 +130,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn UserError (unknown names, bad tasks, bad configs) into one red line on stderr and exit code 2."""
+    """Turn UserError (unknown names, bad tasks, bad configs) into one red line on stderr and exit code 2, and
+    RunFailed (a cell that could not finish, e.g. NaN samples) into one red line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -138,6 +139,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError as e:
             fail(str(e))
+        except RunFailed as e:
+            fail(str(e), code=1)
 
     return wrapper
 

@@ -33,3 +33,22 @@ class UnknownNameError(UserError, LookupError):
 
 class CellBusy(UserError):
     """Another process holds the cell's lock: it is running that cell now."""
+
+
+class RunFailed(Exception):
+    """A cell that could not finish for a reason the user can act on (e.g. a model that produces NaN): the CLI prints
+    its one-line message and exits 1, as for a failed check; a sweep records the cell as failed and goes on."""
+
+
+class NonFiniteError(RunFailed, ValueError):
+    """NaN or inf in samples, features or a metric."""
+
+
+def require_finite(values, what: str, hint: str = "") -> None:
+    """NonFiniteError naming `what` and how many of its rows hold NaN or inf, if any do (a tensor, rows first)."""
+    import torch
+
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(-1, 1)).all(1)
+    if bool(bad.any()):
+        tail = f": {hint}" if hint else ""
+        raise NonFiniteError(f"{what} hold NaN or inf ({int(bad.sum())} of {bad.numel()}){tail}")

@@ -262,3 +262,20 @@ def test_help_and_list_import_neither_torch_nor_pandas(args):
             "print(sorted(m for m in ('torch', 'pandas', 'torchmetrics') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_a_failed_run_is_one_line_and_exit_1(monkeypatch):
+    from dopsd_bench import cli as cli_module
+    from dopsd_bench.errors import NonFiniteError
+
+    def nan_command() -> None:
+        """A command whose model produced NaN."""
+        raise NonFiniteError("the tuned model's samples hold NaN or inf (8 of 8)")
+
+    module = types.ModuleType("fake_nan_module")
+    module.nan_command = nan_command
+    monkeypatch.setitem(sys.modules, "fake_nan_module", module)
+    monkeypatch.setitem(cli_module.COMMANDS, "nan", "fake_nan_module:nan_command")
+    result = invoke("nan")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == ["error: the tuned model's samples hold NaN or inf (8 of 8)"]

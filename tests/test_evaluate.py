@@ -201,3 +201,15 @@ def test_tiny_flux2_with_the_world_judge(tmp_path):
     assert m["retention_fd_ratio"]["mean"] == 1.0
     for key in REQUIRED:
         assert key in m
+
+
+def test_a_model_that_samples_nan_fails_with_one_clear_message(task, features, tmp_path):
+    from dopsd_bench.errors import NonFiniteError
+
+    bb = FakeBackbone()
+    method = Tuned().setup_random(bb)
+    with torch.no_grad():
+        for p in bb.lora_parameters(method.adapter):
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"tuned model's samples hold NaN or inf \(8 of 8\).*--lr"):
+        evaluate(bb, task, method, features=features, cache_dir=tmp_path, step_curve=STEPS)

@@ -394,3 +394,17 @@ def test_teacher_student_divergence_closed_forms():
         x = x + (sig[i + 1] - sig[i]) * v
     assert torch.allclose(d, total / (len(sig) - 1)) and (d > 0).all()
     assert torch.equal(references_for(refs, 5)[4], refs[0])
+
+
+def test_non_finite_features_are_refused_with_a_message_not_a_crash():
+    from dopsd_bench.errors import NonFiniteError
+    from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
+
+    real = torch.randn(16, 8)
+    fake = torch.randn(16, 8)
+    fake[3, 2] = float("nan")
+    fake[5] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"sample features hold NaN or inf \(2 of 16\)"):
+        frechet_distance(real, fake)
+    with pytest.raises(NonFiniteError, match="reference features"):
+        kernel_distance(fake, real)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dopsd_bench.errors import require_finite
 from dopsd_bench.metrics import scores as S
 from dopsd_bench.metrics.cache import SampleCache
 from dopsd_bench.metrics.features import FeatureExtractor, ImageFeatures, features_for_task
@@ -208,6 +209,9 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
              "steps")
     gen = tuned(P, Ps, native)
     ret = {k: tuned(R, Rs, k) for k in steps_list}
+    for images in (gen, *ret.values()):
+        require_finite(images, "the tuned model's samples", "training diverged or the adapter holds NaN; try a lower "
+                       "--lr, or check the adapter's weights")
     timings["sample_tuned"] = time.perf_counter() - t0
 
     t = time.perf_counter()

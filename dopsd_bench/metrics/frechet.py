@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from dopsd_bench.errors import require_finite
 from dopsd_bench.metrics.features import FeatureExtractor, FeatureModule
 
 
@@ -39,6 +40,9 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
                          f"{tuple(fake.shape)}")
     if real.shape[0] < 2 or fake.shape[0] < 2:
         raise ValueError(f"Fréchet distance needs at least 2 samples per set, got {real.shape[0]} and {fake.shape[0]}")
+    # NaN features crash the matrix square root in native code (a segfault, not an exception): refuse them here
+    require_finite(real, "the reference features")
+    require_finite(fake, "the sample features", "the images they come from are not finite")
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
