@@ -18,7 +18,9 @@ processes before clipping, and only the main process writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import random
 import shutil
 import time
@@ -33,13 +35,14 @@ from accelerate.utils import set_seed
 from dopsd_bench.backbones.base import Backbone
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch, Method
-from dopsd_bench.rundir import atomic_torch_save, atomic_write_text
+from dopsd_bench.rundir import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 # The suite's default budget, shared by every method so comparisons are matched. One place to tune it.
 DEFAULT_BUDGET: dict[str, float | int] = {"steps": 600, "batch_size": 8, "lr": 5e-4, "rank": 8}
 
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+DIGEST_FILE = "digests.json"  # sha256 of each file of a checkpoint, checked when it is read
 # fields that must match between a checkpoint and the config resuming from it (steps may grow)
 _RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "warmup", "seed")
 
@@ -160,6 +163,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rng: dict, accelerato
         atomic_torch_save(state, tmp / "state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        digests = {f.name: _file_digest(f) for f in sorted(tmp.glob("*.pt"))}
+        atomic_write_bytes(tmp / DIGEST_FILE, json.dumps(digests, indent=1).encode())
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         for old in checkpoint_dirs(run_dir):
@@ -169,12 +174,40 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rng: dict, accelerato
     return final
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint whose files are unreadable or not the bytes they were written as."""
+
+
 def load_checkpoint(path: Path, process_index: int) -> tuple[dict, dict]:
     rng_path = path / f"rng_{process_index}.pt"
     if not rng_path.exists():
         raise ValueError(f"checkpoint {path} has no RNG state for process {process_index}: resume with the same "
                          "number of processes it was written with, or start over with --force")
-    return torch.load(path / "state.pt", weights_only=True), torch.load(rng_path, weights_only=True)
+    try:
+        digests = json.loads((path / DIGEST_FILE).read_text()) if (path / DIGEST_FILE).exists() else {}
+        for name, digest in digests.items():
+            if _file_digest(path / name) != digest:
+                raise CorruptCheckpoint(f"{path / name} is not the file that was written (its digest differs)")
+        return torch.load(path / "state.pt", weights_only=True), torch.load(rng_path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CorruptCheckpoint(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _newest_checkpoint(ckpts: list[Path], process_index: int, main: bool, say) -> tuple[dict | None, dict | None]:
+    """The newest checkpoint's (state, rng); a corrupt one is named and removed, and the cell starts over."""
+    if not ckpts:
+        return None, None
+    try:
+        return load_checkpoint(ckpts[-1], process_index)
+    except CorruptCheckpoint as e:
+        say(f"checkpoint {e}; removing it and training from the start")
+        if main:
+            shutil.rmtree(ckpts[-1], ignore_errors=True)
+        return None, None
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -266,8 +299,12 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     log_path = run_dir / LOG_FILE
     start = 0
     ckpts = checkpoint_dirs(run_dir) if resume else []
+    loss_value: float | None = None
+    earlier_loop_s = 0.0
     model_id = getattr(backbone, "model_id", None)
-    state, rng = load_checkpoint(ckpts[-1], pi) if ckpts else (None, None)
+    state, rng = _newest_checkpoint(ckpts, pi, main, accelerator.print)
+    if state is None:
+        ckpts = []
     if state is not None and state.get("model", model_id) != model_id:
         # as a finished cell made on other weights is re-run, so is an unfinished one: its state is theirs
         accelerator.print(f"{ckpts[-1]} was written on {state['model']}, not {model_id}: starting over")
@@ -281,6 +318,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
             method.load_state_dict(state["method"])
         _set_rng_state(rng, data_gen, loss_gen)
         start = int(state["step"])
+        record = state.get("record", {})  # what the steps before the checkpoint measured
+        loss_value, earlier_loop_s = record.get("loss"), record.get("loop_s", 0.0)
         if main:
             _truncate_log(log_path, start)
     elif main:
@@ -294,7 +333,6 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                           f"steps {start}->{cfg.steps}, batch {cfg.batch_size} x {accelerator.num_processes} "
                           f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
 
-    loss_value: float | None = None
     t_loop = time.perf_counter()
     with _progress(disable=not main) as progress, open(log_path, "a") if main else _null() as log:
         bar = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), its=0.0)
@@ -329,15 +367,17 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                 state = {"step": done, "config": asdict(cfg), "model": model_id,
                          "params": _param_state(method, backbone, params),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "method": method.state_dict() if hasattr(method, "state_dict") else None}
+                         "method": method.state_dict() if hasattr(method, "state_dict") else None,
+                         "record": {"loss": loss_value, "loop_s": earlier_loop_s + elapsed}}
                 save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)
 
     loop_s = time.perf_counter() - t_loop
     method.finish()
     steps_run = cfg.steps - start
+    # a resumed run's step time covers every step (the checkpoint's record holds the earlier ones' time)
     return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,
-            "step_s": loop_s / steps_run if steps_run else 0.0, "steps_run": steps_run, "start_step": start,
-            "final_loss": loss_value}
+            "step_s": (earlier_loop_s + loop_s) / cfg.steps if cfg.steps else 0.0, "steps_run": steps_run,
+            "start_step": start, "final_loss": loss_value}
 
 
 class _null:

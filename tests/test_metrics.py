@@ -372,6 +372,28 @@ def test_sample_cache_round_trip_and_keys(tmp_path):
     assert (mem.hits, mem.misses) == (1, 1)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip"])
+def test_a_corrupt_cache_entry_is_named_deleted_and_computed_again(tmp_path, capsys, damage):
+    value = torch.randn(2, 3, 4, 4)
+    cache = SampleCache(tmp_path, _Id())
+    cache.get_or_compute("sample", ["p", "q"], [0, 1], 4, None, lambda: value)
+    (path,) = tmp_path.glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"not a safetensors file")
+    else:  # a flipped byte in the tensor's data: readable, but not what was written
+        data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = SampleCache(tmp_path, _Id()).get_or_compute("sample", ["p", "q"], [0, 1], 4, None, lambda: value * 1)
+    assert torch.equal(again, value)
+    err = capsys.readouterr().err
+    assert f"sample cache entry {path} is corrupt" in err and "computing it again" in err
+    assert torch.equal(SampleCache(tmp_path, _Id()).get_or_compute("sample", ["p", "q"], [0, 1], 4, None,
+                                                                   lambda: pytest.fail("healed")), value)
+
+
 def test_teacher_student_divergence_closed_forms():
     from helpers_train import FakeBackbone
 

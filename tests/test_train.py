@@ -140,6 +140,31 @@ def test_resume_starts_over_from_a_checkpoint_written_on_other_weights(tmp_path,
     assert t["start_step"] == 4
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_a_corrupt_checkpoint_is_named_removed_and_training_starts_over(tmp_path, capsys, damage):
+    train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path)
+    (ckpt,) = checkpoint_dirs(tmp_path)
+    state = ckpt / "state.pt"
+    data = bytearray(state.read_bytes())
+    if damage == "flip":  # bit rot: readable, not what was written
+        data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data[: len(data) // 3]) if damage == "truncate" else b"" if damage == "empty"
+                      else bytes(data))
+    straight = train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=4), tmp_path / "straight")
+    t = train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=4), tmp_path, resume=True)
+    assert t["start_step"] == 0 and t["final_loss"] == straight["final_loss"]  # a clean start, as if fresh
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpt}" in out and "removing it and training from the start" in out
+    assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_000004"]
+
+
+def test_resuming_from_the_final_checkpoint_keeps_the_training_record(tmp_path):
+    first = train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path)
+    again = train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path, resume=True)
+    assert again["steps_run"] == 0 and again["final_loss"] == first["final_loss"]
+    assert again["step_s"] == pytest.approx(first["step_s"], rel=0.5) and again["step_s"] > 0
+
+
 def test_resume_with_changed_budget_is_refused(tmp_path):
     train(FakeSFT(), FakeBackbone(), fake_batch(), small(steps=2), tmp_path)
     with pytest.raises(ValueError, match="budget changed"):

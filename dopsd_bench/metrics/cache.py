@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 CACHE_VERSION = 1
 
@@ -79,17 +81,40 @@ class SampleCache:
             return self._memory[key]
         path = self.path(key)
         if path is not None and path.exists():
-            data = load_file(str(path))
-            self.hits += 1
-            self._memory[key] = data["value"]
-            return data["value"]
+            value = self._read(path)
+            if value is not None:
+                self.hits += 1
+                self._memory[key] = value
+                return value
         self.misses += 1
         value = compute().detach().to("cpu").contiguous()
         self._memory[key] = value
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            meta = {"backbone": self.identity, "kind": kind, "steps": str(steps), "n": str(len(prompts))}
-            save_file({"value": value}, str(tmp), metadata=meta)
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+            meta = {"backbone": self.identity, "kind": kind, "steps": str(steps), "n": str(len(prompts)),
+                    "sha256": tensor_digest(value)}
+            try:
+                save_file({"value": value}, str(tmp), metadata=meta)
+                os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+            except OSError as e:  # a full disk: the value is computed, only its reuse is lost
+                tmp.unlink(missing_ok=True)
+                print(f"warning: could not write the sample cache entry {path}: {e}", file=sys.stderr)
         return value
+
+    @staticmethod
+    def _read(path: Path) -> torch.Tensor | None:
+        """The cached tensor, or None (the file deleted, with a warning) when it is corrupt: unreadable, or its
+        bytes not those it was written with."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                digest = (f.metadata() or {}).get("sha256")
+                value = f.get_tensor("value")
+            if digest is not None and tensor_digest(value) != digest:
+                raise ValueError("its content does not match the digest written with it")
+            return value
+        except (OSError, ValueError, SafetensorError) as e:
+            print(f"warning: sample cache entry {path} is corrupt ({e}); deleting it and computing it again",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+            return None
