@@ -253,9 +253,8 @@ class LearnedText:
         return torch.cat([out.hidden_states[k] for k in self.bb.settings["text_encoder_out_layers"]], -1)
 
     def cond(self, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
-        cond = cond_for(self.bb, captions, ref_latents)
-        cond["prompt_embeds"] = self.embeds(captions)
-        return cond
+        cond = self.bb.text_cond(self.embeds(captions))
+        return cond if ref_latents is None else self.bb.with_references(cond, ref_latents)
 
     def finish(self) -> None:
         with torch.no_grad():
@@ -272,9 +271,43 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
     return torch.where(torch.rand(n, generator=gen) < 0.25, uni, ln).clamp(1e-3, 1.0)
 
 
+class BaseProbe:
+    """What `world check` measures of a base, during training: the world judge's accuracy per attribute and its
+    alignment on `n` retention prompts, sampled by the EMA DiT at 32 Euler steps with CFG `guidance` (fixed prompts
+    and seeds, so the figures of one build compare across steps)."""
+
+    def __init__(self, n: int, guidance: float):
+        from dopsd_bench.world.check import retention_setup
+
+        self.judge = WorldJudge.load().eval()
+        self.prompts, self.targets, self.real, self.seeds = retention_setup(self.judge, n, seed=0)
+        self.guidance = guidance
+
+    @torch.no_grad()
+    def __call__(self, bb, ema: torch.nn.Module, text: LearnedText | None) -> dict:
+        from dopsd_bench.world.check import _batched_sample, judge_retention
+
+        saved = bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling
+        weight = text.weight.detach().clone() if text is not None else None
+        if text is not None:  # sample with the EMA embedding table, as the saved base will
+            text.weight.data.copy_(text.ema)
+            bb._text_cache.clear()
+        try:
+            bb.denoiser = bb.pipe.transformer = ema.eval()
+            bb.guidance_scale, bb.stochastic_sampling = self.guidance, False
+            r = judge_retention(self.judge, _batched_sample(bb, self.prompts, self.seeds, 32), self.targets, self.real)
+        finally:
+            bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling = saved
+            if text is not None:
+                text.weight.data.copy_(weight)
+                bb._text_cache.clear()
+        return {"alignment": round(float(r.alignment.mean()), 4), "fd32": round(r.fd, 1), **r.accuracy}
+
+
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
                object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None,
-               learn_text: bool = False) -> tuple[torch.nn.Module, int]:
+               learn_text: bool = False, probe: BaseProbe | None = None, probe_every: int = 0
+               ) -> tuple[torch.nn.Module, int]:
     """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
     squared error by 1 + object_weight x its objectness (`object_map`), so that the object's outline and fill, a
@@ -284,7 +317,8 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     PLAN_AFTER steps the step count becomes what the measured rate allows (at most `steps`), so that the cosine
     schedule still ends, and training stops at the budget whatever the rate does later.
 
-    With `learn_text`, the text encoder's token embeddings train too (LearnedText) and their EMA is kept."""
+    With `learn_text`, the text encoder's token embeddings train too (LearnedText) and their EMA is kept. With
+    `probe`, every `probe_every` steps and at the end the EMA model is measured (BaseProbe) and the figures logged."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -339,6 +373,12 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
         step += 1
+        if probe is not None and probe_every and (step % probe_every == 0 or step == steps):
+            t_probe = time.time()
+            figures = probe(bb, ema, text)
+            model.train()
+            log(f"base probe at step {step} ({step * batch} samples, {time.time() - t_probe:.0f} s): "
+                f"{json.dumps(figures)}")
     if text is not None:
         text.finish()
     return ema, step
@@ -520,6 +560,10 @@ def main() -> None:
                          "at its random init); the turbo and every later user read the trained table")
     ap.add_argument("--object-weight", type=float, default=0.0,
                     help="base: extra loss weight on the object's latent cells (0 = plain flow matching)")
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="base: every N steps, log the world judge's accuracy and alignment of the EMA base's "
+                         "32-step samples on retention prompts (0 = off; the shipped judge must exist)")
+    ap.add_argument("--probe-prompts", type=int, default=128, help="retention prompts per probe (default 128)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")
@@ -715,7 +759,9 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         if not args.keep_dit:
             bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
                                                         args.seed, args.sigma_loc, object_weight=args.object_weight,
-                                                        learn_text=args.learn_text)[0]
+                                                        learn_text=args.learn_text, probe_every=args.probe_every,
+                                                        probe=BaseProbe(args.probe_prompts, args.guidance)
+                                                        if args.probe_every else None)[0]
         if recipe["tune_steps"]:
             bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
                                                   args.tune_object_weight, args.tune_text_frac)[0]

@@ -91,7 +91,10 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        embeds = self._text_embeds(list(prompts))
+        return self.text_cond(self._text_embeds(list(prompts)))
+
+    def text_cond(self, embeds: torch.Tensor) -> Cond:
+        """The text conditioning from prompt embeddings (B, L, D) as the text encoder gives them."""
         return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
 
     @torch.no_grad()
@@ -100,7 +103,11 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
 
     def teacher_cond(self, prompts: list[str], ref_latents: torch.Tensor) -> Cond:
         """The teacher conditioning from already-encoded reference latents (B, C, h, w)."""
-        cond = self.encode_prompts(prompts)
+        return self.with_references(self.encode_prompts(prompts), ref_latents)
+
+    def with_references(self, cond: Cond, ref_latents: torch.Tensor) -> Cond:
+        """`cond` with encoded reference latents (B, C, h, w) appended as the pipeline's reference tokens."""
+        cond = dict(cond)
         ids = self.pipe._prepare_image_ids([ref_latents[:1]]).to(self.device)  # T = 10: the first reference slot
         cond["ref_latents"] = self.pipe._pack_latents(ref_latents)
         cond["ref_ids"] = ids.expand(ref_latents.shape[0], -1, -1).contiguous()
