@@ -52,12 +52,16 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("steps", "batch_size", "rank", "checkpoint_every"):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), as numpy's and torch's generators take it; "
+                              f"got {self.seed!r}")
+        for name in ("steps", "batch_size", "rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer (or unset for the default), got {value!r}")
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
         if self.lr is not None:
             if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
                     or self.lr <= 0:
@@ -75,8 +79,11 @@ class RunConfig:
         if self.force and self.resume:
             raise ConfigError("--force (start the cell again) and --resume (continue it) exclude each other; "
                               "pick one")
-        if self.device is not None and not re.match(r"^(cpu|cuda|mps|xpu|meta)(:\d+)?$", self.device):
+        if self.device is not None and not re.match(r"^(cpu|cuda|mps|xpu)(:\d+)?$", self.device):
             raise ConfigError(f"device must look like cpu, cuda, cuda:1, mps or xpu; got {self.device!r}")
+        if self.model is not None and _looks_local(self.model) and not Path(self.model).expanduser().is_dir():
+            raise ConfigError(f"model {self.model!r} is not a folder; expected a saved diffusers pipeline folder "
+                              "(with model_index.json) or a hub id such as org/name")
 
     # ---- identity -----------------------------------------------------------------------------------------
     @property
@@ -123,6 +130,29 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown RunConfig fields {unknown}; valid: {sorted(known)}")
         return cls(**data)
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub id ("org/name") or an embedded name: absolute, home- or dot-relative."""
+    return model.startswith(("/", "~", "./", "../", "\\")) or model in (".", "..")
+
+
+def check_device(device: str | None) -> None:
+    """ConfigError unless `device` (None: the default) can run this torch build's tensors now."""
+    import torch
+
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}[kind]
+    if not available():
+        raise ConfigError(f"--device {device}: this torch build ({torch.__version__}) has no usable {kind} device; "
+                          "use --device cpu, or install a torch build for that device")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dopsd_bench import rundir
 from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
-from dopsd_bench.runconfig import RunConfig
+from dopsd_bench.runconfig import RunConfig, check_device
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
 
 # the metrics shown in the closing comparison table, in this order, when the run reports them
@@ -315,6 +315,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
 
     console = Console()
     t0 = time.perf_counter()
+    check_device(cfg.device)  # before anything is touched
     run_dir = cfg.run_dir()
     model_id = _model_identity(cfg)
     if _finished(run_dir, model_id, cfg.force, console):

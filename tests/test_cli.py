@@ -134,6 +134,10 @@ def test_run_defaults(fake_runner):
     (["--set", "a=1", "--set", "a=2"], "given twice"),
     (["--force", "--resume"], "exclude each other"),
     (["--device", "gpu0"], "device must look like"),
+    (["--device", "meta"], "device must look like"),
+    (["--seed", "4294967296"], "seed must be an integer in [0, 2**32)"),
+    (["--model", "/nonexistent/model"], "is not a folder"),
+    (["--checkpoint-every", "-1"], "checkpoint_every must be an integer >= 0"),
 ])
 def test_run_bad_config(fake_runner, args, needle):
     assert_user_error(invoke("run", *args), needle)

@@ -318,6 +318,7 @@ def test_eval_cell_with_missing_lora_fails_early(tmp_path, world_task, fakes):
     ({"overrides": {"weighting_scheme": "bogus"}}, ConfigError, "allowed"),
     ({"overrides": {"no_such_field": "1"}}, ConfigError, "unknown setting"),
     ({"lora": "x"}, ConfigError, "eval"),
+    ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "cuda:999"}, ConfigError, "--device"),
 ])
 def test_bad_input_fails_before_loading_anything(tmp_path, world_task, fakes, kw, error, match):
     kw = dict(kw)
