@@ -124,6 +124,14 @@ err = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line
 LIST_KINDS = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES, "metrics": METRICS}
 
 
+# what a user can do after Ctrl-C, per command function
+INTERRUPTED = {
+    "run": "interrupted; continue this cell from its last checkpoint with the same command and --resume",
+    "sweep_command": "interrupted; run the same sweep again to continue (finished cells are skipped, an "
+                     "unfinished one resumes from its last checkpoint)",
+}
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", highlight=False)
     raise typer.Exit(code)
@@ -141,6 +149,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(e))
         except RunFailed as e:
             fail(str(e), code=1)
+        except KeyboardInterrupt:
+            fail(INTERRUPTED.get(fn.__name__, "interrupted"), code=130)
 
     return wrapper
 

@@ -283,3 +283,15 @@ def test_a_failed_run_is_one_line_and_exit_1(monkeypatch):
     result = invoke("nan")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines() == ["error: the tuned model's samples hold NaN or inf (8 of 8)"]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue(monkeypatch):
+    from dopsd_bench import runner
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_cell", interrupted)
+    result = invoke("run", "--steps", "3")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "--resume" in result.stderr
