@@ -57,6 +57,12 @@ class Method:
         if self.trains:
             backbone.add_lora(self.adapter, rank=rank)
 
+    @property
+    def changes_base_weights(self) -> bool:
+        """Whether training changes the model itself (no adapter: a full fine-tune), so that the untuned model's
+        outputs must be computed before it trains."""
+        return self.trains and self.adapter is None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.backbone.lora_parameters(self.adapter)
 

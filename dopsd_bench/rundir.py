@@ -23,13 +23,9 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
-RESULT_FILE = "result.json"
-CONFIG_FILE = "config.json"
-SAMPLES_FILE = "samples.png"
-ADAPTER_DIR = "adapter"
-RESULT_KEYS = ("schema_version", "method", "task", "instance", "backbone", "model", "seed", "budget", "metrics",
-               "timings", "env")
+from dopsd_bench.result import ADAPTER_DIR, CONFIG_FILE, RESULT_FILE, RESULT_KEYS, SAMPLES_FILE, SCHEMA_VERSION
+
+__all__ = ["ADAPTER_DIR", "CONFIG_FILE", "RESULT_FILE", "RESULT_KEYS", "SAMPLES_FILE", "SCHEMA_VERSION"]  # re-exported
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate")
 
 

@@ -98,11 +98,6 @@ def _evaluate(backbone, data, method, features, cache_dir: Path, timings: dict, 
     return evaluate(backbone, data, method, features=features, cache_dir=cache_dir, timings=timings, **kwargs)
 
 
-def changes_base_weights(method: Method) -> bool:
-    """A full fine-tune changes the weights the untuned model's samples come from."""
-    return bool(getattr(method, "full_finetune", False)) or (method.trains and method.adapter is None)
-
-
 # ---- sampling helpers ---------------------------------------------------------------------------------------
 class _Recorder:
     """Wraps a method for evaluate(): keeps the text-only samples it draws, so the grid needs no second sampling."""
@@ -357,7 +352,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     weights_changed = False
     adapter_saved = False
     if lora is None:
-        weights_changed = changes_base_weights(method)
+        weights_changed = method.changes_base_weights
         if weights_changed and main:
             _prefill_untuned(backbone, data, cache_dir)
         batch = Batch(images=data.train_images, captions=list(data.train_captions), token=data.token)

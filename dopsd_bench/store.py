@@ -26,12 +26,10 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
-RESULT_FILE = "result.json"
-SAMPLES_FILE = "samples.png"
+from dopsd_bench.result import BUDGET_KEYS, RESULT_FILE, SAMPLES_FILE, SCHEMA_VERSION
+
 REQUIRED_KEYS = ("schema_version", "method", "task", "instance", "seed", "metrics")
 CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
-BUDGET_KEYS = ("steps", "batch_size", "lr", "rank")
 
 
 @dataclass

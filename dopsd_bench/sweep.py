@@ -55,10 +55,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dopsd_bench.errors import CellBusy, UserError
+from dopsd_bench.result import BUDGET_KEYS
 
 DEFAULT_RUNNER = "dopsd_bench.runner:run_cell"
 DEFAULT_OUT = "runs/sweep"
-BUDGET_KEYS = ("steps", "batch_size", "lr", "rank")
 SWEEP_KEYS = {"methods", "tasks", "seeds", "budgets", "set", "method_set", "backbone", "model", "device", "out",
               "processes", "checkpoint_every"}
 LOG_FILE = "sweep.log"

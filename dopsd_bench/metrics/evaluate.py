@@ -74,11 +74,6 @@ def teacher_adapter(method, backbone) -> str | None:
     return student_adapter(method)
 
 
-def changes_base_weights(method) -> bool:
-    """A method that trains without an adapter (sft-full) has changed the model itself."""
-    return bool(getattr(method, "full_finetune", False)) or (method.trains and method.adapter is None)
-
-
 class _Untuned:
     """The untuned model's outputs, through the cache; refuses to recompute after a full fine-tune."""
 
@@ -194,7 +189,7 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     native = backbone.native_steps
     steps_list = sorted({int(k) for k in step_curve} | {native})
     cache = SampleCache(cache_dir, backbone)
-    weights_changed = changes_base_weights(method)
+    weights_changed = method.changes_base_weights
     untuned = _Untuned(backbone, cache, batch_size, weights_changed)
     student, teacher = student_adapter(method), teacher_adapter(method, backbone)
     eval_refs = references_for(task.train_images, len(task.eval_prompts))

@@ -1,0 +1,13 @@
+"""The run directory's file names and result.json's schema: one home for what the runner writes and the store,
+sweep and leaderboard read (free of torch, so that reading results stays light)."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+SAMPLES_FILE = "samples.png"
+ADAPTER_DIR = "adapter"
+RESULT_KEYS = ("schema_version", "method", "task", "instance", "backbone", "model", "seed", "budget", "metrics",
+               "timings", "env")
+BUDGET_KEYS = ("steps", "batch_size", "lr", "rank")  # a cell's training budget, as result.json's `budget` holds it
