@@ -38,7 +38,8 @@ Defaults and why:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -136,6 +137,21 @@ class DOPSD(Method):
         finally:
             self._use_student()
 
+    @contextlib.contextmanager
+    def _folded(self, adapter: str) -> Iterator[None]:
+        """A no-grad pass with `adapter`: folded into the base weights where the backbone can (fewer, larger calls;
+        used only while no graph of the step is alive), else switched to; the student is active again after."""
+        merged = getattr(self.backbone, "merged_adapter", None)
+        try:
+            if merged is None:
+                self.backbone.set_adapter(adapter)
+                yield
+            else:
+                with merged(adapter):
+                    yield
+        finally:
+            self._use_student()
+
     def after_step(self, step: int) -> None:
         if self.config.teacher == "ema":
             ema_update(self.teacher_params, self.student_params, self.config.ema_decay)
@@ -213,10 +229,11 @@ class DOPSD(Method):
     def _rollout(self, st: _Step) -> list[torch.Tensor]:
         """The student's states x_0 .. x_last (no grad): the last selected state needs no forward of its own."""
         states, x = [st.x], st.x
-        for k in range(st.selected[-1]):
-            v = self.backbone.predict_velocity(x, st.sigmas[k].expand(x.shape[0]), st.cond_s)
-            x = self.backbone.step(x, v, st.sigmas[k], st.sigmas[k + 1], st.seeds)
-            states.append(x)
+        with self._folded(self.adapter):
+            for k in range(st.selected[-1]):
+                v = self.backbone.predict_velocity(x, st.sigmas[k].expand(x.shape[0]), st.cond_s)
+                x = self.backbone.step(x, v, st.sigmas[k], st.sigmas[k + 1], st.seeds)
+                states.append(x)
         return states
 
     def _batched(self, st: _Step, states: list[torch.Tensor], backward, chunk: int | None) -> torch.Tensor:
@@ -224,7 +241,9 @@ class DOPSD(Method):
         b, n = st.x.shape[0], len(st.selected)
         xs = torch.cat([states[k] for k in st.selected])
         sig = torch.cat([st.sigmas[k].expand(b) for k in st.selected])
-        v_t = self._teacher_velocity(xs, sig, repeat_cond(st.cond_t, n))
+        teacher = self.adapter if self.config.teacher == "self" else self.teacher_adapter
+        with torch.no_grad(), self._folded(teacher):  # no graph is alive yet: the weights may be folded
+            v_t = self.backbone.predict_velocity(xs, sig, repeat_cond(st.cond_t, n))
         chunk = chunk or n
         total = torch.zeros((), device=xs.device) if backward is not None else 0.0
         for start in range(0, n, chunk):

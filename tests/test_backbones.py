@@ -297,3 +297,29 @@ def test_zimage_teacher_inputs_follow_the_vl_chat_format(zimage_dir):
     assert text.endswith("<|vision_end|>a red circle<|im_end|>\n<|im_start|>assistant\n")
     cond = backbone.encode_teacher(["a red circle"], _references(1, 0))
     assert int(cond["prompt_mask"].sum()) == min(inputs["input_ids"].shape[1], backbone.teacher_max_length)
+
+
+def test_a_merged_adapter_computes_what_the_active_adapter_does_and_restores_the_weights(model_dir):
+    backbone = _load(model_dir)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn((2, *backbone.latent_shape()), generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.4, 0.9])
+    backbone.add_lora("student", rank=4, alpha=8)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in backbone.lora_parameters("student"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    before = {n: p.detach().clone() for n, p in backbone.denoiser.named_parameters()}
+    with torch.no_grad():
+        active = backbone.predict_velocity(x, sigma, cond)
+        with backbone.merged_adapter("student"):
+            folded = backbone.predict_velocity(x, sigma, cond)
+        again = backbone.predict_velocity(x, sigma, cond)
+    backbone.set_adapter(None)
+    with torch.no_grad():
+        assert (backbone.predict_velocity(x, sigma, cond) - active).abs().max() > 1e-3  # the adapter does something
+    backbone.set_adapter("student")
+    torch.testing.assert_close(folded, active, rtol=1e-4, atol=1e-5)  # the same function, up to rounding
+    assert torch.equal(again, active)  # the adapter is active again afterwards
+    for n, p in backbone.denoiser.named_parameters():
+        assert torch.equal(p, before[n]), n  # every weight restored bit for bit
