@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_world as W  # the build's own stages, so an arm is what the build would make
-
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+from dopsd_bench.paths import assets_dir
+from dopsd_bench.world import build as W  # the build's own stages, so an arm is what the build would make
 from dopsd_bench.world import render as R
 from dopsd_bench.world.check import retention_figures, retention_setup
 from dopsd_bench.world.judge import WorldJudge
@@ -61,7 +59,7 @@ def measure(bb, judge, prompts, targets, real_feats, seeds) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", type=Path, default=W.ROOT / "dopsd_bench" / "assets" / "glyphworld-base")
+    ap.add_argument("--base", type=Path, default=assets_dir() / "glyphworld-base")
     ap.add_argument("--arms", default="0:0.5,8:0.5,8:0.75", help="object weight:text-only fraction, comma-separated")
     ap.add_argument("--steps", type=int, default=1000, help="training steps per arm")
     ap.add_argument("--fresh", action="store_true",

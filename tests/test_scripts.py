@@ -4,7 +4,6 @@ Most are slow (about a minute each on 2 cores)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -147,10 +146,9 @@ def test_diagnose_world_rejects_too_few_prompts():
 
 
 def _build_world():
-    spec = importlib.util.spec_from_file_location("build_world", ROOT / "scripts" / "build_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dopsd_bench.world import build
+
+    return build
 
 
 def test_object_map_is_the_mean_channel_spread_per_latent_cell():
