@@ -6,7 +6,11 @@ are tested without the diffusers models (those are covered with the real tiny pi
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -166,3 +170,18 @@ def fake_batch(n: int = 6, size: int = 16, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
     return Batch(images=images, captions=[f"a red thing number {i}" for i in range(n)])
+
+
+@contextlib.contextmanager
+def cell_held_elsewhere(run_dir: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the cell lock of `run_dir` while the block runs; killed (releasing it) after."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from dopsd_bench.rundir import cell_lock\n"
+        f"with cell_lock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

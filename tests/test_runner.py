@@ -8,7 +8,6 @@ end-to-end test on the tiny FLUX.2-klein pipeline with the real scoring is marke
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_train import FakeBackbone
+from helpers_train import FakeBackbone, cell_held_elsewhere
 
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError, TaskError, UnknownNameError, UserError
@@ -232,19 +231,11 @@ def test_a_second_writer_of_a_running_cell_is_refused_naming_the_holder(tmp_path
     from dopsd_bench.errors import CellBusy
 
     cfg = cfg_for(world_task, tmp_path / "runs")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from dopsd_bench.rundir import cell_lock\n"
-        f"with cell_lock({str(cfg.run_dir())!r}):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with cell_held_elsewhere(cfg.run_dir()) as holder:
         with pytest.raises(CellBusy, match=f"being run by pid {holder.pid} on "):
             runner.run_cell(cfg)
         assert rundir.lock_holder(cfg.run_dir()).startswith(f"pid {holder.pid} ")
         assert not (cfg.run_dir() / "config.json").exists()  # refused before touching anything
-    finally:
-        holder.kill()
-        holder.wait()
     assert rundir.lock_holder(cfg.run_dir()) is None  # the kernel released the dead holder's lock
     assert rundir.is_complete(runner.run_cell(cfg))  # and the next run takes it over
 

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers_train import cell_held_elsewhere
 from synth_runs import make_result
 
 from dopsd_bench.errors import UserError
@@ -215,12 +216,7 @@ def test_a_shard_skips_a_cell_another_process_is_running(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS_DIR)
     spec = SweepSpec(methods=["base"], tasks=["style:dotted"], seeds=[0, 1], out=tmp_path)
     busy = expand(spec, check_names=False)[0].run_config().run_dir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from dopsd_bench.rundir import cell_lock\n"
-        f"with cell_lock({str(busy)!r}):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with cell_held_elsewhere(busy) as holder:
         res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style:dotted", "--seeds", "0,1",
                                         "--out", str(tmp_path), "--runner", RUNNER], terminal_width=300)
         assert res.exit_code == 0, res.output
@@ -228,8 +224,5 @@ def test_a_shard_skips_a_cell_another_process_is_running(tmp_path, monkeypatch):
         started = [c for e, c in _ledger(tmp_path) if e == "start"]
         assert len(started) == 1 and not str(busy).endswith(started[0])  # only the free cell ran here
         assert '"event": "busy"' in (tmp_path / "sweep.log").read_text()
-    finally:
-        holder.kill()
-        holder.wait()
     with cell_lock(busy):  # free again once its holder is gone
         pass
