@@ -25,7 +25,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
-from dopsd_bench.errors import UnknownNameError
+from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.stats import REFERENCES, compare
 from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
 
@@ -257,20 +257,24 @@ def leaderboard_command(
     import sys
 
     if unit not in ("run", "sample"):
-        console.print(f"[red]error:[/red] --unit must be run or sample, got {unit!r}")
-        raise typer.Exit(2)
+        raise UserError(f"--unit must be run or sample, got {unit!r}")
+    if n_boot < 1:
+        raise UserError(f"--n-boot must be at least 1 resample (the default is 2000), got {n_boot}")
     try:
         res = load_results(results)
     except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise UserError(str(e)) from None
     if res.empty:
-        console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
-        raise typer.Exit(2)
+        raise UserError(f"no complete result.json under {results}; run a sweep first")
     references = check_references(reference, res)
     table = build_table(res, n_boot=n_boot, seed=seed, unit=unit, references=references)
-    md = render_markdown(table, metrics=metrics.split(",") if metrics else None, n_boot=n_boot,
-                         command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    if wanted:
+        known = sorted(set(table["metric"]))
+        unknown = [m for m in wanted if m not in known]
+        if unknown:
+            raise UnknownNameError("metric", unknown[0], known)
+    md = render_markdown(table, metrics=wanted, n_boot=n_boot, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(md)

@@ -267,6 +267,22 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _seeds(values: Any) -> list[int]:
+    """Training seeds from --seeds or the sweep file: integers in [0, 2**32), else UserError."""
+    values = values if isinstance(values, (list, tuple)) else [values]
+    out = []
+    for value in values:
+        try:
+            seed = int(str(value).strip())
+        except ValueError:
+            raise UserError(f"seeds: {value!r} is not an integer; expected e.g. --seeds 0,1,2 or `seeds: [0, 1]`") \
+                from None
+        if not 0 <= seed < 2**32:
+            raise UserError(f"seeds: {seed} is out of range; expected integers in [0, 2**32)")
+        out.append(seed)
+    return out
+
+
 def make_spec(file: dict[str, Any], **flags: Any) -> SweepSpec:
     """Merge a sweep file with flags (a flag that is not None wins)."""
     def pick(name: str, default: Any = None) -> Any:
@@ -285,7 +301,7 @@ def make_spec(file: dict[str, Any], **flags: Any) -> SweepSpec:
     return SweepSpec(
         methods=[str(m) for m in pick("methods", [])],
         tasks=[str(t) for t in pick("tasks", [])],
-        seeds=[int(s) for s in seeds],
+        seeds=_seeds(seeds),
         budgets=budgets,
         overrides=common,
         method_overrides=per_method,

@@ -47,6 +47,7 @@ import torch
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.base import Backbone, Cond, repeat_cond
+from dopsd_bench.errors import ConfigError
 from dopsd_bench.losses import ema_update, velocity_distillation_loss, x0_distillation_loss
 from dopsd_bench.method import Batch, Method, MethodConfig
 from dopsd_bench.registry import METHODS
@@ -103,6 +104,10 @@ class DOPSD(Method):
 
     # ---- adapters ------------------------------------------------------------------------------------
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
+        k = self.config.k or backbone.native_steps
+        if self.config.state_subset is not None and self.config.state_subset > k:
+            raise ConfigError(f"state_subset={self.config.state_subset} exceeds the roll-out's K = {k} states "
+                              f"({'k' if self.config.k else 'the model native steps'}); give at most {k}")
         super().setup(backbone, train, rank, generator)
         self.student_params = backbone.lora_parameters(self.adapter)
         self.teacher_params: list[torch.nn.Parameter] = []

@@ -79,8 +79,15 @@ def test_cli_stdout_and_errors(results, tmp_path):
     res = CliRunner().invoke(app, ["leaderboard", "--results", str(results), "--n-boot", "100",
                                    "--metrics", "fidelity"])
     assert res.exit_code == 0 and "fidelity ↑" in res.output and "alignment" not in res.output
-    res = CliRunner().invoke(app, ["leaderboard", "--results", str(tmp_path / "nope")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    from dopsd_bench.cli import app as cli_app  # the real CLI: a user's bad input is one line and exit 2
+
+    for args, needle in ((["--results", str(tmp_path / "nope")], "does not exist"),
+                         (["--results", str(results), "--metrics", "fidelty"],
+                          "unknown metric 'fidelty' (did you mean 'fidelity'?)"),
+                         (["--results", str(results), "--n-boot", "0"], "--n-boot must be at least 1"),
+                         (["--results", str(results), "--unit", "prompt"], "--unit must be run or sample")):
+        res = CliRunner().invoke(cli_app, ["leaderboard", *args])
+        assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, args
 
 
 def test_reference_option_pairs_against_the_named_methods(results, tmp_path):

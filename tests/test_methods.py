@@ -283,3 +283,10 @@ def test_dopsd_plain_loop_is_the_released_algorithm(tiny, batch):
         total = total + torch.nn.functional.mse_loss(x - s.view(-1, 1, 1, 1) * v_s, x - s.view(-1, 1, 1, 1) * v_t)
         x = flow.euler_step(x, v_s, sig[k], sig[k + 1]).detach()
     torch.testing.assert_close(value, total / 2, rtol=1e-5, atol=1e-9)
+
+
+def test_dopsd_state_subset_beyond_the_rollout_is_refused_at_setup(tiny, batch):
+    from dopsd_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"state_subset=5 exceeds the roll-out's K = 4 states"):
+        dopsd_method(tiny, batch, state_subset=5)

@@ -120,6 +120,12 @@ def test_unknown_names_exit_2(tmp_path):
     assert "did you mean 'dotted'" in res.output
     res = CliRunner().invoke(_app, ["sweep", "--methods", "base,dopsdd", "--tasks", "style", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "did you mean 'dopsd'" in res.output
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style", "--seeds", "a,b",
+                                    "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "seeds: 'a' is not an integer" in res.output and "Traceback" not in res.output
+    (tmp_path / "grid.yaml").write_text("methods: [base]\ntasks: [style]\nseeds: [0, 4294967296]\n")
+    res = CliRunner().invoke(_app, ["sweep", "--config", str(tmp_path / "grid.yaml"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "seeds: 4294967296 is out of range" in res.output
     assert not (tmp_path / "sweep.log").exists()
 
 
