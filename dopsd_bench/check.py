@@ -26,11 +26,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dopsd_bench.errors import UserError
 from dopsd_bench.leaderboard import BASELINE_SCHEMA, build_table, fmt
 from dopsd_bench.store import load_results
 
 KEYS = ["backbone", "task", "budget", "method", "metric"]
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # a failed check says why on stderr, as every error does
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
@@ -113,18 +115,18 @@ def check_command(
 ) -> None:
     """Exit 1 when a metric is worse than the baseline beyond its interval or tolerance; 0 otherwise."""
     if tolerance is not None and tolerance < 0:
-        console.print(f"[red]error:[/red] --tolerance must be >= 0, got {tolerance}")
-        raise typer.Exit(2)
+        raise UserError(f"--tolerance must be >= 0, got {tolerance}")
     try:
         base = load_baseline(baseline)
         res = load_results(results)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise UserError(str(e)) from None
+    if res.empty:  # nothing to compare: say so, rather than list every baseline entry as missing
+        raise UserError(f"no complete result.json under {results}; run the sweep the baseline was saved from first")
     table = build_table(res, n_boot=int(base.get("n_boot", 2000)), unit=str(base.get("unit", "run")))
     changed = model_mismatch(table, base)
     if changed:
-        console.print(f"[red]check failed[/red]: the baseline was saved on other weights ({'; '.join(changed)}). A "
+        errors.print(f"[red]check failed[/red]: the baseline was saved on other weights ({'; '.join(changed)}). A "
                       "rebuilt model moves every number, so comparing them says nothing. After an intended rebuild, "
                       f"re-baseline: `dopsd-bench leaderboard --results {results} --save-baseline {baseline}`")
         raise typer.Exit(1)
@@ -133,10 +135,10 @@ def check_command(
     counts = moves["status"].value_counts().to_dict()
     console.print(", ".join(f"{counts.get(s, 0)} {s}" for s in ("regressed", "missing", "improved", "ok")))
     if len(moves) and counts.get("missing", 0) == len(moves):
-        console.print(f"[red]check failed[/red]: none of the baseline's entries is in {results}; "
+        errors.print(f"[red]check failed[/red]: none of the baseline's entries is in {results}; "
                       "run the sweep the baseline was saved from")
         raise typer.Exit(1)
     if counts.get("regressed", 0) or (strict and counts.get("missing", 0)):
-        console.print("[red]check failed[/red]")
+        errors.print("[red]check failed[/red]")
         raise typer.Exit(1)
     console.print("[green]check passed[/green]")

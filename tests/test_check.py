@@ -94,14 +94,18 @@ def test_missing_entries(baseline_dir, tmp_path):
     assert CliRunner().invoke(app, [*args, "--strict"]).exit_code == 1
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = CliRunner().invoke(app, ["check", "--results", str(empty), "--baseline", str(baseline)])
-    assert res.exit_code == 1 and "none of the baseline" in res.output
+    from dopsd_bench.cli import app as cli_app  # the real CLI: one line on stderr, exit 2, no table
+
+    res = CliRunner().invoke(cli_app, ["check", "--results", str(empty), "--baseline", str(baseline)])
+    assert res.exit_code == 2 and "no complete result.json" in res.stderr and res.stdout == ""
 
 
 def test_bad_baseline_exits_2(tmp_path):
     (tmp_path / "b.json").write_text("{}")
-    res = CliRunner().invoke(app, ["check", "--results", str(tmp_path), "--baseline", str(tmp_path / "b.json")])
-    assert res.exit_code == 2 and "schema" in res.output
+    from dopsd_bench.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["check", "--results", str(tmp_path), "--baseline", str(tmp_path / "b.json")])
+    assert res.exit_code == 2 and "schema" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_baseline_entries_carry_interval_and_tolerance(tmp_path):
