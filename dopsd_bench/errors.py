@@ -31,6 +31,10 @@ class UnknownNameError(UserError, LookupError):
         super().__init__(f"unknown {kind} {name!r}{hint}; valid: {listed}")
 
 
+class DuplicateNameError(UserError, ValueError):
+    """A plug-in registers a name that another object holds already (e.g. a third-party method named `sft`)."""
+
+
 class CellBusy(UserError):
     """Another process holds the cell's lock: it is running that cell now."""
 

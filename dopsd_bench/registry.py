@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dopsd_bench.errors import UnknownNameError, UserError
+from dopsd_bench.errors import DuplicateNameError, UnknownNameError, UserError
 
 __all__ = ["BACKBONES", "METHODS", "METRICS", "TASKS", "Registry", "UnknownNameError", "load_module_from_path"]
 
@@ -61,7 +61,7 @@ class Registry:
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise ValueError(f"{self.kind} name must be a non-empty string without spaces, got {name!r}")
         if name in self._entries and self._entries[name][0] is not obj:
-            raise ValueError(f"{self.kind} {name!r} is registered twice: {_where(self._entries[name][0])} and "
+            raise DuplicateNameError(f"{self.kind} {name!r} is registered twice: {_where(self._entries[name][0])} and "
                              f"{_where(obj)}; rename one of them")
         self._entries[name] = (obj, description or _describe(obj))
 

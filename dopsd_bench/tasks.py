@@ -283,9 +283,11 @@ def register_task_dirs(registry: Registry) -> None:
 
 def _peek_description(path: Path) -> str:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         return f"(invalid YAML: {str(e).splitlines()[0]})"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"(unreadable: {e})"
     if not isinstance(raw, dict):
         return "(invalid: not a mapping)"
     desc = str(raw.get("description", "")).strip()
@@ -310,9 +312,11 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
 
 def load_task_file(path: Path) -> TaskSpec:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise TaskError(f"task file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    except UnicodeDecodeError as e:
+        raise TaskError(f"task file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
     except OSError as e:
         raise TaskError(f"cannot read task file {path}: {e}") from e
     if not isinstance(raw, dict):
@@ -455,7 +459,12 @@ def _is_image(path: Path) -> bool:
 def _metadata_items(folder: Path, metadata: Path, where: str) -> list[tuple[Path, str]]:
     """Imagefolder captions: one {"file_name": ..., "text": ...} per line, exactly one per image in the folder."""
     captions: dict[str, str] = {}
-    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{where}: {metadata} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") \
+            from e
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

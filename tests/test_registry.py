@@ -150,3 +150,12 @@ def test_real_registries_load():
     assert {"concept", "style"} <= set(TASKS.names())
     assert "flux2-klein" in BACKBONES.names()
     assert {"base", "sft", "dopsd"} <= set(METHODS.names())
+
+
+def test_a_plugin_that_takes_a_shipped_name_is_a_user_error(tmp_path):
+    from dopsd_bench.errors import UserError
+    from dopsd_bench.registry import METHODS
+
+    METHODS.names()  # the shipped methods are registered
+    with pytest.raises(UserError, match="method 'sft' is registered twice"):
+        METHODS.add("sft", object())

@@ -226,3 +226,22 @@ def test_readme_task_example_loads(tmp_path):
     cat = spec.build("cat", resolution=8)
     assert cat.train_captions[0] == "a photo of zwx cat 0" and cat.eval_prompts[0] == "a zwx cat on the beach"
     assert len(spec.build("dog", resolution=8).train_captions) == 5
+
+
+def test_files_that_are_not_utf8_are_named_not_a_traceback(tmp_path):
+    bad = tmp_path / "latin.yaml"
+    bad.write_bytes("family: concept\ndescription: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin.yaml is not UTF-8 text .*save it as UTF-8"):
+        load_task(bad)
+    make_images(tmp_path / "images" / "cat", ["0.png", "1.png"])
+    (tmp_path / "images" / "cat" / "metadata.jsonl").write_bytes(b'{"file_name": "0.png", "text": "a \xe9 cat"}\n')
+    task = write_yaml(tmp_path / "cat.yaml", """
+        family: concept
+        source: folder
+        instances:
+          cat: {path: images/cat, token: zwx}
+        eval_prompts: ["a {token} cat"]
+        retention_prompts: ["a bowl of fruit"]
+    """)
+    with pytest.raises(TaskError, match=r"metadata.jsonl is not UTF-8 text"):
+        load_task(task).check()
