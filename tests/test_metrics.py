@@ -19,6 +19,7 @@ from dopsd_bench.metrics.features import (
 )
 from dopsd_bench.metrics.frechet import fd_metric, frechet_distance, kernel_distance
 from dopsd_bench.metrics.teacher import references_for, teacher_student_divergence
+from dopsd_bench.taskdata import TaskData
 from dopsd_bench.world.render import ATTRIBUTES
 
 
@@ -334,8 +335,38 @@ def test_dino_and_real_image_features(tmp_path):
     assert set(sims) == {"dino", "clip_i"} and torch.allclose(sims["dino"], emb)
     assert real.attributes(images) is None
     assert real.text_scores(images, ["a", "b", "c"]).shape == (3,)
-    with pytest.raises(OSError, match="offline"):
+    from dopsd_bench.errors import UserError
+
+    with pytest.raises(UserError, match="offline.*Point DOPSD_BENCH_DINO at a saved model folder"):
         DinoFeatures.from_pretrained(tmp_path / "missing")
+
+
+def test_folder_tasks_find_their_scorers_from_the_environment(tmp_path, monkeypatch):
+    from dopsd_bench.metrics.features import features_for_task
+
+    _tiny_dino().save_pretrained(tmp_path / "dino")
+    task = TaskData(task="dog", family="concept", instance="dog", token="sks",
+                    train_images=torch.zeros(2, 3, 16, 16), train_captions=["a sks dog"] * 2,
+                    eval_prompts=["a sks dog"] * 2, eval_seeds=[0, 1], retention_prompts=["a cat"] * 2,
+                    retention_seeds=[2, 3])
+    monkeypatch.setenv("DOPSD_BENCH_DINO", str(tmp_path / "dino"))
+    monkeypatch.setenv("DOPSD_BENCH_CLIP", "none")
+    feats = features_for_task(task)
+    assert isinstance(feats.dino, DinoFeatures) and feats.clip is None
+    monkeypatch.setenv("DOPSD_BENCH_CLIP", str(tmp_path / "no-clip-here"))
+    from dopsd_bench.errors import UserError
+
+    with pytest.raises(UserError, match="DOPSD_BENCH_CLIP=none to score without CLIP"):
+        features_for_task(task)
+
+
+def test_the_world_judge_reads_images_of_any_resolution_at_its_own():
+    from dopsd_bench.world.judge import WorldJudge
+
+    feats = JudgeFeatures(WorldJudge(width=8, embed_dim=16))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    large = torch.nn.functional.interpolate(images, size=(128, 128), mode="nearest")  # a 128 px backbone's images
+    torch.testing.assert_close(feats.embed(large), feats.embed(images))
 
 
 # ---- cache and teacher diagnostics --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Everything runs batched under no_grad, `batch_size` images at a time, and return
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DINO = "facebook/dinov2-small"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+JUDGE_RESOLUTION = 32  # the world judge's input size (dopsd_bench.world.render.RES)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -102,10 +104,20 @@ class JudgeFeatures(FeatureExtractor):
         self.judge.to(self.device)
         self.batch_size = batch_size
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the judge reads them: the world's 32x32 (a backbone at another resolution is scaled to it)."""
+        x = x.to(self.device, torch.float32)
+        size = (JUDGE_RESOLUTION, JUDGE_RESOLUTION)
+        if x.shape[-1] > JUDGE_RESOLUTION:  # averaging pixels: the world's renders at a backbone's size come back
+            x = F.adaptive_avg_pool2d(x, size)
+        elif x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images)
-        fn = lambda x: self.judge.embed(x.to(self.device, torch.float32)).float().cpu()
+        fn = lambda x: self.judge.embed(self._input(x)).float().cpu()
         return _batched(fn, images, self.batch_size)
 
     @torch.no_grad()
@@ -113,7 +125,7 @@ class JudgeFeatures(FeatureExtractor):
         _check_images(images)
 
         def fn(x):
-            return {k: v.float().softmax(-1).cpu() for k, v in self.judge(x.to(self.device, torch.float32)).items()}
+            return {k: v.float().softmax(-1).cpu() for k, v in self.judge(self._input(x)).items()}
         return _batched(fn, images, self.batch_size)
 
     @torch.no_grad()
@@ -123,7 +135,7 @@ class JudgeFeatures(FeatureExtractor):
         _check_images(images)
 
         def fn(x):
-            emb, logits = self.judge.embed_and_logits(x.to(self.device, torch.float32))
+            emb, logits = self.judge.embed_and_logits(self._input(x))
             return {"__embedding": emb.float().cpu(), **{k: v.float().softmax(-1).cpu() for k, v in logits.items()}}
         out = _batched(fn, images, self.batch_size)
         emb = out.pop("__embedding")
@@ -144,7 +156,7 @@ class DinoFeatures(FeatureExtractor):
     def from_pretrained(cls, path_or_id: str | Path = DEFAULT_DINO, **kwargs) -> DinoFeatures:
         from transformers import Dinov2Model
 
-        return cls(_load(Dinov2Model, path_or_id), **kwargs)
+        return cls(_load(Dinov2Model, path_or_id, "DOPSD_BENCH_DINO"), **kwargs)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,7 +188,8 @@ class ClipFeatures(FeatureExtractor):
     def from_pretrained(cls, path_or_id: str | Path = DEFAULT_CLIP, **kwargs) -> ClipFeatures:
         from transformers import AutoTokenizer, CLIPModel
 
-        return cls(_load(CLIPModel, path_or_id), _load(AutoTokenizer, path_or_id), **kwargs)
+        var = "DOPSD_BENCH_CLIP"
+        return cls(_load(CLIPModel, path_or_id, var), _load(AutoTokenizer, path_or_id, var), **kwargs)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,13 +256,18 @@ class FeatureModule(nn.Module):
         return self.extractor.embed(images).double()
 
 
-def _load(cls, path_or_id: str | Path):
+def _load(cls, path_or_id: str | Path, var: str):
+    """`cls.from_pretrained(path_or_id)`, or a UserError saying how to point the suite at local weights (`var`)."""
     try:
         return cls.from_pretrained(str(path_or_id))
     except OSError as err:
-        raise OSError(f"could not load {cls.__name__} from {path_or_id!r}: expected a local directory or a hub id "
-                      f"already in the HF cache (the suite runs offline; download it once with network, or pass "
-                      f"--dino/--clip PATH). Cause: {err}") from err
+        from dopsd_bench.errors import UserError
+
+        skip = " (or set DOPSD_BENCH_CLIP=none to score without CLIP)" if var == "DOPSD_BENCH_CLIP" else ""
+        cause = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot load the scorer {cls.__name__} from {str(path_or_id)!r}: expected a local folder or a "
+                        f"hub id already in the Hugging Face cache (runs are offline). Point {var} at a saved model "
+                        f"folder{skip}. Cause: {cause}") from err
 
 
 def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
@@ -262,10 +280,16 @@ def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
 
 
 def features_for_task(task: TaskData, *, judge: nn.Module | str | Path | None = None,
-                      dino: str | Path = DEFAULT_DINO, clip: str | Path | None = DEFAULT_CLIP,
+                      dino: str | Path | None = None, clip: str | Path | None = "",
                       device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The world judge for embedded-world tasks; DINOv2 (+ CLIP unless clip=None) for image-folder tasks."""
+    """The world judge for embedded-world tasks; DINOv2 (+ CLIP unless clip=None) for image-folder tasks. The
+    scorers' weights default to DOPSD_BENCH_DINO / DOPSD_BENCH_CLIP (a local folder or hub id; CLIP "none" skips
+    it), else the hub ids DEFAULT_DINO / DEFAULT_CLIP."""
     if task.source == "world":
         return JudgeFeatures(load_judge(judge), device=device)
+    dino = dino or os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
+    if clip == "":
+        clip = os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
+        clip = None if clip.lower() == "none" else clip
     clip_features = None if clip is None else ClipFeatures.from_pretrained(clip, device=device)
     return RealImageFeatures(DinoFeatures.from_pretrained(dino, device=device), clip_features)
