@@ -323,3 +323,13 @@ def test_a_merged_adapter_computes_what_the_active_adapter_does_and_restores_the
     assert torch.equal(again, active)  # the adapter is active again afterwards
     for n, p in backbone.denoiser.named_parameters():
         assert torch.equal(p, before[n]), n  # every weight restored bit for bit
+
+
+def test_a_second_adapter_is_added_without_a_warning(model_dir):
+    import warnings
+
+    backbone = _load(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        backbone.add_lora("student", rank=2)
+        backbone.add_lora("teacher", rank=2)

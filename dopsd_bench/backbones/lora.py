@@ -6,6 +6,7 @@ Shared by the backbone adapters: they set `lora_targets` (which modules get LoRA
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,9 @@ class DiffusersLora:
 
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                             target_modules=self.lora_targets)
-        self.denoiser.add_adapter(config, adapter_name=name)
+        with warnings.catch_warnings():  # a second adapter (D-OPSD's teacher) is what we mean: peft warns of it
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+            self.denoiser.add_adapter(config, adapter_name=name)
         self.set_adapter(name)
 
     def _lora_layers(self) -> list:
