@@ -147,6 +147,9 @@ class TaskSpec:
                                 + (f" (paths are relative to {self.path.parent})" if self.path else ""))
             for template in self.eval_prompts:
                 inst.fill(template, iwhere)
+                if "{token}" not in template and not re.search(rf"(?<!\w){re.escape(inst.token)}(?!\w)", template):
+                    raise TaskError(f"{iwhere}: evaluation prompt {template!r} names neither {{token}} nor "
+                                    f"{inst.token!r}: fidelity would measure a prompt that never asks for the concept")
             if inst.prompt is not None:
                 inst.fill(inst.prompt, iwhere)
             for prompt in self.retention_prompts:

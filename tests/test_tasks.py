@@ -245,3 +245,17 @@ def test_files_that_are_not_utf8_are_named_not_a_traceback(tmp_path):
     """)
     with pytest.raises(TaskError, match=r"metadata.jsonl is not UTF-8 text"):
         load_task(task).check()
+
+
+def test_an_evaluation_prompt_without_the_token_is_refused(tmp_path):
+    make_images(tmp_path / "images" / "dog", ["0.png", "1.png"])
+    task = write_yaml(tmp_path / "dog.yaml", """
+        family: concept
+        source: folder
+        instances:
+          dog: {path: images/dog, token: sks, prompt: "a photo of {token} dog"}
+        eval_prompts: ["a {token} dog on the beach", "a dog in the snow"]
+        retention_prompts: ["a bowl of fruit"]
+    """)
+    with pytest.raises(TaskError, match="'a dog in the snow' names neither {token} nor 'sks'"):
+        load_task(task).check()
