@@ -322,8 +322,13 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         if not cfg.force and _finished(run_dir, model_id, False, console):  # finished by another process meanwhile
             return run_dir
         staging = _staging_dir(run_dir)
+        existed = run_dir.exists()
         try:
             return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
+        except BaseException:
+            if not existed and not (run_dir / CHECKPOINT_DIR).exists():  # nothing to resume from: leave no trace
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # a failed forced run: the finished cell stays as it was
 

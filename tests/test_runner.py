@@ -208,6 +208,13 @@ def test_failure_in_scoring_leaves_no_result(tmp_path, world_task, fakes, monkey
     assert not list(run_dir.glob(".*"))
 
 
+def test_a_run_that_fails_before_any_checkpoint_leaves_no_run_dir(tmp_path, world_task, fakes, monkeypatch):
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scorer crashed")))
+    with pytest.raises(RuntimeError, match="scorer crashed"):
+        runner.run_cell(cfg_for(world_task, tmp_path / "runs", checkpoint_every=0))
+    assert not list((tmp_path / "runs").rglob("config.json"))  # nothing half-made is left to mistake for a cell
+
+
 def test_a_forced_run_that_fails_keeps_the_finished_cell(tmp_path, world_task, fakes, monkeypatch):
     run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs"))  # a complete cell ...
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
