@@ -154,6 +154,7 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
     (with "did you mean"); a custom --runner may give names its own meaning, so the sweep skips it there.
     """
     trains = dict.fromkeys(spec.methods, True)
+    overrides_of = {m: {**spec.overrides, **spec.method_overrides.get(m, {})} for m in spec.methods}
     if check_names:
         from dopsd_bench.registry import BACKBONES, METHODS
 
@@ -161,10 +162,11 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
         trains = {m: bool(getattr(METHODS.get(m), "trains", True)) for m in spec.methods}
         if spec.backbone is not None:
             BACKBONES.get(spec.backbone)
+        overrides_of = checked_overrides(spec)
     cells: dict[str, Cell] = {}
     task_instances = [ti for t in spec.tasks for ti in _instances(t)]
     for method in spec.methods:
-        overrides = {**spec.overrides, **spec.method_overrides.get(method, {})}
+        overrides = overrides_of[method]
         for task, instance in task_instances:
             for seed in spec.seeds:
                 for budget in spec.budgets:
@@ -179,6 +181,28 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
                     cell = Cell(tuple((k, v) for k, v in kwargs.items() if v is not None))
                     cells.setdefault(cell.cell_id(), cell)  # a grid that names one cell twice runs it once
     return [cells[k] for k in sorted(cells)]
+
+
+def checked_overrides(spec: SweepSpec) -> dict[str, dict[str, str]]:
+    """Each method's `--set` overrides, checked before any cell runs: a common key goes to the methods whose config
+    has it (a key no method has is refused), a per-method key must be that method's, and every value must convert."""
+    from dopsd_bench.method import config_from_overrides
+    from dopsd_bench.registry import METHODS
+
+    fields = {m: {f.name for f in dataclasses.fields(METHODS.get(m).Config)} for m in spec.methods}
+    for key in spec.overrides:
+        if not any(key in names for names in fields.values()):
+            have = "; ".join(f"{m}: {', '.join(sorted(n)) or '(none)'}" for m, n in fields.items())
+            raise UserError(f"--set {key}: no method of this sweep has that setting; their settings are {have}")
+    out = {}
+    for m in spec.methods:
+        overrides = {k: v for k, v in spec.overrides.items() if k in fields[m]} | spec.method_overrides.get(m, {})
+        try:
+            config_from_overrides(METHODS.get(m).Config, overrides)
+        except ValueError as e:
+            raise UserError(f"--set for method {m}: {e}") from None
+        out[m] = overrides
+    return out
 
 
 def parse_shard(shard: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:

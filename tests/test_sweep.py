@@ -232,3 +232,21 @@ def test_a_shard_skips_a_cell_another_process_is_running(tmp_path, monkeypatch):
         assert '"event": "busy"' in (tmp_path / "sweep.log").read_text()
     with cell_lock(busy):  # free again once its holder is gone
         pass
+
+
+def test_set_keys_are_checked_per_method_before_any_cell_runs(tmp_path):
+    def grid(*extra):
+        return CliRunner().invoke(_app, ["sweep", "--methods", "base,sft,dopsd", "--tasks", "style:dotted",
+                                         "--out", str(tmp_path), "--dry-run", *extra])
+
+    res = grid("--set", "bogus=1")
+    assert res.exit_code == 2 and "--set bogus: no method of this sweep has that setting" in res.output
+    res = grid("--set", "teacher=frozen")  # a dopsd setting, given to the whole grid: only dopsd takes it
+    assert res.exit_code == 0, res.output
+    spec = SweepSpec(methods=["base", "sft", "dopsd"], tasks=["style:dotted"], overrides={"teacher": "frozen"},
+                     out=tmp_path)
+    by_method = {c.config["method"]: c.config.get("overrides") for c in expand(spec)}
+    assert by_method == {"base": None, "sft": None, "dopsd": {"teacher": "frozen"}}
+    res = grid("--set", "dopsd:teacher=bogus")
+    assert res.exit_code == 2 and "--set for method dopsd" in res.output
+    assert not (tmp_path / "sweep.log").exists()
