@@ -239,6 +239,16 @@ def write_outputs(table: pd.DataFrame, results: Path, out: Path | None, csv: boo
     return written
 
 
+def write_text_or_fail(path: Path, text: str, option: str) -> None:
+    """Write a user-named output file; a path that cannot be written is a UserError naming the option."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write it ({e.strerror or e}); give a file path in a writable "
+                        "folder") from None
+
+
 def leaderboard_command(
     results: Annotated[Path, typer.Option(help="results root: a sweep's --out dir")],
     out: Annotated[Path | None, typer.Option(help="write the Markdown here instead of stdout")] = None,
@@ -276,8 +286,7 @@ def leaderboard_command(
             raise UnknownNameError("metric", unknown[0], known)
     md = render_markdown(table, metrics=wanted, n_boot=n_boot, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
+        write_text_or_fail(out, md, "--out")
         console.print(f"wrote {out}")
     else:
         print(md)
@@ -285,6 +294,5 @@ def leaderboard_command(
         console.print(f"wrote {path}")
     if save_baseline:
         baseline = baseline_from_table(table, tolerance, str(results), n_boot, unit)
-        save_baseline.parent.mkdir(parents=True, exist_ok=True)
-        save_baseline.write_text(json.dumps(baseline, indent=1) + "\n")
+        write_text_or_fail(save_baseline, json.dumps(baseline, indent=1) + "\n", "--save-baseline")
         console.print(f"wrote baseline {save_baseline} ({len(baseline['entries'])} entries)")

@@ -23,7 +23,14 @@ import pandas as pd
 import typer
 from rich.console import Console
 
-from dopsd_bench.leaderboard import ReferenceOption, build_table, check_references, section_tables, sections
+from dopsd_bench.leaderboard import (
+    ReferenceOption,
+    build_table,
+    check_references,
+    section_tables,
+    sections,
+    write_text_or_fail,
+)
 from dopsd_bench.store import NO_BUDGET, Results, load_results
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -281,6 +288,5 @@ def report_command(
         raise typer.Exit(2)
     table = build_table(res, n_boot=n_boot, seed=seed, references=check_references(reference, res))
     page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    write_text_or_fail(out, page, "--out")
     console.print(f"wrote {out} ({len(page) / 1e6:.1f} MB)")

@@ -291,6 +291,19 @@ class _LoadedLora(Method):
     adapter = "student"
 
 
+def _check_writable(out: Path) -> None:
+    """UserError unless results can be written under `out` (created if missing)."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: results cannot be written there ({e.strerror or e}); give a writable "
+                        "folder") from None
+
+
 def _finished(run_dir: Path, model_id: str, force: bool, console) -> bool:
     """Whether the cell has its result on these weights already (and is not forced to run again); says so."""
     state, done = rundir.cell_state(run_dir, model_id)
@@ -311,6 +324,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     console = Console()
     t0 = time.perf_counter()
     check_device(cfg.device)  # before anything is touched
+    _check_writable(Path(cfg.out_dir))
     run_dir = cfg.run_dir()
     model_id = _model_identity(cfg)
     if _finished(run_dir, model_id, cfg.force, console):

@@ -155,3 +155,16 @@ def test_untrained_runs_appear_in_every_budget_section(tmp_path):
     md = render_markdown(table)
     for section in md.split("## style")[1:]:
         assert "| base | 2 | 0.15 [" in section.split("**Δ vs base**")[0]
+
+
+def test_outputs_that_cannot_be_written_are_one_line(results, tmp_path):
+    from dopsd_bench.cli import app as cli_app
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for command, args in (("leaderboard", ["--out", str(a_file / "board.md")]),
+                          ("leaderboard", ["--out", str(tmp_path)]),  # a directory
+                          ("report", ["--out", str(a_file / "r.html")])):
+        res = CliRunner().invoke(cli_app, [command, "--results", str(results), "--n-boot", "50", *args])
+        assert res.exit_code == 2 and "--out" in res.stderr and "cannot write it" in res.stderr, (command, args)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output

@@ -381,3 +381,12 @@ def test_loading_a_backbone_hides_the_loading_bars_of_diffusers_and_transformers
     finally:
         diffusers_logging.enable_progress_bar()
         transformers_logging.enable_progress_bar()
+
+
+def test_an_out_dir_that_cannot_hold_results_is_refused_first(tmp_path, world_task, fakes):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "runs"):
+        with pytest.raises(UserError, match="results cannot be written there"):
+            runner.run_cell(cfg_for(world_task, out))
+    assert fakes["loads"] == []
