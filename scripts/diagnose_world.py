@@ -1,7 +1,7 @@
 """Where a glyphworld model loses an attribute: four probes of one multi-step model, scored by the world judge.
 
 `dopsd-bench world check` says *what* the model gets wrong (e.g. shape accuracy per attribute); these probes say
-*where*. Run them on the shipped base or on a candidate build before spending a GPU session on the next one.
+*where*. Run them on the shipped base or on a candidate build before spending a GPU run on the next one.
 
     python scripts/diagnose_world.py                                   # the shipped base, about 5 min on 1 CPU thread
     python scripts/diagnose_world.py --model /tmp/gw/glyphworld-base --n 32 --threads 2    # a candidate, quicker

@@ -1,7 +1,7 @@
-"""`dopsd-bench world check`: recompute the embedded world's figures (R1-R4 of the world issue) on fixed seeds.
+"""`dopsd-bench world check`: recompute the embedded world's figures (the goals R1-R4 the testbed is built to meet) on fixed seeds.
 
 Every number is measured now by the world judge: nothing is read from a file. `requirements` restates each goal
-of the world issue with its verdict; the retention figures' goals (R1, R2, R4) carry 95% paired-bootstrap
+of the testbed's goals with its verdict; the retention figures' goals (R1, R2, R4) carry 95% paired-bootstrap
 intervals over the retention prompts, since at 256 prompts another draw of prompts and seeds moves an FD by
 several percent.
 
@@ -239,7 +239,7 @@ def _goal(value: float, goal: str, holds, ci: Interval | None = None, on_interva
 
 def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, Retention], n_boot: int = 300,
                  seed: int = 0) -> dict[str, dict]:
-    """The world issue's goals (R1-R4 and the judge's), each checked on `figures`; the retention figures get
+    """The testbed's goals (R1-R4 and the judge's), each checked on `figures`; the retention figures get
     paired-bootstrap intervals from the samples in `retention` (turbo, base_32, base_native, sft, sft_style)."""
     r4 = {"sft": "R4_sft_retention_fd_ratio", "sft_style": "R4_sft_style_retention_fd_ratio"}
     ratio = fd_ratio_intervals(real_feats, retention, [("turbo", "base_32"), ("base_native", "base_32")]
@@ -298,7 +298,7 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
     out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))
     out.update(teacher_figures(turbo, judge, "concept", n_teach, seed))
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
-    # R4 at the default budget: on the concept (the issue's figure) and on the style, where the fill is learnt
+    # R4 at the default budget: on the concept (the goal's figure) and on the style, where the fill is learnt
     for family, instance in (("concept", "zorb"), ("style", "dotted")):
         fresh = Flux2KleinBackbone.from_pretrained(turbo_name)  # each run starts from the untuned turbo
         figures, retention["sft" if family == "concept" else "sft_style"] = sft_retention_ratio(
@@ -348,7 +348,7 @@ def check_command(
     table.add_column("value", justify="right")
     for key, value in figures.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
-    verdicts = Table(title="the world issue's goals (95% interval: paired bootstrap over the retention prompts)")
+    verdicts = Table(title="the testbed's goals (95% interval: paired bootstrap over the retention prompts)")
     verdicts.add_column("goal", no_wrap=True)
     for column in ("figure", "95% interval", "wanted", "verdict"):
         verdicts.add_column(column, justify="right" if column in ("figure", "95% interval") else "left")
