@@ -1,4 +1,4 @@
-"""`dopsd-bench world check`: recompute the embedded world's figures (the goals R1-R4 the testbed is built to meet) on fixed seeds.
+"""`dopsd-bench world check`: recompute the embedded world's figures (its goals R1-R4) on fixed seeds.
 
 Every number is measured now by the world judge: nothing is read from a file. `requirements` restates each goal
 of the testbed's goals with its verdict; the retention figures' goals (R1, R2, R4) carry 95% paired-bootstrap
