@@ -240,8 +240,9 @@ def _metrics_catalog() -> dict[str, str]:
 def _load_methods(registry: Registry) -> None:
     import_submodules("dopsd_bench.methods")
     load_entry_points(registry, "dopsd_bench.methods")
-    for path in _env_paths("DOPSD_BENCH_METHODS_PATH"):
-        _load_path(path, "DOPSD_BENCH_METHODS_PATH")
+    var = PLUGIN_PATH_VARS["method"]
+    for path in _env_paths(var):
+        _load_path(path, var)
     for path in registry.extra_paths:
         _load_path(path, "--methods-path")
 

@@ -304,13 +304,13 @@ def _check_writable(out: Path) -> None:
                         "folder") from None
 
 
-def _finished(run_dir: Path, model_id: str, force: bool, console) -> bool:
+def _finished(run_dir: Path, model_id: str, force: bool, console, say_stale: bool = True) -> bool:
     """Whether the cell has its result on these weights already (and is not forced to run again); says so."""
     state, done = rundir.cell_state(run_dir, model_id)
     if state == "done" and not force:
         console.print(f"{run_dir}: already done (complete result.json); use --force to run it again")
         return True
-    if state == "stale":
+    if state == "stale" and say_stale:
         console.print(f"{run_dir}: its result.json was made on {done['model']}, the weights are now {model_id}: "
                       "running it again")
     return False
@@ -333,7 +333,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     if not accelerator.is_main_process:
         return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
     with rundir.cell_lock(run_dir, say=console.print):
-        if not cfg.force and _finished(run_dir, model_id, False, console):  # finished by another process meanwhile
+        if _finished(run_dir, model_id, cfg.force, console, say_stale=False):  # finished by another process meanwhile
             return run_dir
         staging = _staging_dir(run_dir)
         existed = run_dir.exists()

@@ -406,6 +406,13 @@ def run_cells(
                TimeRemainingColumn(), TextColumn("{task.description}")]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("", total=len(cells))
+
+        def busy(cid: str, holder: str, message: str) -> None:  # another process (a shard, a shell) runs it: theirs
+            counts["skipped"] += 1
+            log.write("busy", cell=cid, holder=holder)
+            console.print(f"{message}; skipped here")
+            progress.advance(bar)
+
         for cell in cells:
             cfg = cell.run_config()
             cid = str(cfg.cell_id())
@@ -421,11 +428,8 @@ def run_cells(
                 log.write("stale", cell=cid, made_on=done["model"], model=model_id)
                 console.print(f"cell {cid}: made on {done['model']}, the weights are now {model_id}: running it again")
             holder = lock_holder(run_dir)
-            if holder is not None:  # another process (a shard, a shell) runs this cell now: it is theirs
-                counts["skipped"] += 1
-                log.write("busy", cell=cid, holder=holder)
-                console.print(f"cell {cid}: being run by {holder}; skipped here")
-                progress.advance(bar)
+            if holder is not None:
+                busy(cid, holder, f"cell {cid}: being run by {holder}")
                 continue
             progress.update(bar, description=cid)
             _clean_stale_temp(run_dir)
@@ -442,11 +446,8 @@ def run_cells(
             else:
                 try:
                     run_fn(dataclasses.replace(cfg, force=True, resume=False) if force else cfg)
-                except CellBusy as e:  # taken by another process since the check above: theirs
-                    counts["skipped"] += 1
-                    log.write("busy", cell=cid, holder=str(e))
-                    console.print(f"{e}; skipped here")
-                    progress.advance(bar)
+                except CellBusy as e:  # taken by another process since the check above
+                    busy(cid, str(e), str(e))
                     continue
                 except (Exception, SystemExit) as e:  # noqa: BLE001 -- one failing cell must not stop the grid
                     error = f"{type(e).__name__}: {e}"

@@ -133,20 +133,21 @@ class DOPSD(Method):
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def _teacher_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond_t: Cond) -> torch.Tensor:
-        if self.config.teacher == "self":
+    def _teacher_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond_t: Cond, fold: bool = False
+                          ) -> torch.Tensor:
+        """The teacher's prediction (with the reference context). `fold`: its adapter folded into the weights
+        (`_folded`), only while no autograd graph of the step is alive."""
+        if self.config.teacher == "self" and not fold:
             return self.backbone.predict_velocity(x, sigma, cond_t)
-        self.backbone.set_adapter(self.teacher_adapter)
-        try:
+        adapter = self.adapter if self.config.teacher == "self" else self.teacher_adapter
+        with self._folded(adapter, fold):
             return self.backbone.predict_velocity(x, sigma, cond_t)
-        finally:
-            self._use_student()
 
     @contextlib.contextmanager
-    def _folded(self, adapter: str) -> Iterator[None]:
-        """A no-grad pass with `adapter`: folded into the base weights where the backbone can (fewer, larger calls;
-        used only while no graph of the step is alive), else switched to; the student is active again after."""
-        merged = getattr(self.backbone, "merged_adapter", None)
+    def _folded(self, adapter: str, fold: bool = True) -> Iterator[None]:
+        """A no-grad pass with `adapter`: folded into the base weights where the backbone can and `fold` (fewer,
+        larger calls; only while no graph of the step is alive), else switched to; the student is active after."""
+        merged = getattr(self.backbone, "merged_adapter", None) if fold else None
         try:
             if merged is None:
                 self.backbone.set_adapter(adapter)
@@ -246,9 +247,7 @@ class DOPSD(Method):
         b, n = st.x.shape[0], len(st.selected)
         xs = torch.cat([states[k] for k in st.selected])
         sig = torch.cat([st.sigmas[k].expand(b) for k in st.selected])
-        teacher = self.adapter if self.config.teacher == "self" else self.teacher_adapter
-        with torch.no_grad(), self._folded(teacher):  # no graph is alive yet: the weights may be folded
-            v_t = self.backbone.predict_velocity(xs, sig, repeat_cond(st.cond_t, n))
+        v_t = self._teacher_velocity(xs, sig, repeat_cond(st.cond_t, n), fold=True)  # no graph is alive yet
         chunk = chunk or n
         total = torch.zeros((), device=xs.device) if backward is not None else 0.0
         for start in range(0, n, chunk):

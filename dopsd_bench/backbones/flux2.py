@@ -79,15 +79,19 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 
     # ---- conditioning -------------------------------------------------------------------------------
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """The prompt embeddings as the pipeline computes them (its Qwen3 layers `text_encoder_out_layers`), not
+        cached; gradients reach the encoder where they are enabled (a build that trains its token embeddings)."""
+        return self.pipe._get_qwen3_prompt_embeds(
+            self.pipe.text_encoder, self.pipe.tokenizer, prompts, device=self.device,
+            max_sequence_length=int(self.settings["max_sequence_length"]),
+            hidden_states_layers=list(self.settings["text_encoder_out_layers"]))
+
     @torch.no_grad()
     def _text_embeds(self, prompts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            embeds = self.pipe._get_qwen3_prompt_embeds(
-                self.pipe.text_encoder, self.pipe.tokenizer, missing, device=self.device,
-                max_sequence_length=int(self.settings["max_sequence_length"]),
-                hidden_states_layers=list(self.settings["text_encoder_out_layers"]))
-            self._text_cache.update(zip(missing, embeds))
+            self._text_cache.update(zip(missing, self.text_embeds(missing)))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -210,33 +210,18 @@ def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
 
 
 class LearnedText:
-    """The text encoder's token embeddings, trained with the base DiT: `embeds(captions)` is the pipeline's prompt
-    encoding (its Qwen3 layers, `text_encoder_out_layers`) with gradients to the embedding table, whose EMA is
-    written back into the encoder by `finish` (the rest of the encoder stays frozen at its random init)."""
+    """The text encoder's token embeddings, trained with the base DiT: `cond` encodes captions through the adapter's
+    uncached `text_embeds`, so gradients reach the embedding table, whose EMA `finish` writes back into the encoder
+    (the rest of the encoder stays frozen at its random init)."""
 
     def __init__(self, bb):
-        self.bb, self.pipe = bb, bb.pipe
-        self.weight = self.pipe.text_encoder.get_input_embeddings().weight
+        self.bb = bb
+        self.weight = bb.pipe.text_encoder.get_input_embeddings().weight
         self.weight.requires_grad_(True)
         self.ema = self.weight.detach().clone()
-        self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def embeds(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        for c in dict.fromkeys(captions):
-            if c not in self.ids:
-                text = tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                               add_generation_prompt=True, enable_thinking=False)
-                t = tok(text, return_tensors="pt", padding="max_length", truncation=True,
-                        max_length=int(self.bb.settings["max_sequence_length"]))
-                self.ids[c] = (t["input_ids"][0], t["attention_mask"][0])
-        ids = torch.stack([self.ids[c][0] for c in captions]).to(self.bb.device)
-        mask = torch.stack([self.ids[c][1] for c in captions]).to(self.bb.device)
-        out = self.pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return torch.cat([out.hidden_states[k] for k in self.bb.settings["text_encoder_out_layers"]], -1)
 
     def cond(self, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
-        cond = self.bb.text_cond(self.embeds(captions))
+        cond = self.bb.text_cond(self.bb.text_embeds(captions))
         return cond if ref_latents is None else self.bb.with_references(cond, ref_latents)
 
     def finish(self) -> None:
@@ -268,7 +253,7 @@ class BaseProbe:
 
     @torch.no_grad()
     def __call__(self, bb, ema: torch.nn.Module, text: LearnedText | None) -> dict:
-        from dopsd_bench.world.check import _batched_sample, judge_retention
+        from dopsd_bench.world.check import retention_figures
 
         saved = bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling
         weight = text.weight.detach().clone() if text is not None else None
@@ -278,13 +263,14 @@ class BaseProbe:
         try:
             bb.denoiser = bb.pipe.transformer = ema.eval()
             bb.guidance_scale, bb.stochastic_sampling = self.guidance, False
-            r = judge_retention(self.judge, _batched_sample(bb, self.prompts, self.seeds, 32), self.targets, self.real)
+            alignment, fd, accuracy = retention_figures(bb, self.judge, self.prompts, self.targets, self.real,
+                                                        self.seeds, steps=32)
         finally:
             bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling = saved
             if text is not None:
                 text.weight.data.copy_(weight)
                 bb._text_cache.clear()
-        return {"alignment": round(float(r.alignment.mean()), 4), "fd32": round(r.fd, 1), **r.accuracy}
+        return {"alignment": round(alignment, 4), "fd32": round(fd, 1), **accuracy}
 
 
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
