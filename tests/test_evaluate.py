@@ -15,6 +15,7 @@ from dopsd_bench.metrics.features import ClipFeatures, DinoFeatures, JudgeFeatur
 from dopsd_bench.registry import METHODS, METRICS
 from dopsd_bench.taskdata import TaskData
 from dopsd_bench.tasks import load_task
+from dopsd_bench.world.render import ATTRIBUTES
 
 REQUIRED = ["fidelity", "alignment", "retention_fd", "retention_fd_ratio", "retention_alignment", "step_curve",
             "diversity", "copying", "teacher_fidelity_before", "teacher_fidelity_after",
@@ -87,6 +88,11 @@ def test_base_scores_every_key_and_keeps_retention_ratio_one(task, features, tmp
                               ("fd", "fd_untuned", "fd_ratio", "alignment", "alignment_untuned")}
             for sub, se in e.items():
                 _check_entry(sub, se)
+        elif name == "retention_attributes":  # a group: every attribute, tuned and untuned, one value per sample
+            assert set(e) == {f"{a}{u}" for a in ATTRIBUTES for u in ("", "_untuned")}
+            for sub, se in e.items():
+                _check_entry(sub, se)
+                assert len(se["per_sample"]) == len(task.retention_prompts), sub
         else:
             _check_entry(name, e)
             assert name in METRIC_INFO and METRIC_INFO[name].higher_is_better == e["higher_is_better"], name

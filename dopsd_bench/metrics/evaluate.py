@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dopsd_bench.errors import require_finite
+from dopsd_bench.metrics import retention as RT
 from dopsd_bench.metrics import scores as S
 from dopsd_bench.metrics.cache import SampleCache
 from dopsd_bench.metrics.features import FeatureExtractor, ImageFeatures, features_for_task
@@ -135,6 +136,29 @@ class _Scorer:
         return scores
 
 
+def _retention_parts(sc: _Scorer, images: torch.Tensor, images_untuned: torch.Tensor, f: ImageFeatures,
+                     f_untuned: ImageFeatures, targets: list[dict[str, str]] | None) -> dict[str, dict]:
+    """Native-step retention samples, tuned and untuned: leakage, sharpness and (world) attribute retention."""
+    out: dict[str, dict] = {}
+    extra = {}
+    if sc.world:  # how often the judge's argmax is the new glyph/fill, for reading the probabilities
+        probs, probs_untuned = f.attributes[sc.attr], f_untuned.attributes[sc.attr]
+        extra = {"rate": float(RT.label_rate(probs, sc.label).mean()),
+                 "rate_untuned": float(RT.label_rate(probs_untuned, sc.label).mean())}
+    out["retention_leakage"] = _entry(RT.paired_shift(sc.fidelity(f), sc.fidelity(f_untuned)), False, **extra)
+    energy_untuned = RT.laplacian_energy(images_untuned)
+    if float(energy_untuned.mean()) > 0:
+        out["retention_sharpness"] = _entry(RT.relative_to_reference(RT.laplacian_energy(images), energy_untuned),
+                                            True, untuned_energy=float(energy_untuned.mean()))
+    if sc.world and targets is not None:
+        hits, hits_untuned = RT.attribute_retention(f.attributes, targets), RT.attribute_retention(
+            f_untuned.attributes, targets)
+        out["retention_attributes"] = {
+            **{attr: _entry(hit, True) for attr, hit in hits.items()},
+            **{f"{attr}_untuned": _entry(hit, True) for attr, hit in hits_untuned.items()}}
+    return out
+
+
 def _check_task(task: TaskData, step_curve) -> None:
     if len(task.eval_prompts) != len(task.eval_seeds) or len(task.retention_prompts) != len(task.retention_seeds):
         raise ValueError(f"task {task.task!r}: expected one seed per prompt, got {len(task.eval_prompts)} eval "
@@ -178,7 +202,9 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     """Score `method` (already set up / trained on `backbone`) on `task`; returns result.json's `metrics`.
 
     Each entry is {"mean": float, "per_sample": list | None, "higher_is_better": bool}; `step_curve` is a dict
-    of such entries keyed 'fd@K', 'fd_untuned@K', 'fd_ratio@K', 'alignment@K', 'alignment_untuned@K'.
+    of such entries keyed 'fd@K', 'fd_untuned@K', 'fd_ratio@K', 'alignment@K', 'alignment_untuned@K', and
+    `retention_attributes` (world tasks) one keyed by attribute ('shape', ..., 'shape_untuned', ...).
+    `few_step_gap_ratio` needs a step count above the native one in `step_curve`; without one it is left out.
     `batch_size` bounds how many images are sampled at once (None: all of a set). `timings`, if given, is
     filled with seconds per phase; `progress`, if given, is called with the name of each phase as it starts.
     """
@@ -253,9 +279,11 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
 
     real_emb = features.embed(real)
     curve: dict[str, dict] = {}
+    fds: dict[int, tuple[float, float]] = {}
     for k in steps_list:
         f_t, f_u = features.extract(ret[k]), features.extract(ret_untuned[k])
         fd_t, fd_u = frechet_distance(real_emb, f_t.embedding), frechet_distance(real_emb, f_u.embedding)
+        fds[k] = (fd_t, fd_u)
         al_t = sc.alignment(ret[k], f_t, R, task.retention_targets)
         al_u = sc.alignment(ret_untuned[k], f_u, R, task.retention_targets)
         if k == native:
@@ -268,6 +296,7 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
             out["retention_kid_untuned"] = _entry(kid_u, False, per_sample=False, std=kid_u_std)
             out["retention_alignment"] = _entry(al_t, True)
             out["retention_alignment_untuned"] = _entry(al_u, True)
+            out.update(_retention_parts(sc, ret[k], ret_untuned[k], f_t, f_u, task.retention_targets))
         if k in step_curve:
             curve[f"fd@{k}"] = _entry(fd_t, False, per_sample=False)
             curve[f"fd_untuned@{k}"] = _entry(fd_u, False, per_sample=False)
@@ -275,6 +304,10 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
             curve[f"alignment@{k}"] = _entry(al_t, True)
             curve[f"alignment_untuned@{k}"] = _entry(al_u, True)
     out["step_curve"] = curve
+    many = max(steps_list)  # the few-step gap: native steps against the most steps the curve sampled
+    if many > native and min(*fds[native], *fds[many]) > 1e-12:
+        gap = RT.few_step_gap_ratio(fds[native][0], fds[many][0], fds[native][1], fds[many][1])
+        out["few_step_gap_ratio"] = _entry(gap, False, per_sample=False, steps=native, reference_steps=many)
 
     out["diversity"] = _entry(S.pairwise_diversity(f_gen.embedding, S.diversity_groups(P)), True)
     out["copying"] = _entry(S.nearest_similarity(f_gen.embedding, sc.refs.embedding), False)

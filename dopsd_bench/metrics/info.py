@@ -43,6 +43,18 @@ METRIC_INFO = {m.name: m for m in [
                True, True),
     MetricInfo("retention_alignment_untuned", "retention_alignment of the untuned model, same prompts and seeds",
                True, True),
+    MetricInfo("retention_leakage", "how much more the new concept/fill appears on retention prompts that never "
+               "ask for it, per sample tuned minus untuned (same prompt and seed; 0 = none, the untuned model is 0): "
+               "judge probability of the task's held-out glyph/style (world; `rate`/`rate_untuned`: argmax share) "
+               "or similarity to the training images (real images)", False, True),
+    MetricInfo("retention_attributes", "per-attribute accuracy of native-step retention samples (world): entries "
+               "'shape', 'colour', 'size', 'position', 'style', 'background' and their '<attr>_untuned' twins, 1 per "
+               "sample where the judge finds the stated value", True, True),
+    MetricInfo("few_step_gap_ratio", "few-step capacity: (FD at native steps / FD at the step curve's largest "
+               "count) of the tuned model over the same of the untuned model; 1 = kept, > 1 = the native steps lost "
+               "more than many steps (a change that scales every step count alike cancels)", False, False),
+    MetricInfo("retention_sharpness", "high-frequency energy (mean squared Laplacian) of native-step retention "
+               "samples over the untuned model's mean; 1 = as sharp, < 1 = blurrier (> 1 can be noise)", True, True),
     MetricInfo("step_curve", "retention FD, FD ratio and alignment at 1, 2, 4, 8 steps (entries 'fd@K', "
                "'fd_untuned@K', 'fd_ratio@K', 'alignment@K', 'alignment_untuned@K')", False, False),
     MetricInfo("diversity", "mean pairwise embedding distance (1 - cosine) among samples of the same prompt, or "
