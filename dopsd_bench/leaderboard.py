@@ -29,8 +29,8 @@ from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.stats import REFERENCES, compare
 from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
 
-KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_fd", "diversity",
-               "copying")
+KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_leakage",
+               "few_step_gap_ratio", "retention_sharpness", "retention_fd", "diversity", "copying")
 METHOD_ORDER = ("base", "sft")
 BASELINE_SCHEMA = 1
 DEFAULT_TOLERANCE = 0.05  # relative to |baseline mean|

@@ -29,8 +29,9 @@ from dopsd_bench.runconfig import RunConfig, check_device
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
 
 # the metrics shown in the closing comparison table, in this order, when the run reports them
-HEADLINE = ("fidelity", "alignment", "retention_fd", "retention_fd_ratio", "retention_alignment", "diversity",
-            "copying", "teacher_fidelity_after")
+HEADLINE = ("fidelity", "alignment", "retention_fd", "retention_fd_ratio", "retention_alignment",
+            "retention_leakage", "few_step_gap_ratio", "retention_sharpness", "diversity", "copying",
+            "teacher_fidelity_after")
 GRID_COLUMNS = 8
 GENERIC_EVAL_NAMES = ("lora", "eval")  # `eval` labels that mean "name it after the LoRA"
 
