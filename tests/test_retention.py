@@ -191,3 +191,21 @@ def test_evaluate_reports_the_parts_and_the_untuned_model_scores_neutral(tmp_pat
     # without a step count above the native one there is no few-step gap to measure
     native_only = evaluate(bb, task, _base(bb), features=features, cache_dir=tmp_path, step_curve=(1, 2))
     assert "few_step_gap_ratio" not in native_only
+
+
+def test_probe_script_separates_leakage_from_blur():
+    """scripts/probe_retention_parts.py on a few prompts: leakage moves FD and p(fill), blur moves FD and sharpness."""
+    import importlib.util
+    from pathlib import Path
+
+    if not (assets_dir() / "judge" / "judge.safetensors").exists():
+        pytest.skip("no shipped world judge")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "probe_retention_parts.py"
+    spec = importlib.util.spec_from_file_location("probe_retention_parts", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = {r["case"]: r for r in probe.main(16, "dotted", 0)}
+    clean, leaked, blurred = rows["dotted on 0%"], rows["dotted on 50%"], rows["blur sigma 1.0"]
+    assert leaked["fd"] > clean["fd"] and blurred["fd"] > clean["fd"]
+    assert leaked["p_fill"] > clean["p_fill"] + 0.3 and blurred["p_fill"] < 0.1
+    assert blurred["sharpness"] < 0.2 and leaked["sharpness"] > 0.8
