@@ -46,15 +46,21 @@ class Method:
     trains: ClassVar[bool] = True  # False for methods with nothing to train (base, icl)
     adapter: ClassVar[str | None] = "student"  # the adapter that is saved and sampled (None: full fine-tune)
     default_lr: ClassVar[float | None] = None  # overrides the loop's default lr when the user gives none
+    # whether a sequence (dopsd_bench/continual.py) can tune it round after round: its trained state is LoRA adapters
+    # on the backbone, which carry from one round to the next; False for full fine-tunes and methods on other models
+    continual: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.Config()
         self.backbone: Backbone | None = None
 
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
-        """Attach adapters and precompute anything the objective needs, before the first step."""
+        """Attach adapters and precompute anything the objective needs, before the first step. An adapter that is
+        already on the backbone (carried from a sequence's earlier round) trains on from where it is."""
         self.backbone = backbone
-        if self.trains:
+        if self.trains and has_adapter(backbone, self.adapter):
+            backbone.set_adapter(self.adapter)
+        elif self.trains:
             backbone.add_lora(self.adapter, rank=rank)
 
     @property
@@ -89,6 +95,11 @@ class Method:
         """Images in [-1, 1] from the tuned model (text only, as a user would sample it)."""
         self.backbone.set_adapter(self.adapter if self.trains else None)
         return self.backbone.sample(prompts, seeds, steps)
+
+
+def has_adapter(backbone: Backbone, name: str | None) -> bool:
+    """Whether LoRA adapter `name` is on the backbone's denoiser (peft keeps one config per adapter)."""
+    return name is not None and name in (getattr(backbone.denoiser, "peft_config", None) or {})
 
 
 _TRUE = {"1", "true", "yes", "on"}

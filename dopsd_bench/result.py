@@ -3,7 +3,9 @@ sweep and leaderboard read (free of torch, so that reading results stays light).
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+# 2: a sequence (continual-tuning) cell adds `rounds` and `sequence`; every version-1 key is unchanged, so both read
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.png"

@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from dopsd_bench.result import ADAPTER_DIR, CONFIG_FILE, RESULT_FILE, RESULT_KEYS, SAMPLES_FILE, SCHEMA_VERSION
+from dopsd_bench.result import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    READABLE_SCHEMA_VERSIONS,
+    RESULT_FILE,
+    RESULT_KEYS,
+    SAMPLES_FILE,
+    SCHEMA_VERSION,
+)
 
 __all__ = ["ADAPTER_DIR", "CONFIG_FILE", "RESULT_FILE", "RESULT_KEYS", "SAMPLES_FILE", "SCHEMA_VERSION"]  # re-exported
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate")
@@ -168,13 +176,13 @@ def lock_holder(run_dir: str | Path) -> str | None:
 
 # ---- result.json --------------------------------------------------------------------------------------------
 def read_result(run_dir: str | Path) -> dict | None:
-    """The parsed result.json if the cell is complete (current schema, all keys), else None."""
+    """The parsed result.json if the cell is complete (a readable schema version, all keys), else None."""
     path = Path(run_dir) / RESULT_FILE
     try:
         result = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(result, dict) or result.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(result, dict) or result.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         return None
     if any(k not in result for k in RESULT_KEYS):
         return None

@@ -257,10 +257,14 @@ def run_cell(cfg: RunConfig) -> Path:
     """Train `cfg.method` on one task instance, score it, and write the run dir. Returns the run dir."""
     if cfg.lora is not None:
         raise ConfigError("`run` trains a new adapter; to score an existing LoRA use `dopsd-bench eval --lora PATH`")
-    method = build_method(cfg.method, cfg.overrides)
-    tcfg = train_config(cfg, method)
     spec, instance = _task(cfg)
     cfg = dataclasses.replace(cfg, instance=instance)
+    if spec.family == "sequence":  # continual tuning: the rounds' loop lives in its own module
+        from dopsd_bench import continual
+
+        return continual.run_sequence(cfg, spec)
+    method = build_method(cfg.method, cfg.overrides)
+    tcfg = train_config(cfg, method)
     return _run(cfg, method, tcfg, spec, label=method.name or cfg.method)
 
 
@@ -280,6 +284,9 @@ def eval_cell(cfg: RunConfig) -> Path:
     if name in GENERIC_EVAL_NAMES:
         name = lora.stem if lora.is_file() else lora.resolve().name
     spec, instance = _task(cfg)
+    if spec.family == "sequence":
+        raise ConfigError(f"eval scores one adapter on one task instance; {cfg.task!r} is a sequence of rounds: "
+                          "give one of its rounds' tasks (e.g. --task concept --instance zorb)")
     cfg = dataclasses.replace(cfg, method=f"eval-{name}", instance=instance)
     return _run(cfg, None, None, spec, label=f"eval:{name}", lora=lora)
 
@@ -317,9 +324,18 @@ def _finished(run_dir: Path, model_id: str, force: bool, console, say_stale: boo
     return False
 
 
+def _resumable(run_dir: Path) -> bool:
+    """Whether a failed cell left something to continue from: a checkpoint, or a sequence's finished rounds."""
+    from dopsd_bench.continual import has_rounds
+
+    return (run_dir / CHECKPOINT_DIR).exists() or has_rounds(run_dir)
+
+
 def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, label: str,
-         lora: Path | None = None) -> Path:
-    """Run one cell under its lock (the main process holds it; a second writer gets CellBusy, exit 2)."""
+         lora: Path | None = None, body=None) -> Path:
+    """Run one cell under its lock (the main process holds it; a second writer gets CellBusy, exit 2). `body` does
+    the work under the lock (default `_run_locked`; a sequence passes its rounds' loop)."""
+    body = body or _run_locked
     from rich.console import Console
 
     console = Console()
@@ -332,16 +348,16 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         return run_dir
     accelerator = make_accelerator(cfg.device)
     if not accelerator.is_main_process:
-        return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
+        return body(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
     with rundir.cell_lock(run_dir, say=console.print):
         if _finished(run_dir, model_id, cfg.force, console, say_stale=False):  # finished by another process meanwhile
             return run_dir
         staging = _staging_dir(run_dir)
         existed = run_dir.exists()
         try:
-            return _run_locked(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
+            return body(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
         except BaseException:
-            if not existed and not (run_dir / CHECKPOINT_DIR).exists():  # nothing to resume from: leave no trace
+            if not existed and not _resumable(run_dir):  # nothing to resume from: leave no trace
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         finally:

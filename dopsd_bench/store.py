@@ -1,11 +1,13 @@
 """Run dirs -> pandas: read every result.json under a directory into tidy frames.
 
 One run dir is one cell (method x task x instance x seed x budget). A result.json looks like
-    {"schema_version": 1, "method", "task", "instance", "backbone", "seed",
+    {"schema_version": 2, "method", "task", "instance", "backbone", "seed",
      "budget": {"steps", "batch_size", "lr", "rank"},
      "metrics": {name: {"mean": float, "per_sample": [..] | null, "higher_is_better": bool}, ...},
      "timings": {...}, "env": {...}}
 Metrics that are not of that shape (e.g. `step_curve`, a nested structure) are kept raw in `Results.extra`.
+A sequence cell (continual tuning, schema 2) also holds `rounds` and `sequence` (docs/continual.md); its metrics
+(acc, bwt, forgetting, the last round's retention) load like any cell's. Version-1 files load as they are.
 Partial, unreadable or schema-mismatched files are skipped with a warning: a half-finished sweep still aggregates.
 
     from dopsd_bench.store import load_results
@@ -26,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from dopsd_bench.result import BUDGET_KEYS, RESULT_FILE, SAMPLES_FILE, SCHEMA_VERSION
+from dopsd_bench.result import BUDGET_KEYS, READABLE_SCHEMA_VERSIONS, RESULT_FILE, SAMPLES_FILE
 
 REQUIRED_KEYS = ("schema_version", "method", "task", "instance", "seed", "metrics")
 CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
@@ -62,8 +64,9 @@ def _validate(data: Any) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ValueError(f"missing keys {missing}")
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"schema_version {data['schema_version']!r}, this reader knows {SCHEMA_VERSION}")
+    if data["schema_version"] not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"schema_version {data['schema_version']!r}, this reader knows "
+                         f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     if not isinstance(data["metrics"], dict):
         raise ValueError("'metrics' is not an object")  # noqa: TRY004 -- bad file content, caught with the rest
     return data

@@ -12,6 +12,11 @@ Sample i of the evaluation uses prompt i % len(prompts) and seed eval_seeds[i]; 
 evaluation data never depends on the run seed, so every method and seed is scored on the same prompts and noise.
 See tasks/style.yaml for a world task and README.md for a folder task.
 
+A third family, `sequence`, is continual tuning (docs/continual.md): each instance lists rounds in order, each
+round an instance of another task (`concept:zorb`, `style:dotted`, `path/to/task.yaml:dog`), and `carry` says how
+a round starts from the last (`continue` the same LoRA, or `merge` it and start a fresh one). It is data only:
+the runner trains the rounds (dopsd_bench/continual.py). See tasks/sequence.yaml.
+
     spec = load_task("style")                     # or load_task("path/to/my_task.yaml")
     data = spec.build("dotted", seed=0)           # -> TaskData
 """
@@ -37,9 +42,13 @@ if TYPE_CHECKING:
     from dopsd_bench.registry import Registry
     from dopsd_bench.taskdata import TaskData
 
-__all__ = ["InstanceSpec", "TaskError", "TaskSpec", "builtin_tasks_dir", "load_task", "register_task_dirs"]
+__all__ = ["InstanceSpec", "Round", "SequenceSpec", "TaskError", "TaskSpec", "builtin_tasks_dir", "load_task",
+           "register_task_dirs"]
 
 FAMILIES = ("concept", "style")
+SEQUENCE_FAMILY = "sequence"
+CARRY_MODES = ("continue", "merge")
+_SEQUENCE_KEYS = ("name", "description", "family", "instances", "default_instance", "carry")
 SOURCES = ("world", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -264,6 +273,100 @@ def builtin_tasks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "tasks"
 
 
+@dataclass(frozen=True)
+class Round:
+    """One round of a sequence: an instance of another (concept, style or folder) task."""
+
+    task: str  # as written: a registered name, or a .yaml path (made absolute)
+    instance: str
+
+    @property
+    def label(self) -> str:
+        """`task:instance` with the task's short name: the round's name in tables and result.json."""
+        return f"{Path(self.task).stem if self.task.endswith(('.yaml', '.yml')) else self.task}:{self.instance}"
+
+    def spec(self) -> TaskSpec:
+        return load_task(self.task)  # type: ignore[return-value]  # checked to be a TaskSpec when parsed
+
+
+@dataclass
+class SequenceInstance:
+    name: str
+    rounds: list[Round]
+
+
+@dataclass
+class SequenceSpec:
+    """A sequence task: named sequences of rounds (the instances), and how state carries from round to round."""
+
+    name: str
+    instances: dict[str, SequenceInstance]
+    default_instance: str
+    carry: str = "continue"
+    description: str = ""
+    path: Path | None = None
+    family: str = SEQUENCE_FAMILY
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if self.carry not in CARRY_MODES:
+            raise TaskError(f"{where}: carry must be one of {', '.join(CARRY_MODES)}, got {self.carry!r}")
+        if not self.instances:
+            raise TaskError(f"{where}: no sequences; list at least one under `instances:`")
+        if self.default_instance not in self.instances:
+            raise UnknownNameError(f"instance of task {self.name!r}", self.default_instance, list(self.instances))
+
+    def instance(self, name: str | None = None) -> SequenceInstance:
+        name = self.default_instance if name is None else name
+        if name not in self.instances:
+            raise UnknownNameError(f"instance of task {self.name!r}", name, list(self.instances))
+        return self.instances[name]
+
+    def rounds(self, instance: str | None = None) -> list[Round]:
+        return list(self.instance(instance).rounds)
+
+    def check(self, instance: str | None = None) -> None:
+        """Every round's data, as TaskSpec.check does for one instance (bad images fail before a run starts)."""
+        for r in self.rounds(instance):
+            r.spec().check(r.instance)
+
+
+def sequence_from_dict(raw: dict[str, Any], name: str, base_dir: Path, path: Path | None = None) -> SequenceSpec:
+    """Parse a `family: sequence` mapping: every round names a task that loads and an instance that it has."""
+    where = f"task {name!r}"
+    _check_keys(raw, _SEQUENCE_KEYS, where)
+    value = raw.get("instances")
+    if not isinstance(value, dict) or not value:
+        raise TaskError(f"{where}: a sequence task maps each sequence name to its rounds, e.g. "
+                        "`instances: {mixed: [concept:zorb, style:dotted]}`; got {value!r}")
+    instances = {}
+    for seq_name, entries in value.items():
+        swhere = f"{where}, sequence {seq_name!r}"
+        if not isinstance(entries, list) or len(entries) < 2:
+            raise TaskError(f"{swhere}: list at least two rounds as `task:instance` strings; got {entries!r}")
+        rounds: list[Round] = []
+        for number, entry in enumerate(entries, start=1):
+            task, sep, instance = str(entry).rpartition(":")
+            if not isinstance(entry, str) or not sep or not task or not instance:
+                raise TaskError(f"{swhere}: round {number} must be `task:instance` (e.g. concept:zorb); got {entry!r}")
+            if task.endswith((".yaml", ".yml")):
+                task = str((base_dir / task).resolve())
+            spec = load_task(task)
+            if not isinstance(spec, TaskSpec):
+                raise TaskError(f"{swhere}: round {number} ({entry}) is itself a sequence; rounds are concept, style "
+                                "or folder task instances")
+            round_ = Round(task=task, instance=spec.instance(instance).name)
+            if round_ in rounds:
+                raise TaskError(f"{swhere}: round {number} repeats {entry}; each instance is learned once, so the "
+                                "accuracy matrix has one column per round")
+            rounds.append(round_)
+        instances[str(seq_name)] = SequenceInstance(name=str(seq_name), rounds=rounds)
+    return SequenceSpec(name=name, instances=instances,
+                        default_instance=str(raw.get("default_instance", next(iter(instances)))),
+                        carry=str(raw.get("carry", "continue")),
+                        description=str(raw.get("description", "")).strip(), path=path)
+
+
 def task_dirs() -> list[Path]:
     """The shipped tasks folder, then the folders in DOPSD_BENCH_TASKS_PATH (os.pathsep-separated)."""
     extra = [Path(p) for p in os.environ.get("DOPSD_BENCH_TASKS_PATH", "").split(os.pathsep) if p.strip()]
@@ -300,8 +403,9 @@ def _peek_description(path: Path) -> str:
     return f"{head} — {desc}" if desc else head
 
 
-def load_task(name_or_path: str | Path) -> TaskSpec:
-    """A registered task name ("style") or a path to a task .yaml; unknown names raise UnknownNameError."""
+def load_task(name_or_path: str | Path) -> TaskSpec | SequenceSpec:
+    """A registered task name ("style") or a path to a task .yaml; unknown names raise UnknownNameError.
+    A `family: sequence` file gives a SequenceSpec."""
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or os.sep in text:
         path = Path(text).expanduser()
@@ -313,7 +417,7 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
     return load_task_file(Path(TASKS.get(text)))
 
 
-def load_task_file(path: Path) -> TaskSpec:
+def load_task_file(path: Path) -> TaskSpec | SequenceSpec:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -324,6 +428,8 @@ def load_task_file(path: Path) -> TaskSpec:
         raise TaskError(f"cannot read task file {path}: {e}") from e
     if not isinstance(raw, dict):
         raise TaskError(f"task file {path} must hold a mapping of keys (family, source, instances, ...)")
+    if raw.get("family") == SEQUENCE_FAMILY:
+        return sequence_from_dict(raw, name=str(raw.get("name") or path.stem), base_dir=path.parent, path=path)
     return spec_from_dict(raw, name=str(raw.get("name") or path.stem), base_dir=path.parent, path=path)
 
 

@@ -36,6 +36,7 @@ class BaseTransfer(SFT):
     name = "base-transfer"
     description = "SFT LoRA trained on the multi-step base, applied to the turbo"
     Config = BaseTransferConfig
+    continual = False  # its LoRA trains on another model, loaded anew every setup
 
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
         self.backbone = backbone  # the turbo: sampled and saved after the transfer

@@ -32,6 +32,10 @@ Defaults and why:
   4.2-4.8x batched/chunk 2 vs 5.3x sequential, for FLOP ratios 2.97 vs 2.56), and chunk 2 of K = 4 halves the
   activation peak (memory_ratio 0.5). For large models on a GPU, where batch 1 already fills the device,
   `schedule=sequential` saves the K - 1 roll-out forwards (memory_ratio 1/K).
+- In a sequence (continual tuning, docs/continual.md) with carry=continue, the teacher follows its own rule across
+  rounds: `ema` keeps averaging the student from where the last round left it; `frozen` is the model at the start
+  of each round; `self` is the student. With carry=merge every round starts a fresh student and teacher on the
+  merged model, so each teacher starts as that round's starting model.
 - `state_subset=m` trains on m of the K states drawn at random per step (an unbiased estimate of the mean over K;
   a cheaper variant, not the paper's algorithm).
 """
@@ -49,7 +53,7 @@ from dopsd_bench import flow
 from dopsd_bench.backbones.base import Backbone, Cond, repeat_cond
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.losses import ema_update, velocity_distillation_loss, x0_distillation_loss
-from dopsd_bench.method import Batch, Method, MethodConfig
+from dopsd_bench.method import Batch, Method, MethodConfig, has_adapter
 from dopsd_bench.registry import METHODS
 
 
@@ -112,13 +116,18 @@ class DOPSD(Method):
         self.student_params = backbone.lora_parameters(self.adapter)
         self.teacher_params: list[torch.nn.Parameter] = []
         if self.config.teacher != "self":
-            backbone.add_lora(self.teacher_adapter, rank=rank)
+            # a sequence's later round (continual.py, carry=continue) finds the teacher of the round before: the EMA
+            # keeps going from it; `frozen` is re-copied from the student, i.e. the model at the start of the round
+            carried = has_adapter(backbone, self.teacher_adapter)
+            if not carried:
+                backbone.add_lora(self.teacher_adapter, rank=rank)
             named = dict(backbone.denoiser.named_parameters())
             student_names = [n for n, p in named.items() if f".{self.adapter}." in n and "lora_" in n]
             self.student_params = [named[n] for n in student_names]
             self.teacher_params = [named[n.replace(f".{self.adapter}.", f".{self.teacher_adapter}.")]
                                    for n in student_names]
-            ema_update(self.teacher_params, self.student_params, 0.0)  # teacher = copy of the initial student
+            if not carried or self.config.teacher == "frozen":
+                ema_update(self.teacher_params, self.student_params, 0.0)  # teacher = copy of the initial student
         self._use_student()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -19,6 +19,7 @@ class ICL(Method):
     Config = MethodConfig
     trains = False
     adapter = None
+    continual = False  # nothing carries between rounds: it samples with the current round's references
 
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
         if train.images.shape[0] == 0:

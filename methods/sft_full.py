@@ -23,6 +23,7 @@ class SFTFull(SFT):
     description = "the sft objective as a full fine-tune of the denoiser (lower lr)"
     adapter: ClassVar[str | None] = None
     default_lr: ClassVar[float | None] = 1e-5
+    continual: ClassVar[bool] = False  # its state is the whole denoiser, not a carried adapter
 
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
         self.backbone = backbone
