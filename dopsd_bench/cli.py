@@ -203,6 +203,10 @@ def run(
     model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
     seed: Annotated[int, typer.Option(help="training seed (evaluation prompts and seeds are fixed by the task)")] = 0,
     steps: Annotated[int | None, typer.Option(help="training steps (default: the method's)")] = None,
+    budget_flops: Annotated[float | None, typer.Option(
+        help="training budget in FLOPs instead of steps, e.g. 2e13 (one step is counted, then divided)")] = None,
+    budget_seconds: Annotated[float | None, typer.Option(
+        help="training budget in wall seconds of the training loop instead of steps, e.g. 120")] = None,
     batch_size: Annotated[int | None, typer.Option(help="training batch size (default: the method's)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default: the method's)")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the method's)")] = None,
@@ -222,7 +226,8 @@ def run(
     METHODS.get(method)
     BACKBONES.get(backbone)
     cfg = RunConfig(method=method, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
-                    steps=steps, batch_size=batch_size, lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
+                    steps=steps, budget_flops=budget_flops, budget_seconds=budget_seconds, batch_size=batch_size,
+                    lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
                     force=force, resume=resume, checkpoint_every=checkpoint_every, device=device)
     from dopsd_bench import runner
 
@@ -272,5 +277,3 @@ def list_(what: Annotated[str, typer.Argument(help="methods, tasks, backbones or
     for name, description in entries.items():
         table.add_row(escape(name), escape(description))  # descriptions may hold [brackets]
     out.print(table)
-
-

@@ -20,7 +20,7 @@ from dopsd_bench.errors import ConfigError
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # fields that change what is trained or scored but are not part of the readable directory name
-_HASHED = ("model", "steps", "batch_size", "lr", "rank", "overrides", "lora")
+_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class RunConfig:
     model: str | None = None  # local path or hub id; None: the backbone's default model
     seed: int = 0
     steps: int | None = None  # budget; None: the method's / loop's default
+    budget_flops: float | None = None  # budget in training FLOPs instead of steps (one step counted, then divided)
+    budget_seconds: float | None = None  # budget in the training loop's wall seconds instead of steps
     batch_size: int | None = None
     lr: float | None = None
     rank: int | None = None
@@ -59,6 +61,20 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer (or unset for the default), got {value!r}")
+        for name in ("budget_flops", "budget_seconds"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be a positive finite number, "
+                                  f"got {value!r}")
+            setattr(self, name, float(value))  # 120 and 120.0 are one cell
+        given = [f"{name} {getattr(self, name):g}" for name in ("steps", "budget_flops", "budget_seconds")
+                 if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"a training budget is given in one unit: got {' and '.join(given)}; keep one of "
+                              "--steps, --budget-flops, --budget-seconds")
         every = self.checkpoint_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
@@ -101,7 +117,8 @@ class RunConfig:
 
     def budget(self) -> dict[str, Any]:
         """The explicitly set budget (None = the default of the method / loop)."""
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
+        return {"steps": self.steps, "budget_flops": self.budget_flops, "budget_seconds": self.budget_seconds,
+                "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
 
     def non_default(self) -> dict[str, Any]:
         """The fields that make this cell differ from the default cell of the same method/task/instance/seed."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dopsd_bench import rundir
 from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
+from dopsd_bench.result import COST_KEYS
 from dopsd_bench.runconfig import RunConfig, check_device
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
 
@@ -52,7 +53,7 @@ def train_config(cfg: RunConfig, method: Method) -> TrainConfig:
     """The resolved budget: the user's values, else the method's default lr, else DEFAULT_BUDGET."""
     lr = cfg.lr if cfg.lr is not None else (method.default_lr or DEFAULT_BUDGET["lr"])
     kwargs: dict[str, Any] = {"lr": lr, "seed": cfg.seed}
-    for key in ("steps", "batch_size", "rank", "checkpoint_every"):
+    for key in ("steps", "budget_flops", "budget_seconds", "batch_size", "rank", "checkpoint_every"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     return TrainConfig(**kwargs)
@@ -219,7 +220,8 @@ def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, f
         return metrics, "this run"
     # the base cell of the same budget (as a sweep names it), else of the default budget: base trains nothing
     same = dataclasses.replace(cfg, method="base", overrides={}, lora=None, force=False, resume=False)
-    default = dataclasses.replace(same, steps=None, batch_size=None, lr=None, rank=None)
+    default = dataclasses.replace(same, steps=None, budget_flops=None, budget_seconds=None, batch_size=None, lr=None,
+                                  rank=None)
     for base_cfg in (same, default):
         state, done = rundir.cell_state(base_cfg.run_dir(), backbone.model_id)
         if state == "done":
@@ -437,11 +439,13 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     # a method that trains nothing (base, icl) has no budget (store.NO_BUDGET), so its rows pair with every budget
     trained = tcfg is not None and getattr(method, "trains", False)
     budget = tcfg.budget() if trained else {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    # what the training spent, whatever unit its budget was in (none for a method that trains nothing)
+    cost = {k: train_t.get(k) for k in COST_KEYS} if trained else None
     timings["total_s"] = time.perf_counter() - t0
     result = {
         "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,
         "family": data.family, "backbone": cfg.backbone, "model": backbone_info["backbone"]["model"],
-        "seed": cfg.seed, "budget": budget, "metrics": metrics, "timings": timings, "training": training,
+        "seed": cfg.seed, "budget": budget, "cost": cost, "metrics": metrics, "timings": timings, "training": training,
         "env": rundir.env_info(device), "samples": rundir.SAMPLES_FILE,
         "adapter": rundir.ADAPTER_DIR if adapter_saved else None,
         "samples_rows": ["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
@@ -451,6 +455,9 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one
         rundir.replace_dir(run_dir, final_dir)
     console.print(comparison_table(result, base, base_source))
+    if cost is not None:
+        console.print(f"training cost: {cost['train_steps']} steps, {cost['train_flops']:.4g} FLOPs "
+                      f"({cost['flops_per_step']:.4g} per step), {cost['train_seconds']:.1f} s")
     console.print(f"run dir: {final_dir}  (train {timings.get('train_s', 0):.1f}s, sample {timings['sample_s']:.1f}s, "
                   f"score {timings['score_s']:.1f}s, total {timings['total_s']:.1f}s)")
     return final_dir

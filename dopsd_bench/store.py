@@ -2,7 +2,8 @@
 
 One run dir is one cell (method x task x instance x seed x budget). A result.json looks like
     {"schema_version": 2, "method", "task", "instance", "backbone", "seed",
-     "budget": {"steps", "batch_size", "lr", "rank"},
+     "budget": {"steps" | "budget_flops" | "budget_seconds", "batch_size", "lr", "rank"},
+     "cost": {"train_steps", "train_flops", "flops_per_step", "train_seconds"} | null (older results have none),
      "metrics": {name: {"mean": float, "per_sample": [..] | null, "higher_is_better": bool}, ...},
      "timings": {...}, "env": {...}}
 Metrics that are not of that shape (e.g. `step_curve`, a nested structure) are kept raw in `Results.extra`.
@@ -28,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from dopsd_bench.result import BUDGET_KEYS, READABLE_SCHEMA_VERSIONS, RESULT_FILE, SAMPLES_FILE
+from dopsd_bench.result import BUDGET_KEYS, COST_KEYS, READABLE_SCHEMA_VERSIONS, RESULT_FILE, SAMPLES_FILE
 
 REQUIRED_KEYS = ("schema_version", "method", "task", "instance", "seed", "metrics")
 CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
@@ -38,7 +39,7 @@ CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
 class Results:
     samples: pd.DataFrame  # cell keys + cell, metric, sample, value, higher_is_better
     summary: pd.DataFrame  # cell keys + cell, metric, mean, n_samples, higher_is_better
-    cells: pd.DataFrame  # cell keys + cell, run_dir, samples_png, family, budget fields, timings (seconds)
+    cells: pd.DataFrame  # cell keys + cell, run_dir, samples_png, family, budget fields, cost spent, timings (s)
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell -> {metric name: raw value}
     skipped: list[str] = field(default_factory=list)  # "path: why" for every file that was not loaded
 
@@ -135,6 +136,7 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
             "cell": cell,
         }
         timings = data.get("timings") or {}
+        cost = data.get("cost") or {}  # what training spent; NaN where a result predates it or trained nothing
         cell_rows.append(
             {
                 **keys,
@@ -144,6 +146,7 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
                 "samples_png": str(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).exists() else None,
                 "samples_rows": " / ".join(map(str, data.get("samples_rows") or [])),
                 **{k: budget.get(k) for k in BUDGET_KEYS},
+                **{k: _number(cost.get(k)) for k in COST_KEYS},
                 **{f"time_{k}": v for k, v in timings.items() if isinstance(v, (int, float))},
             }
         )
@@ -175,7 +178,7 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
     )
     cells = pd.DataFrame(cell_rows)
     if cells.empty:
-        cells = pd.DataFrame(columns=[*key_cols, "family", "run_dir", "samples_png", *BUDGET_KEYS])
+        cells = pd.DataFrame(columns=[*key_cols, "family", "run_dir", "samples_png", *BUDGET_KEYS, *COST_KEYS])
     dupes = cells[cells.duplicated(subset=CELL_KEYS, keep=False)]
     if not dupes.empty:
         warnings.warn(

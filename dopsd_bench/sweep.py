@@ -3,6 +3,7 @@
     dopsd-bench sweep --methods base,sft,dopsd --tasks concept,style --seeds 0,1,2 --out runs/grid
     dopsd-bench sweep --config sweeps/leaderboard.yaml            # the same grid from a file (flags override it)
     dopsd-bench sweep ... --budget steps=50,lr=1e-4 --budget steps=100   # two budget points (default: methods')
+    dopsd-bench sweep ... --budget budget_flops=2e13              # matched training FLOPs (or budget_seconds=120)
     dopsd-bench sweep ... --shard 0/4                             # this machine's quarter of the grid
     dopsd-bench sweep ... --dry-run                               # list the cells and which are done
 Tiny CPU example: `dopsd-bench sweep --methods base,sft --tasks style --seeds 0 --budget steps=2 --out /tmp/sw`.
@@ -12,6 +13,7 @@ Sweep file (YAML; every key optional except methods and tasks):
     tasks: [concept, style, "concept:zorb"]     # a family expands to its instances; family:instance picks one
     seeds: [0, 1, 2]
     budgets: [{steps: 200, lr: 1.0e-4}]         # each item is one budget point; missing keys = method defaults
+    # a point's length in cost instead of steps: {budget_flops: 2.0e+13} or {budget_seconds: 120} (one unit each)
     set: {key: value}                           # --set for every method
     method_set: {dopsd: {teacher: ema}}         # --set for one method
     backbone: NAME, model: PATH_OR_ID, device: cpu, out: runs/grid, processes: 1, checkpoint_every: 50

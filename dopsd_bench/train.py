@@ -18,8 +18,11 @@ processes before clipping, and only the main process writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import pickle
 import random
 import shutil
@@ -33,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from dopsd_bench.backbones.base import Backbone
+from dopsd_bench.cost import step_flops, steps_for_flops
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch, Method
 from dopsd_bench.rundir import atomic_torch_save, atomic_write_bytes, atomic_write_text
@@ -43,6 +47,7 @@ DEFAULT_BUDGET: dict[str, float | int] = {"steps": 600, "batch_size": 8, "lr": 5
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DIGEST_FILE = "digests.json"  # sha256 of each file of a checkpoint, checked when it is read
+clock = time.perf_counter  # the loop's time source for its seconds and a seconds budget (tests put a fake clock here)
 # fields that must match between a checkpoint and the config resuming from it (steps may grow)
 _RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "warmup", "seed")
 
@@ -58,6 +63,10 @@ class TrainConfig:
     warmup: int = 0  # linear lr warm-up steps
     checkpoint_every: int = 50  # 0 turns checkpoints off; the last step is always checkpointed when on
     seed: int = 0
+    # the budget in cost instead of steps (at most one): training FLOPs become a step count before the first step;
+    # wall seconds of the loop are checked after every step (steps is then not used)
+    budget_flops: float | None = None
+    budget_seconds: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,14 +78,22 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
             ("warmup", self.warmup >= 0, "an integer >= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0 = no checkpoints)"),
+            *((name, value is None or (math.isfinite(value) and value > 0), "a finite number > 0")
+              for name, value in (("budget_flops", self.budget_flops), ("budget_seconds", self.budget_seconds))),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"training budget: {name} must be {expected}, got {getattr(self, name)!r}; "
                                  f"fix the --{name.replace('_', '-')} value")
+        if self.budget_flops is not None and self.budget_seconds is not None:
+            raise ConfigError("training budget: give budget_flops or budget_seconds, not both")
 
     def budget(self) -> dict:
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
+        """The budget as result.json records it: steps, or the FLOPs / seconds asked for (steps then None)."""
+        cost = {k: v for k, v in (("budget_flops", self.budget_flops), ("budget_seconds", self.budget_seconds))
+                if v is not None}
+        return {"steps": None if cost else self.steps, **cost, "batch_size": self.batch_size, "lr": self.lr,
+                "rank": self.rank}
 
 
 def make_accelerator(device: str | torch.device | None = None) -> Accelerator:
@@ -219,7 +236,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
-    if int(state["step"]) > cfg.steps:
+    if cfg.budget_seconds is None and int(state["step"]) > cfg.steps:
         raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past --steps {cfg.steps}; "
                          "raise --steps, or --force to start over")
     saved = state["config"]
@@ -259,7 +276,15 @@ def _sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) 
 
 def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConfig, run_dir: str | Path,
           resume: bool = False, accelerator: Accelerator | None = None) -> dict:
-    """Set the method up and train it for cfg.steps optimiser steps. Returns timings and the final loss.
+    """Set the method up and train it for its budget. Returns timings, the final loss and the cost spent.
+
+    The budget is cfg.steps optimiser steps, or cfg.budget_flops training FLOPs (one step is counted first, by
+    dopsd_bench.cost.step_flops, and the budget becomes floor(budget / FLOPs per step) steps, at least 1), or
+    cfg.budget_seconds of the loop's wall time (checked after every step: the step that reaches the budget is the
+    last). Every run counts one step's FLOPs, so the FLOPs spent (steps x FLOPs per step) are known whatever the
+    budget. A resumed run continues its checkpoint's clock: a seconds budget covers the loop time of the steps the
+    final adapter holds, summed over attempts (steps lost past the last checkpoint are run again and their first
+    run's time is not counted; loading, setup and the FLOP count are never counted).
 
     Writes run_dir/train_log.jsonl (one line per step: step, loss, lr, grad_norm, time) and, every
     cfg.checkpoint_every steps and at the last step, run_dir/checkpoints/step_N. With `resume`, continues from
@@ -276,7 +301,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     setup_s = time.perf_counter() - t0
     if not method.trains or cfg.steps == 0:
         return {"train_s": time.perf_counter() - t0, "setup_s": setup_s, "step_s": 0.0, "steps_run": 0,
-                "start_step": 0, "final_loss": None}
+                "start_step": 0, "final_loss": None, "train_steps": 0, "train_flops": 0, "flops_per_step": None,
+                "train_seconds": 0.0}
 
     params = list(method.trainable_parameters())
     if not params:
@@ -295,6 +321,16 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     if len(captions) != images.shape[0] or images.shape[0] == 0:
         raise ValueError(f"training set: expected as many captions as images (> 0), got {images.shape[0]} images "
                          f"and {len(captions)} captions")
+    # one step's FLOPs, counted once (shapes fix them): every process runs such a step, so a step costs their sum
+    count_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "flops", pi))
+    idx = minibatch_indices(len(captions), cfg.batch_size, count_gen)
+    flops_per_step = accelerator.num_processes * step_flops(
+        method, Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
+                      token=train_batch.token), count_gen)
+    if cfg.budget_flops is not None:
+        cfg = dataclasses.replace(cfg, steps=steps_for_flops(cfg.budget_flops, flops_per_step))
+        accelerator.print(f"FLOP budget {cfg.budget_flops:.4g} at {flops_per_step:.4g} FLOPs per step "
+                          f"(counted on one step): {cfg.steps} steps, {cfg.steps * flops_per_step:.4g} FLOPs")
 
     log_path = run_dir / LOG_FILE
     start = 0
@@ -329,14 +365,23 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     accelerator.wait_for_everyone()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        until = (f"{cfg.budget_seconds:g} s of training ({earlier_loop_s:.1f} s spent)"
+                 if cfg.budget_seconds is not None else str(cfg.steps))
         accelerator.print(f"training {method.name or type(method).__name__}: {n_params:,} trainable parameters, "
-                          f"steps {start}->{cfg.steps}, batch {cfg.batch_size} x {accelerator.num_processes} "
+                          f"steps {start}->{until}, batch {cfg.batch_size} x {accelerator.num_processes} "
                           f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
 
-    t_loop = time.perf_counter()
+    seconds = cfg.budget_seconds
+    if seconds is None:
+        steps_ahead = range(start, cfg.steps)
+    else:  # open-ended: the step that reaches the budget is the last (none when the checkpoint had reached it)
+        steps_ahead = itertools.count(start) if earlier_loop_s < seconds else range(0)
+    done = start
+    t_loop = clock()
     with _progress(disable=not main) as progress, open(log_path, "a") if main else _null() as log:
-        bar = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), its=0.0)
-        for step in range(start, cfg.steps):
+        bar = progress.add_task("train", total=cfg.steps if seconds is None else None, completed=start,
+                                loss=float("nan"), its=0.0)
+        for step in steps_ahead:
             idx = minibatch_indices(len(captions), cfg.batch_size, data_gen)
             batch = Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
                           token=train_batch.token)
@@ -357,27 +402,38 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
 
             reduced = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
             loss_value = float(reduced.item())
-            elapsed = time.perf_counter() - t_loop
+            elapsed = clock() - t_loop
+            out_of_time = seconds is not None and _spent(earlier_loop_s + elapsed, accelerator) >= seconds
             if main:
                 log.write(json.dumps({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                                       "time": round(elapsed, 4)}) + "\n")
                 log.flush()
             progress.update(bar, advance=1, loss=loss_value, its=(done - start) / max(elapsed, 1e-9))
-            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            last = out_of_time or (seconds is None and done == cfg.steps)
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last):
                 state = {"step": done, "config": asdict(cfg), "model": model_id,
                          "params": _param_state(method, backbone, params),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "method": method.state_dict() if hasattr(method, "state_dict") else None,
                          "record": {"loss": loss_value, "loop_s": earlier_loop_s + elapsed}}
                 save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)
+            if out_of_time:
+                break
 
-    loop_s = time.perf_counter() - t_loop
+    train_seconds = earlier_loop_s + clock() - t_loop
     method.finish()
-    steps_run = cfg.steps - start
     # a resumed run's step time covers every step (the checkpoint's record holds the earlier ones' time)
     return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,
-            "step_s": (earlier_loop_s + loop_s) / cfg.steps if cfg.steps else 0.0, "steps_run": steps_run,
-            "start_step": start, "final_loss": loss_value}
+            "step_s": train_seconds / done if done else 0.0, "steps_run": done - start,
+            "start_step": start, "final_loss": loss_value, "train_steps": done, "train_flops": done * flops_per_step,
+            "flops_per_step": flops_per_step, "train_seconds": train_seconds}
+
+
+def _spent(seconds: float, accelerator: Accelerator) -> float:
+    """The loop's seconds as the slowest process measured them, so every process stops after the same step."""
+    if accelerator.num_processes == 1:
+        return seconds
+    return float(accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max())
 
 
 class _null:

@@ -94,7 +94,7 @@ def measure(method, batch, repeats: int, cuda: bool) -> dict:
            "peak_mib": None if peak is None else round(peak - before / 2**20, 1),
            "peak_total_mib": None if peak is None else round(peak, 1), "gflop": None, "tflops": None,
            "denoiser_mparams": round(params / 1e6, 1)}
-    try:  # a counter failure must not lose the times (z-image's GQA shapes under torch 2.11: see bench_step.flops)
+    try:  # a counter failure must not lose the times (z-image's GQA shapes under torch 2.11: see dopsd_bench.cost)
         fl = flops(method, batch)
         out.update(gflop=round(fl / 1e9, 3), tflops=round(fl / ms / 1e9, 3))
     except Exception as e:  # noqa: BLE001 - recorded, not hidden

@@ -9,7 +9,8 @@ K = 4 roll-out states, with their default configs (plus `--set key=value` for do
 - time_ratio: D-OPSD step time / SFT step time, each the minimum over --repeats steps (steps interleaved, after a
   warm-up step; the minimum is the least disturbed by other processes on a shared machine; medians are printed too).
 - flop_ratio: the same ratio in FLOPs counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
-  attention; element-wise ops are not counted) over one step of each.
+  attention; element-wise ops are not counted) over one step of each, by dopsd_bench.cost.step_flops (what the
+  training loop records and a --budget-flops divides by).
 - memory_ratio: peak bytes of tensors saved for backward (activations; parameters and buffers excluded), of our
   D-OPSD step over the naive step that keeps all K graphs alive until one backward (`DOPSD.loss`, the released
   loop), at --mem-batch. On the CPU there is no allocator peak counter, so this is measured with
@@ -27,8 +28,8 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from dopsd_bench.cost import step_flops as flops  # FLOPs of one step, as the training loop counts them
 from dopsd_bench.method import Batch, Method, config_from_overrides
 from dopsd_bench.registry import METHODS
 from dopsd_bench.train import DEFAULT_BUDGET
@@ -77,21 +78,6 @@ def step(method: Method, batch: Batch, seed: int) -> None:
         p.grad = None
     method.loss_and_backward(batch, torch.Generator().manual_seed(seed))
     method.after_step(1)
-
-
-def flops(method: Method, batch: Batch) -> int:
-    """FLOPs of one training step. transformers' attention (text encoders, Z-Image's VL teacher) runs grouped-query
-    SDPA with fewer key/value heads when it can; older torch's counter rejects those shapes ("query/key/value
-    shapes are incompatible": z-image with torch 2.11 on an H200). Counting with the key/value heads repeated, as
-    transformers does where it cannot, gives the same FLOPs on every torch (tests/test_scripts.py checks that)."""
-    from unittest import mock
-
-    from transformers.integrations import sdpa_attention
-
-    with mock.patch.object(sdpa_attention, "use_gqa_in_sdpa", return_value=False), \
-            FlopCounterMode(display=False) as counter:
-        step(method, batch, 0)
-    return counter.get_total_flops()
 
 
 class SavedTensorPeak:
