@@ -56,7 +56,8 @@ def budget_label(budget: dict[str, Any] | None) -> str:
     budget = budget or {}
     keys = [k for k in BUDGET_KEYS if budget.get(k) is not None]
     keys += sorted(k for k in budget if k not in BUDGET_KEYS and budget[k] is not None)
-    return ",".join(f"{k}={budget[k]}" for k in keys) or NO_BUDGET
+    # a FLOP budget reads as 1.4e+13, not 14000000000000.0 (the other values keep the form labels always had)
+    return ",".join(f"{k}={budget[k]:.6g}" if k == "budget_flops" else f"{k}={budget[k]}" for k in keys) or NO_BUDGET
 
 
 def _validate(data: Any) -> dict[str, Any]:

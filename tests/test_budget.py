@@ -23,7 +23,7 @@ from dopsd_bench import train as train_module
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch
 from dopsd_bench.runconfig import RunConfig
-from dopsd_bench.store import load_results
+from dopsd_bench.store import budget_label, load_results
 from dopsd_bench.train import TrainConfig, checkpoint_dirs, minibatch_indices, seed_for, train
 
 
@@ -231,6 +231,15 @@ def test_run_cell_records_the_budget_asked_and_the_cost_spent(tmp_path, fakes):
     row = res.cells.set_index("method").loc["sft"]
     assert row["train_flops"] == cost["train_flops"] and row["train_seconds"] == pytest.approx(cost["train_seconds"])
     assert row["budget"].startswith("budget_flops=") and row["budget_flops"] == 1e6
+
+
+def test_budget_labels_of_cost_budgets_are_short_and_step_labels_unchanged():
+    assert budget_label({"steps": None, "budget_flops": 1.4e13, "batch_size": 8, "lr": 5e-4, "rank": 8}) == \
+        "budget_flops=1.4e+13,batch_size=8,lr=0.0005,rank=8"
+    assert budget_label({"steps": None, "budget_seconds": 120.0, "batch_size": 8}) == \
+        "budget_seconds=120.0,batch_size=8"
+    assert budget_label({"steps": 600, "batch_size": 8, "lr": 5e-4, "rank": 8}) == \
+        "steps=600,batch_size=8,lr=0.0005,rank=8"
 
 
 def test_results_without_a_cost_record_still_load(tmp_path):
