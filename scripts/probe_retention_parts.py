@@ -3,10 +3,12 @@
 Leakage: a share q of the renders repainted with a held-out fill (every other attribute kept). Blur: every render
 Gaussian-blurred. For each, the judge-feature Fréchet distance and KID to another draw of true renders of the same
 prompts, the judge's probability of the fill (what retention_leakage reads) and the Laplacian energy relative to the
-clean renders (retention_sharpness). Needs only the shipped judge; about 10 s on one CPU core.
+clean renders (retention_sharpness). Needs only the shipped judge; about 10 s on one CPU core. `--extra-fd` adds the
+FD and KID in a feature space that owes nothing to the world (metrics/imagenet.py; about 2 min more at n = 256).
 
     python scripts/probe_retention_parts.py                 # 256 prompts, fill 'dotted'
     python scripts/probe_retention_parts.py --n 32 --fill checkered
+    python scripts/probe_retention_parts.py --extra-fd effnet_lite0
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from dopsd_bench.metrics import retention as RT
 from dopsd_bench.metrics.features import JudgeFeatures, load_judge
 from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
+from dopsd_bench.metrics.imagenet import extra_fd_features
 from dopsd_bench.metrics.scores import label_index
 from dopsd_bench.world import datasets as D
 from dopsd_bench.world import render as R
@@ -42,20 +45,28 @@ def gaussian_blur(images: torch.Tensor, sigma: float, radius: int = 3) -> torch.
     return F.conv2d(F.pad(images, (radius,) * 4, mode="reflect"), kernel, groups=images.shape[1])
 
 
-def main(n: int, fill: str, seed: int) -> list[dict[str, float | str]]:
+def main(n: int, fill: str, seed: int, extra_fd: str = "") -> list[dict[str, float | str]]:
     _, targets, _ = D.retention_prompts(n, seed=seed)
     judge = JudgeFeatures(load_judge())
+    spaces = extra_fd_features(extra_fd)
     label = label_index("style", fill)
-    real = judge.embed(renders(targets, seed + 1))
+    real_images = renders(targets, seed + 1)
+    real = judge.embed(real_images)
+    real_extra = {name: space.embed(real_images) for name, space in spaces.items()}
     clean = renders(targets, seed + 2)
     clean_energy = RT.laplacian_energy(clean)
 
     def row(name: str, images: torch.Tensor) -> dict[str, float | str]:
         f = judge.extract(images)
-        return {"case": name, "fd": frechet_distance(real, f.embedding),
-                "kid": kernel_distance(real, f.embedding)[0],
-                "p_fill": float(RT.label_probability(f.attributes["style"], label).mean()),
-                "sharpness": float(RT.relative_to_reference(RT.laplacian_energy(images), clean_energy).mean())}
+        out = {"case": name, "fd": frechet_distance(real, f.embedding),
+               "kid": kernel_distance(real, f.embedding)[0],
+               "p_fill": float(RT.label_probability(f.attributes["style"], label).mean()),
+               "sharpness": float(RT.relative_to_reference(RT.laplacian_energy(images), clean_energy).mean())}
+        for space_name, space in spaces.items():
+            emb = space.embed(images)
+            out[f"fd_{space_name}"] = frechet_distance(real_extra[space_name], emb)
+            out[f"kid_{space_name}"] = kernel_distance(real_extra[space_name], emb)[0]
+        return out
 
     rows = []
     for q in LEAK_SHARES:
@@ -70,7 +81,12 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=256, help="retention prompts (one render each)")
     ap.add_argument("--fill", default="dotted", choices=HELD_OUT_STYLES, help="the held-out fill that leaks")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-fd", default="", help="further feature spaces, comma-separated (e.g. effnet_lite0)")
     args = ap.parse_args()
-    print(f"{'case':<18} {'FD':>8} {'KID':>8} {'p(fill)':>8} {'sharpness':>9}   (n = {args.n})")
-    for r in main(args.n, args.fill, args.seed):
-        print(f"{r['case']:<18} {r['fd']:8.2f} {r['kid']:8.3f} {r['p_fill']:8.3f} {r['sharpness']:9.3f}")
+    rows = main(args.n, args.fill, args.seed, args.extra_fd)
+    extra = [k for k in rows[0] if k not in ("case", "fd", "kid", "p_fill", "sharpness")]
+    print(f"{'case':<18} {'FD':>8} {'KID':>8} {'p(fill)':>8} {'sharpness':>9}"
+          + "".join(f" {k:>20}" for k in extra) + f"   (n = {args.n})")
+    for r in rows:
+        print(f"{r['case']:<18} {r['fd']:8.2f} {r['kid']:8.3f} {r['p_fill']:8.3f} {r['sharpness']:9.3f}"
+              + "".join(f" {r[k]:20.3f}" for k in extra))

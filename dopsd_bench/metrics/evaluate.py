@@ -159,6 +159,22 @@ def _retention_parts(sc: _Scorer, images: torch.Tensor, images_untuned: torch.Te
     return out
 
 
+def _extra_fd(spaces: dict[str, FeatureExtractor], real: torch.Tensor, images: torch.Tensor,
+              images_untuned: torch.Tensor) -> dict[str, dict]:
+    """Retention FD, its ratio and KID in each further feature space (e.g. an ImageNet network's), named by it."""
+    out: dict[str, dict] = {}
+    for name, space in spaces.items():
+        r, t, u = space.embed(real), space.embed(images), space.embed(images_untuned)
+        fd_t, fd_u = frechet_distance(r, t), frechet_distance(r, u)
+        (kid_t, kid_t_std), (kid_u, kid_u_std) = kernel_distance(r, t), kernel_distance(r, u)
+        out[f"retention_fd_{name}"] = _entry(fd_t, False, per_sample=False)
+        out[f"retention_fd_{name}_untuned"] = _entry(fd_u, False, per_sample=False)
+        out[f"retention_fd_ratio_{name}"] = _entry(_ratio(fd_t, fd_u), False, per_sample=False)
+        out[f"retention_kid_{name}"] = _entry(kid_t, False, per_sample=False, std=kid_t_std)
+        out[f"retention_kid_{name}_untuned"] = _entry(kid_u, False, per_sample=False, std=kid_u_std)
+    return out
+
+
 def _check_task(task: TaskData, step_curve) -> None:
     if len(task.eval_prompts) != len(task.eval_seeds) or len(task.retention_prompts) != len(task.retention_seeds):
         raise ValueError(f"task {task.task!r}: expected one seed per prompt, got {len(task.eval_prompts)} eval "
@@ -297,6 +313,7 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
             out["retention_alignment"] = _entry(al_t, True)
             out["retention_alignment_untuned"] = _entry(al_u, True)
             out.update(_retention_parts(sc, ret[k], ret_untuned[k], f_t, f_u, task.retention_targets))
+            out.update(_extra_fd(features.extra_fd, real, ret[k], ret_untuned[k]))
         if k in step_curve:
             curve[f"fd@{k}"] = _entry(fd_t, False, per_sample=False)
             curve[f"fd_untuned@{k}"] = _entry(fd_u, False, per_sample=False)

@@ -72,6 +72,9 @@ class FeatureExtractor:
 
     name: str = "embedding"
     batch_size: int = 256
+    # further feature spaces for retention FD/KID, by name (features_for_task fills it from $DOPSD_BENCH_EXTRA_FD;
+    # metrics/imagenet.py); assigned per instance, never mutated
+    extra_fd: dict[str, FeatureExtractor] = {}  # noqa: RUF012
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -284,7 +287,16 @@ def features_for_task(task: TaskData, *, judge: nn.Module | str | Path | None = 
                       device: str | torch.device = "cpu") -> FeatureExtractor:
     """The world judge for embedded-world tasks; DINOv2 (+ CLIP unless clip=None) for image-folder tasks. The
     scorers' weights default to DOPSD_BENCH_DINO / DOPSD_BENCH_CLIP (a local folder or hub id; CLIP "none" skips
-    it), else the hub ids DEFAULT_DINO / DEFAULT_CLIP."""
+    it), else the hub ids DEFAULT_DINO / DEFAULT_CLIP. DOPSD_BENCH_EXTRA_FD names further feature spaces for the
+    retention FD/KID (metrics/imagenet.py), loaded here so a missing one fails before any training."""
+    extractor = _features_for_task(task, judge=judge, dino=dino, clip=clip, device=device)
+    from dopsd_bench.metrics.imagenet import extra_fd_features
+
+    extractor.extra_fd = extra_fd_features(device=device)
+    return extractor
+
+
+def _features_for_task(task: TaskData, *, judge, dino, clip, device) -> FeatureExtractor:
     if task.source == "world":
         return JudgeFeatures(load_judge(judge), device=device)
     dino = dino or os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO

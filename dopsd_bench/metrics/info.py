@@ -55,6 +55,12 @@ METRIC_INFO = {m.name: m for m in [
                "more than many steps (a change that scales every step count alike cancels)", False, False),
     MetricInfo("retention_sharpness", "high-frequency energy (mean squared Laplacian) of native-step retention "
                "samples over the untuned model's mean; 1 = as sharp, < 1 = blurrier (> 1 can be noise)", True, True),
+    # an optional second feature space (DOPSD_BENCH_EXTRA_FD=effnet_lite0, metrics/imagenet.py): ImageNet
+    # EfficientNet-Lite0 pooled features, which owe nothing to the world judge
+    *[MetricInfo(f"{name}_effnet_lite0{suffix}", f"{name}{suffix} in ImageNet EfficientNet-Lite0 features (optional: "
+                 "DOPSD_BENCH_EXTRA_FD=effnet_lite0)", False, False)
+      for name in ("retention_fd", "retention_fd_ratio", "retention_kid") for suffix in ("", "_untuned")
+      if name != "retention_fd_ratio" or not suffix],
     MetricInfo("step_curve", "retention FD, FD ratio and alignment at 1, 2, 4, 8 steps (entries 'fd@K', "
                "'fd_untuned@K', 'fd_ratio@K', 'alignment@K', 'alignment_untuned@K')", False, False),
     MetricInfo("diversity", "mean pairwise embedding distance (1 - cosine) among samples of the same prompt, or "
