@@ -45,6 +45,8 @@ COMMANDS: dict[str, str | tuple[str, str]] = {
                "Write one self-contained HTML report: leaderboard, image grids, step curves, fidelity-vs-retention."),
     "check": ("dopsd_bench.check:check_command",
               "Exit 1 when a metric is worse than the baseline beyond its interval or tolerance; 0 otherwise."),
+    "plan": ("dopsd_bench.plan:plan_command",
+             "Say what a run will cost (parameters, memory) and whether it can finish, without loading weights."),
 }
 WORLD_COMMANDS: dict[str, str | tuple[str, str]] = {
     "check": ("dopsd_bench.world.check:check_command",
@@ -217,6 +219,12 @@ def run(
     resume: Annotated[bool, typer.Option(help="continue an unfinished cell from its last checkpoint")] = False,
     checkpoint_every: Annotated[int | None, typer.Option(help="save a training checkpoint every N steps")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="frozen weights' dtype: bf16, fp16 or fp32 (default: bf16 on a GPU "
+                                                   "that has it, else fp32); LoRA weights stay fp32")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute the denoiser's activations in backward: "
+                                                              "less memory, slower steps")] = False,
+    eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring (default: 16 on "
+                                                             "a GPU, all at once on the CPU)")] = None,
 ) -> None:
     """Train one method on one task instance, sample at the backbone's native steps, score, and write a run dir."""
     from dopsd_bench.runconfig import RunConfig, parse_overrides
@@ -228,7 +236,8 @@ def run(
     cfg = RunConfig(method=method, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
                     steps=steps, budget_flops=budget_flops, budget_seconds=budget_seconds, batch_size=batch_size,
                     lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
-                    force=force, resume=resume, checkpoint_every=checkpoint_every, device=device)
+                    force=force, resume=resume, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
+                    gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size)
     from dopsd_bench import runner
 
     runner.run_cell(cfg)
@@ -247,6 +256,10 @@ def eval_(
     out_dir: Annotated[str, typer.Option("--out", help="results root; the run dir is OUT/<cell id>")] = "runs",
     force: Annotated[bool, typer.Option(help="re-score a cell that already has a result.json")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="frozen weights' dtype: bf16, fp16 or fp32 (default: bf16 on a GPU "
+                                                   "that has it, else fp32)")] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring (default: 16 on "
+                                                             "a GPU, all at once on the CPU)")] = None,
 ) -> None:
     """Score an adapter trained elsewhere with the same protocol as `run` (same prompts, seeds and metrics)."""
     from dopsd_bench.runconfig import RunConfig
@@ -256,7 +269,8 @@ def eval_(
     task, instance = _task_and_instance(task, instance)
     BACKBONES.get(backbone)
     cfg = RunConfig(method=name, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
-                    out_dir=out_dir, force=force, device=device, lora=str(lora.resolve()))
+                    out_dir=out_dir, force=force, device=device, lora=str(lora.resolve()), dtype=dtype,
+                    eval_batch_size=eval_batch_size)
     from dopsd_bench import runner
 
     runner.eval_cell(cfg)

@@ -84,6 +84,11 @@ class Method:
         (backward or torch.Tensor.backward)(loss)
         return loss.detach()
 
+    def graph_rows(self, batch_size: int, native_steps: int) -> int:
+        """Rows of the largest denoiser forward whose autograd graph one training step keeps alive (`plan`'s memory
+        estimate): the batch, for a method with one forward per step."""
+        return batch_size
+
     def after_step(self, step: int) -> None:
         pass
 

@@ -20,7 +20,8 @@ from dopsd_bench.errors import ConfigError
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # fields that change what is trained or scored but are not part of the readable directory name
-_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora")
+_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora", "dtype")
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class RunConfig:
     checkpoint_every: int | None = None
     device: str | None = None  # None: cuda if available, else cpu
     lora: str | None = None  # `eval`: score this diffusers-format LoRA instead of training
+    dtype: str | None = None  # frozen weights' dtype (bf16 | fp16 | fp32); None: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (memory for time)
+    eval_batch_size: int | None = None  # images sampled at once when scoring; None: 16 on a GPU, all on the CPU
 
     def __post_init__(self) -> None:
         for name in ("method", "task", "backbone"):
@@ -75,6 +79,14 @@ class RunConfig:
         if len(given) > 1:
             raise ConfigError(f"a training budget is given in one unit: got {' and '.join(given)}; keep one of "
                               "--steps, --budget-flops, --budget-seconds")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or unset for the device's default), "
+                              f"got {self.dtype!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        batch = self.eval_batch_size
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0):
+            raise ConfigError(f"eval_batch_size must be a positive integer (or unset for the default), got {batch!r}")
         every = self.checkpoint_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
@@ -170,6 +182,33 @@ def check_device(device: str | None) -> None:
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"numbered from 0")
+
+
+def resolve_dtype(dtype: str | None, device) -> str:
+    """The weights' dtype a run uses on `device` (a torch.device): `dtype`, or bf16 on a CUDA GPU that supports it
+    and fp32 elsewhere (CPU bf16 matmuls are slower than fp32 ones). ConfigError for bf16 on a GPU without it."""
+    import torch
+
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if dtype is None:
+        return "bf16" if bf16_gpu else "fp32"
+    if dtype == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                          "use --dtype fp16 or fp32")
+    return dtype
+
+
+def torch_dtype(dtype: str):
+    """"bf16" | "fp16" | "fp32" -> the torch dtype."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def default_eval_batch_size(device) -> int | None:
+    """Images sampled at once when scoring: 16 on an accelerator (bounded memory at 1024 px), all of a set on the
+    CPU (the tiny world's sets are small and one batch is fastest there)."""
+    return None if device.type == "cpu" else 16
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

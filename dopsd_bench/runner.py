@@ -26,7 +26,7 @@ from dopsd_bench import rundir
 from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
 from dopsd_bench.result import COST_KEYS
-from dopsd_bench.runconfig import RunConfig, check_device
+from dopsd_bench.runconfig import RunConfig, check_device, default_eval_batch_size, resolve_dtype, torch_dtype
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
 
 # the metrics shown in the closing comparison table, in this order, when the run reports them
@@ -56,6 +56,8 @@ def train_config(cfg: RunConfig, method: Method) -> TrainConfig:
     for key in ("steps", "budget_flops", "budget_seconds", "batch_size", "rank", "checkpoint_every"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
+    if cfg.budget_flops is not None or cfg.budget_seconds is not None:
+        kwargs["steps"] = None  # the length comes from the cost budget (config.json shows no step count it ignores)
     return TrainConfig(**kwargs)
 
 
@@ -76,9 +78,26 @@ def _device(cfg: RunConfig, accelerator) -> torch.device:
 
 
 def _load_backbone(cfg: RunConfig, device: torch.device):
+    """The backbone with its frozen weights in the run's dtype; LoRA adapters stay fp32 (backbones.lora)."""
     from dopsd_bench.backbones import load_backbone
 
-    return load_backbone(cfg.backbone, cfg.model, device=str(device))
+    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
+    backbone = load_backbone(cfg.backbone, cfg.model, device=str(device), dtype=dtype)
+    if cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+    return backbone
+
+
+def _preflight(cfg: RunConfig, method: Method | None) -> None:
+    """`plan`'s checks (dopsd_bench/plan.py) before anything is loaded: what would fail after training fails here.
+    A backbone the registry does not know is the caller's own (a loader passed in): it has no configs to read."""
+    from dopsd_bench.plan import preflight
+    from dopsd_bench.registry import BACKBONES
+
+    if cfg.backbone not in BACKBONES.names():
+        return
+    name = cfg.method if method is not None else "base"  # an adapter to score trains nothing
+    preflight(cfg.backbone, cfg.model, name, cfg.task, cfg.instance, cfg.dtype, cfg.device, cfg.overrides)
 
 
 def _model_identity(cfg: RunConfig) -> str:
@@ -102,7 +121,8 @@ def _evaluate(backbone, data, method, features, cache_dir: Path, timings: dict, 
 
 # ---- sampling helpers ---------------------------------------------------------------------------------------
 class _Recorder:
-    """Wraps a method for evaluate(): keeps the text-only samples it draws, so the grid needs no second sampling."""
+    """Wraps a method for evaluate(): keeps the text-only samples it draws, one per (prompt, seed, steps), so the
+    grid needs no second sampling whatever batches evaluate drew them in."""
 
     def __init__(self, method: Method):
         self._method = method
@@ -114,8 +134,16 @@ class _Recorder:
     def sample(self, prompts, seeds, steps=None, references=None) -> torch.Tensor:
         out = self._method.sample(prompts, seeds, steps, references)
         if references is None:
-            self.samples[(tuple(prompts), tuple(int(s) for s in seeds), steps)] = out.detach().cpu()
+            for prompt, seed, image in zip(prompts, seeds, out.detach().cpu()):
+                self.samples[(prompt, int(seed), steps)] = image
         return out
+
+    def recorded(self, prompts, seeds, steps) -> torch.Tensor | None:
+        """The samples of (prompts, seeds) at `steps`, if all were drawn."""
+        keys = [(p, int(s), steps) for p, s in zip(prompts, seeds)]
+        if not keys or any(k not in self.samples for k in keys):
+            return None
+        return torch.stack([self.samples[k] for k in keys])
 
 
 class _CachedUntuned(Method):
@@ -147,11 +175,11 @@ class _CachedUntuned(Method):
         return self.cache.get_or_compute(kind, list(prompts), list(seeds), steps, references, compute)
 
 
-def _prefill_untuned(backbone, data, cache_dir: Path) -> None:
+def _prefill_untuned(backbone, data, cache_dir: Path, batch_size: int | None = None) -> None:
     """Before a full fine-tune: cache every untuned output scoring and the base row will ask for."""
     from dopsd_bench.metrics.evaluate import prepare_untuned
 
-    prepare_untuned(backbone, data, cache_dir=cache_dir)
+    prepare_untuned(backbone, data, cache_dir=cache_dir, batch_size=batch_size)
     _CachedUntuned(backbone, cache_dir, weights_changed=False).sample(data.eval_prompts, data.eval_seeds)
 
 
@@ -214,7 +242,7 @@ def comparison_table(result: dict, base: dict | None, base_source: str):
 
 
 def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, features, cache_dir: Path,
-              weights_changed: bool, timings: dict) -> tuple[dict, str]:
+              weights_changed: bool, timings: dict, batch_size: int | None = None) -> tuple[dict, str]:
     """The untuned model's metrics for the table: this run (if it is base), the base cell if done, or scored now."""
     if method_name == "base":
         return metrics, "this run"
@@ -229,7 +257,7 @@ def _base_row(cfg: RunConfig, method_name: str, metrics: dict, backbone, data, f
     t = time.perf_counter()
     # the table shows no step curve: scoring the native step count alone saves most of the base row's time
     base = _evaluate(backbone, data, _CachedUntuned(backbone, cache_dir, weights_changed), features, cache_dir, {},
-                     step_curve=(backbone.native_steps,))
+                     step_curve=(backbone.native_steps,), batch_size=batch_size)
     timings["base_s"] = time.perf_counter() - t
     return base, "untuned model, scored now from cached samples"
 
@@ -348,6 +376,8 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
     model_id = _model_identity(cfg)
     if _finished(run_dir, model_id, cfg.force, console):
         return run_dir
+    if spec.family != "sequence":  # a sequence checks its rounds' cells as each one runs
+        _preflight(cfg, method)
     accelerator = make_accelerator(cfg.device)
     if not accelerator.is_main_process:
         return body(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
@@ -375,6 +405,10 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     if main:
         _prepare_run_dir(run_dir, cfg)
     timings: dict[str, float] = {}
+    dtype = resolve_dtype(cfg.dtype, device)
+    eval_batch_size = cfg.eval_batch_size or default_eval_batch_size(device)
+    if tcfg is not None:
+        tcfg = dataclasses.replace(tcfg, precision=dtype)  # autocast to the weights' dtype; LoRA state stays fp32
     backbone = _load_backbone(cfg, device)
     data = spec.build(cfg.instance, cfg.seed, resolution=backbone.resolution)
     features = _features(data, device)
@@ -382,7 +416,10 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     cache_dir = Path(cfg.out_dir) / ".cache"
     backbone_info = {"backbone": {"name": backbone.name, "model": getattr(backbone, "model_id", cfg.model),
                                   "native_steps": backbone.native_steps, "resolution": backbone.resolution},
-                     "lora": None if lora is None else str(lora.resolve())}
+                     "lora": None if lora is None else str(lora.resolve()),
+                     "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
+                                   "gradient_checkpointing": cfg.gradient_checkpointing,
+                                   "eval_batch_size": eval_batch_size}}
     if main:
         rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, _config_record(cfg, method, tcfg, backbone_info))
 
@@ -392,7 +429,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     if lora is None:
         weights_changed = method.changes_base_weights
         if weights_changed and main:
-            _prefill_untuned(backbone, data, cache_dir)
+            _prefill_untuned(backbone, data, cache_dir, eval_batch_size)
         batch = Batch(images=data.train_images, captions=list(data.train_captions), token=data.token)
         train_t = train(method, backbone, batch, tcfg, run_dir, resume=cfg.resume, accelerator=accelerator)
         if not main:
@@ -423,14 +460,15 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     def phase(name: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s  {name}[/dim]", highlight=False)
 
-    metrics = _evaluate(backbone, data, recorder, features, cache_dir, eval_t, progress=phase)
+    metrics = _evaluate(backbone, data, recorder, features, cache_dir, eval_t, progress=phase,
+                        batch_size=eval_batch_size)
     timings["sample_s"] = sum(eval_t.get(k, 0.0) for k in ("sample_tuned", "teacher_tuned", "untuned"))
     timings["score_s"] = eval_t.get("score", 0.0)
-    base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings)
+    base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings,
+                                  batch_size=eval_batch_size)
 
     native = backbone.native_steps
-    key = (tuple(data.eval_prompts), tuple(int(s) for s in data.eval_seeds), native)
-    tuned = recorder.samples.get(key)
+    tuned = recorder.recorded(data.eval_prompts, data.eval_seeds, native)
     if tuned is None:  # evaluate sampled in pieces or at other steps: draw the grid's row directly
         tuned = method.sample(data.eval_prompts[:GRID_COLUMNS], data.eval_seeds[:GRID_COLUMNS], native)
     untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
@@ -446,7 +484,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
         "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,
         "family": data.family, "backbone": cfg.backbone, "model": backbone_info["backbone"]["model"],
         "seed": cfg.seed, "budget": budget, "cost": cost, "metrics": metrics, "timings": timings, "training": training,
-        "env": rundir.env_info(device), "samples": rundir.SAMPLES_FILE,
+        "env": rundir.env_info(device), "precision": backbone_info["precision"], "samples": rundir.SAMPLES_FILE,
         "adapter": rundir.ADAPTER_DIR if adapter_saved else None,
         "samples_rows": ["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
     }

@@ -17,6 +17,7 @@ Sweep file (YAML; every key optional except methods and tasks):
     set: {key: value}                           # --set for every method
     method_set: {dopsd: {teacher: ema}}         # --set for one method
     backbone: NAME, model: PATH_OR_ID, device: cpu, out: runs/grid, processes: 1, checkpoint_every: 50
+    dtype: bf16, gradient_checkpointing: true, eval_batch_size: 16   # as `run`'s flags, for every cell
 
 Resumable: a cell whose run dir holds a complete result.json is skipped (the runner writes it atomically and last),
 and an unfinished cell is re-run with resume=True, so its training picks up from its last checkpoint. Kill the sweep
@@ -62,7 +63,7 @@ from dopsd_bench.result import BUDGET_KEYS
 DEFAULT_RUNNER = "dopsd_bench.runner:run_cell"
 DEFAULT_OUT = "runs/sweep"
 SWEEP_KEYS = {"methods", "tasks", "seeds", "budgets", "set", "method_set", "backbone", "model", "device", "out",
-              "processes", "checkpoint_every"}
+              "processes", "checkpoint_every", "dtype", "gradient_checkpointing", "eval_batch_size"}
 LOG_FILE = "sweep.log"
 console = Console(stderr=True)
 
@@ -82,6 +83,9 @@ class SweepSpec:
     device: str | None = None
     processes: int = 1
     checkpoint_every: int | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool | None = None
+    eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -176,6 +180,8 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
                         "method": method, "task": task, "instance": instance, "seed": int(seed),
                         "backbone": spec.backbone, "model": spec.model, "device": spec.device,
                         "out_dir": str(spec.out), "resume": True, "checkpoint_every": spec.checkpoint_every,
+                        "dtype": spec.dtype, "gradient_checkpointing": spec.gradient_checkpointing,
+                        "eval_batch_size": spec.eval_batch_size,
                         **({k: budget.get(k) for k in BUDGET_KEYS} if trains[method] else {}),
                     }
                     if overrides:
@@ -337,6 +343,9 @@ def make_spec(file: dict[str, Any], **flags: Any) -> SweepSpec:
         device=pick("device"),
         processes=int(pick("processes", 1)),
         checkpoint_every=pick("checkpoint_every"),
+        dtype=pick("dtype"),
+        gradient_checkpointing=pick("gradient_checkpointing"),
+        eval_batch_size=pick("eval_batch_size"),
     )
 
 
@@ -489,6 +498,11 @@ def sweep_command(
     isolate: Annotated[bool, typer.Option(help="run each cell in its own subprocess")] = False,
     device: Annotated[str | None, typer.Option(help="device for every cell, e.g. cpu or cuda")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="training checkpoint every N steps")] = None,
+    dtype: Annotated[str | None, typer.Option(help="frozen weights' dtype for every cell: bf16, fp16 or fp32 "
+                                                   "(default: bf16 on a GPU that has it, else fp32)")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations in backward")] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring")] = None,
     force: Annotated[bool, typer.Option(help="re-run cells that are already complete")] = False,
     dry_run: Annotated[bool, typer.Option(help="list the cells (and which are done) without running them")] = False,
     runner: Annotated[str, typer.Option(hidden=True, help="module:function that runs one RunConfig")] = DEFAULT_RUNNER,
@@ -499,7 +513,8 @@ def sweep_command(
         spec = make_spec(
             file, methods=_csv(methods), tasks=_csv(tasks), seeds=_csv(seeds),
             budgets=[parse_budget(b) for b in budget] if budget else None, out=out, backbone=backbone,
-            model=model, device=device, processes=processes, checkpoint_every=checkpoint_every,
+            model=model, device=device, processes=processes, checkpoint_every=checkpoint_every, dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size,
             sets=parse_sets(set_ or []),
         )
         i, n = parse_shard(shard)

@@ -44,6 +44,7 @@ from dopsd_bench.rundir import atomic_torch_save, atomic_write_bytes, atomic_wri
 # The suite's default budget, shared by every method so comparisons are matched. One place to tune it.
 DEFAULT_BUDGET: dict[str, float | int] = {"steps": 600, "batch_size": 8, "lr": 5e-4, "rank": 8}
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DIGEST_FILE = "digests.json"  # sha256 of each file of a checkpoint, checked when it is read
@@ -54,7 +55,7 @@ _RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "
 
 @dataclass
 class TrainConfig:
-    steps: int = int(DEFAULT_BUDGET["steps"])
+    steps: int | None = int(DEFAULT_BUDGET["steps"])  # None with a budget in FLOPs or seconds: the loop sets it
     batch_size: int = int(DEFAULT_BUDGET["batch_size"])
     lr: float = float(DEFAULT_BUDGET["lr"])
     rank: int = int(DEFAULT_BUDGET["rank"])
@@ -63,6 +64,9 @@ class TrainConfig:
     warmup: int = 0  # linear lr warm-up steps
     checkpoint_every: int = 50  # 0 turns checkpoints off; the last step is always checkpointed when on
     seed: int = 0
+    # the forward pass's compute dtype under autocast ("fp32": no autocast); trainable weights and optimiser state
+    # stay fp32 whatever it is (mixed precision), and "fp16" adds a gradient scaler
+    precision: str = "fp32"
     # the budget in cost instead of steps (at most one): training FLOPs become a step count before the first step;
     # wall seconds of the loop are checked after every step (steps is then not used)
     budget_flops: float | None = None
@@ -70,7 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("steps", self.steps >= 0, "an integer >= 0"),
+            ("steps", self.steps >= 0 if self.steps is not None else self.budget_flops or self.budget_seconds,
+             "an integer >= 0 (None only with budget_flops or budget_seconds)"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
             ("lr", self.lr > 0, "a number > 0"),
             ("rank", self.rank >= 1, "an integer >= 1"),
@@ -81,6 +86,7 @@ class TrainConfig:
             *((name, value is None or (math.isfinite(value) and value > 0), "a finite number > 0")
               for name, value in (("budget_flops", self.budget_flops), ("budget_seconds", self.budget_seconds))),
         ]
+        checks.append(("precision", self.precision in AUTOCAST_DTYPES, f"one of {', '.join(AUTOCAST_DTYPES)}"))
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"training budget: {name} must be {expected}, got {getattr(self, name)!r}; "
@@ -94,6 +100,39 @@ class TrainConfig:
                 if v is not None}
         return {"steps": None if cost else self.steps, **cost, "batch_size": self.batch_size, "lr": self.lr,
                 "rank": self.rank}
+
+
+class MixedPrecision:
+    """Autocast of the training forward pass to `precision` (bf16/fp16) on `device`, with a gradient scaler for
+    fp16; "fp32" turns both off. Hand-rolled rather than accelerate's `mixed_precision`, which is fixed once per
+    process (its AcceleratorState), while one process may run cells of several precisions (a sweep, the tests)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.device_type = torch.device(device).type
+        self.dtype = AUTOCAST_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, backward):
+        """`backward` (loss -> None) run outside autocast, on the scaled loss under fp16."""
+        def run(loss: torch.Tensor) -> None:
+            with torch.autocast(self.device_type, enabled=False):
+                backward(self.scaler.scale(loss) if self.scaler is not None else loss)
+        return run
+
+    def unscale(self, optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> None:
+        """The optimiser step (skipped by the fp16 scaler when a gradient overflowed)."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 def make_accelerator(device: str | torch.device | None = None) -> Accelerator:
@@ -314,6 +353,7 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     # only the optimiser is prepared: a prepared scheduler steps once per process, which would shorten warm-up
     optimizer = accelerator.prepare(optimizer)
+    amp = MixedPrecision(cfg.precision, backbone.device)
     data_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "data", pi))
     loss_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "loss", pi))
     images = train_batch.images.to(backbone.device)
@@ -350,6 +390,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
         _load_param_state(state["params"], backbone, params)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if amp.scaler is not None and state.get("scaler") is not None:
+            amp.scaler.load_state_dict(state["scaler"])
         if state.get("method") is not None and hasattr(method, "load_state_dict"):
             method.load_state_dict(state["method"])
         _set_rng_state(rng, data_gen, loss_gen)
@@ -387,15 +429,17 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                           token=train_batch.token)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
-            loss = method.loss_and_backward(batch, loss_gen, accelerator.backward)
+            with amp.autocast():
+                loss = method.loss_and_backward(batch, loss_gen, amp.backward(accelerator.backward))
             if loss.ndim != 0:
                 raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the method")
             if accelerator.num_processes > 1:
                 _sync_gradients(params, accelerator)
+            amp.unscale(optimizer)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            amp.step(optimizer)
             scheduler.step()
             done = step + 1
             method.after_step(done)  # the number of optimiser steps taken so far (1-based)
@@ -414,6 +458,7 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                 state = {"step": done, "config": asdict(cfg), "model": model_id,
                          "params": _param_state(method, backbone, params),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
                          "method": method.state_dict() if hasattr(method, "state_dict") else None,
                          "record": {"loss": loss_value, "loop_s": earlier_loop_s + elapsed}}
                 save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)

@@ -215,6 +215,13 @@ class DOPSD(Method):
             x = self.backbone.step(x, v_s.detach(), st.sigmas[k], st.sigmas[k + 1], st.seeds).detach()
         return total / len(st.selected)
 
+    def graph_rows(self, batch_size: int, native_steps: int) -> int:
+        """Sequential: one state's forward at a time; batched: `chunk` of the trained states per forward."""
+        states = self.config.state_subset or self.config.k or native_steps
+        if self.config.schedule == "sequential":
+            return batch_size
+        return batch_size * min(self.config.chunk or states, states)
+
     def loss_and_backward(self, batch: Batch, generator: torch.Generator,
                           backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         backward = backward or torch.Tensor.backward

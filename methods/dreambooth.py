@@ -49,6 +49,9 @@ class DreamBooth(SFT):
     description = "SFT + prior preservation on class images from the untuned model"
     Config = DreamBoothConfig
 
+    def graph_rows(self, batch_size: int, native_steps: int) -> int:
+        return 2 * batch_size  # the instance batch and as many class images in one forward
+
     def setup(self, backbone: Backbone, train: Batch, rank: int, generator: torch.Generator) -> None:
         if not train.token:
             warnings.warn("dreambooth got no task token (Batch.token is empty): class prompts are the training "

@@ -40,7 +40,8 @@ retention_seeds: {range: [100000, 4]}
 def fake_evaluate(calls: list):
     """Scores from the method's own samples (so a different adapter gives different numbers)."""
 
-    def evaluate(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8), progress=None):
+    def evaluate(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8), progress=None,
+                 batch_size=None):
         calls.append(method)
         if progress is not None:
             progress("sampling")

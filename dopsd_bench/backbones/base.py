@@ -34,8 +34,9 @@ def index_cond(cond: Cond, index) -> Cond:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's floating-point weights (diffusers' `.dtype` scans every parameter on each call)."""
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+    """The dtype of a module's floating-point base weights (diffusers' `.dtype` scans every parameter on each call).
+    LoRA weights are skipped: they stay fp32 on bf16/fp16 weights (mixed precision)."""
+    return next(p.dtype for n, p in module.named_parameters() if p.is_floating_point() and "lora_" not in n)
 
 
 def model_identity(model: str, path: str | Path) -> str:
@@ -94,6 +95,11 @@ class Backbone(ABC):
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Text-only conditioning (the student's view)."""
+
+    def blank_cond(self, rows: int) -> Cond:
+        """A text conditioning of the longest prompt the model reads, all zeros, on `device` (which may be the
+        meta device): the shapes a training forward sees, for `plan`'s memory estimate."""
+        raise NotImplementedError(f"{type(self).__name__} has no blank_cond: `plan` cannot estimate its activations")
 
     @abstractmethod
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
@@ -193,6 +199,16 @@ class Backbone(ABC):
     @abstractmethod
     def load_lora(self, path: str | Path, name: str) -> None:
         """Load a diffusers-format LoRA from `path` as adapter `name` and activate it."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's block activations in backward instead of keeping them (diffusers' own switch):
+        less memory per training step for about one more forward pass. Gradients are unchanged."""
+        if not getattr(self.denoiser, "_supports_gradient_checkpointing", False):
+            from dopsd_bench.errors import UserError
+
+            raise UserError(f"{type(self.denoiser).__name__} does not support gradient checkpointing; "
+                            "run without --gradient-checkpointing")
+        self.denoiser.enable_gradient_checkpointing()
 
     def lora_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters of adapter `name` (for optimisers and the EMA teacher)."""

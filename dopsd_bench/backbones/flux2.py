@@ -75,7 +75,7 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
 
         model = model or cls.default_model
         path, settings = cls.resolve(model)
-        pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = Flux2KleinPipeline.from_pretrained(path, dtype=dtype)
         return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 
     # ---- conditioning -------------------------------------------------------------------------------
@@ -100,6 +100,12 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
     def text_cond(self, embeds: torch.Tensor) -> Cond:
         """The text conditioning from prompt embeddings (B, L, D) as the text encoder gives them."""
         return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
+
+    def blank_cond(self, rows: int) -> Cond:
+        width = self.pipe.transformer.config.joint_attention_dim
+        embeds = torch.zeros(rows, int(self.settings["max_sequence_length"]), width, device=self.device,
+                             dtype=module_dtype(self.pipe.transformer))
+        return self.text_cond(embeds)
 
     @torch.no_grad()
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:

@@ -24,7 +24,14 @@ class DiffusersLora:
         with warnings.catch_warnings():  # a second adapter (D-OPSD's teacher) is what we mean: peft warns of it
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
             self.denoiser.add_adapter(config, adapter_name=name)
+        self._lora_to_fp32(name)
         self.set_adapter(name)
+
+    def _lora_to_fp32(self, name: str) -> None:
+        """Keep adapter `name` in fp32 on bf16/fp16 weights (peft creates it in the base layer's dtype): its updates
+        and optimiser state stay exact, and peft casts each layer's input to the adapter's dtype."""
+        for p in self.lora_parameters(name):
+            p.data = p.data.float()
 
     def _lora_layers(self) -> list:
         """peft's tuner layers in the denoiser, found once per set of adapters."""
@@ -90,4 +97,5 @@ class DiffusersLora:
 
     def load_lora(self, path: str | Path, name: str) -> None:
         self.pipe.load_lora_weights(str(path), adapter_name=name)
+        self._lora_to_fp32(name)
         self.set_adapter(name)

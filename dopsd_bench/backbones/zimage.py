@@ -186,7 +186,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         path, settings = cls.resolve(model)
         if vl_model is not None:
             settings["vl_model"] = vl_model
-        pipe = ZImagePipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = ZImagePipeline.from_pretrained(path, dtype=dtype)
         return cls(pipe, settings, model_id=model_identity(model, path), device=device)
 
     # ---- conditioning -------------------------------------------------------------------------------
@@ -208,6 +208,13 @@ class ZImageBackbone(DiffusersLora, Backbone):
                                               max_sequence_length=self.max_sequence_length)
             self._text_cache.update(zip(missing, embeds))
         return self._pad([self._text_cache[p] for p in prompts])
+
+    def blank_cond(self, rows: int) -> Cond:
+        # unpadded (every position real): on the meta device a mask's selection cannot count its True entries
+        width = self.pipe.transformer.config.cap_feat_dim
+        shape = (rows, self.max_sequence_length)
+        return {"prompt_embeds": torch.zeros(*shape, width, device=self.device, dtype=module_dtype(self.denoiser)),
+                "prompt_mask": torch.ones(shape, dtype=torch.bool, device=self.device)}
 
     @property
     def teacher(self) -> TeacherVL:

@@ -35,7 +35,8 @@ def backbone_identity(backbone) -> str:
     name = getattr(backbone, "name", "") or type(backbone).__name__
     model_id = getattr(backbone, "model_id", None)
     if model_id:
-        return f"{name}:{model_id}"
+        dtype = _weights_dtype(backbone)  # bf16 weights sample other images than fp32 ones: another cache entry
+        return f"{name}:{model_id}" + ("" if dtype in (None, torch.float32) else f":{str(dtype).split('.')[-1]}")
     h = hashlib.sha256()
     denoiser = getattr(backbone, "denoiser", None)
     if denoiser is None:
@@ -50,6 +51,13 @@ def backbone_identity(backbone) -> str:
             h.update(f"{pname}{tuple(p.shape)}{float(flat.double().sum()):.10e}".encode())
             h.update(flat[:64].to("cpu", torch.float32).numpy().tobytes())
     return f"{name}:weights-{h.hexdigest()[:16]}"
+
+
+def _weights_dtype(backbone) -> torch.dtype | None:
+    denoiser = getattr(backbone, "denoiser", None)
+    if denoiser is None:
+        return None
+    return next((p.dtype for n, p in denoiser.named_parameters() if p.is_floating_point() and "lora_" not in n), None)
 
 
 class SampleCache:

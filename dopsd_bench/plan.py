@@ -1,0 +1,408 @@
+"""`dopsd-bench plan`: what a run will cost, and whether it can finish, before any weight is loaded.
+
+The backbone's pipeline is built on the meta device from its configs (model_index.json and each component's
+config: no weights are read), wrapped in its adapter, and given the method's LoRA. From it:
+
+- parameters per component, and the weights' memory at the run's dtype (every component stays on the device);
+- trainable parameters and their state (fp32 weight, gradient and AdamW's two moments: 16 bytes each);
+- activations of the training step: the tensors one denoiser forward saves for backward, counted on the meta
+  device at the method's graph rows (`Method.graph_rows`), the backbone's resolution and its longest prompt, with
+  attention counted as a fused kernel keeps it (q, k, v, output and the log-sum-exp; no score matrix);
+- whether the task can be scored on this backbone, and every check that would otherwise fail after training.
+
+`run` makes the same checks first (`preflight`): a problem is a UserError (one line, exit 2) before any training.
+
+    dopsd-bench plan --method sft --task style                              # the embedded model, CPU
+    dopsd-bench plan --backbone flux2-klein --model PATH --method dopsd --task style --dtype bf16
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from dopsd_bench.errors import UserError
+
+COMPONENTS = ("transformer", "text_encoder", "vae")  # the modules a run keeps on its device
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TRAINABLE_STATE_BYTES = 16  # fp32 weight + fp32 gradient + AdamW's exp_avg and exp_avg_sq
+JUDGE_RESOLUTION = 32  # the world judge's input size (metrics.features.JUDGE_RESOLUTION)
+
+
+@dataclass
+class Plan:
+    backbone: str
+    model: str
+    method: str
+    task: str
+    instance: str
+    dtype: str
+    device: str
+    resolution: int = 0
+    tokens: int = 0  # image tokens + text tokens of one training forward row
+    params: dict[str, int] = field(default_factory=dict)  # component -> parameters
+    trainable: int = 0
+    graph_rows: int = 0
+    activation_bytes: int | None = None
+    scoring: str = ""
+    problems: list[str] = field(default_factory=list)  # each would stop the run (after training, without plan)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.params.values()) * BYTES[self.dtype]
+
+    @property
+    def trainable_bytes(self) -> int:
+        return self.trainable * TRAINABLE_STATE_BYTES
+
+    @property
+    def peak_bytes(self) -> int | None:
+        if self.activation_bytes is None:
+            return None
+        return self.weight_bytes + self.trainable_bytes + self.activation_bytes
+
+    def lines(self) -> list[str]:
+        out = [(f"{self.method} on {self.task}:{self.instance}, {self.backbone} ({self.model}), {self.dtype} on "
+                f"{self.device}")]
+        for name, n in self.params.items():
+            out.append(f"  {name:<14} {n:>15,} parameters  {_gib(n * BYTES[self.dtype])}")
+        out.append(f"  {'weights':<14} {sum(self.params.values()):>15,} parameters  {_gib(self.weight_bytes)}")
+        out.append(f"  {'trainable':<14} {self.trainable:>15,} parameters  {_gib(self.trainable_bytes)} "
+                   "(fp32 weight, gradient, AdamW moments)")
+        if self.activation_bytes is not None:
+            out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens at {self.resolution} px: "
+                       f"{_gib(self.activation_bytes)}")
+            out.append(f"  {'peak (est.)':<14} {_gib(self.peak_bytes)} for one training step (estimate: weights + "
+                       "trainable state + saved activations; allocator slack not included)")
+        out.append(f"  scoring: {self.scoring}")
+        out += [f"  note: {n}" for n in self.notes]
+        out += [f"  problem: {p}" for p in self.problems]
+        return out
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---- the model on the meta device ------------------------------------------------------------------------------
+def _meta_module(path: str, name: str, library: str, class_name: str, dtype: torch.dtype):
+    import importlib
+
+    from accelerate import init_empty_weights
+    from diffusers.utils import logging as diffusers_logging
+
+    cls = getattr(importlib.import_module(library), class_name)
+    if library == "diffusers":
+        config = cls.load_config(path, subfolder=name)
+        with init_empty_weights():
+            module = cls.from_config(config)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, subfolder=name)
+        with init_empty_weights():
+            module = cls._from_config(config)
+        module.tie_weights()  # as from_pretrained does: a tied output layer is the embedding, counted once
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(dtype) warns of modules kept in fp32 by from_pretrained only
+    try:
+        return module.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def meta_pipeline(path: str, dtype: torch.dtype):
+    """The diffusers pipeline at `path` (a local folder or hub id) with its models on the meta device and no tokenizer:
+    configs only, no weights."""
+    import diffusers
+
+    index_file = Path(path) / "model_index.json"
+    index = (json.loads(index_file.read_text()) if index_file.exists()
+             else diffusers.DiffusionPipeline.load_config(path))
+    pipe_cls = getattr(diffusers, index["_class_name"])
+    parts = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library, class_name = entry
+        if name in COMPONENTS:
+            parts[name] = _meta_module(path, name, library, class_name, dtype)
+        elif name == "scheduler":
+            parts[name] = getattr(diffusers, class_name).from_pretrained(path, subfolder=name)
+        else:
+            parts[name] = None  # tokenizers and processors: not needed for shapes
+    return pipe_cls(**parts)
+
+
+def meta_backbone(name: str, model: str | None, dtype: str):
+    """The backbone adapter `name` over `model`'s pipeline on the meta device; (backbone, settings)."""
+    from dopsd_bench.registry import BACKBONES
+    from dopsd_bench.runconfig import torch_dtype
+
+    cls = BACKBONES.get(name)
+    model = model or cls.default_model
+    path, settings = cls.resolve(model)
+    try:
+        pipe = meta_pipeline(path, torch_dtype(dtype))
+    except (OSError, KeyError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read the pipeline configs of {model!r} for {name}: {' '.join(str(e).split())[:300]}; "
+                        "expected a diffusers pipeline folder (model_index.json) or a hub id") from None
+    return cls(pipe, settings, model_id=model, device="meta"), settings
+
+
+# ---- activations of one training forward ------------------------------------------------------------------------
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while counting: saves what a fused (flash) kernel saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the count needs the forward only
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        return _FusedAttention.apply(query, key, value)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def _all_true_masks():
+    """On the meta device, a boolean mask selects all its entries (`blank_cond` masks are all True): without this,
+    torch cannot tell a selection's size without data."""
+    from torch.fx.experimental import _config
+
+    before = _config.meta_nonzero_assume_all_nonzero
+    _config.meta_nonzero_assume_all_nonzero = True
+    try:
+        yield
+    finally:
+        _config.meta_nonzero_assume_all_nonzero = before
+
+
+def saved_activation_bytes(backbone, rows: int, precision: str) -> int:
+    """Bytes of the tensors one `predict_velocity` of `rows` rows saves for backward (each tensor once; inputs the
+    forward is given are not counted). Under bf16/fp16 the frozen weights compute in that dtype, as autocast does."""
+    seen: dict[int, int] = {}
+    keep = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in seen and not isinstance(base, torch.nn.Parameter):
+            seen[id(base)] = base.numel() * base.element_size()
+            keep.append(base)  # ids stay unique while the tensors live
+        return t
+
+    device = backbone.device
+    x = torch.zeros((rows, *backbone.latent_shape()), device=device)
+    sigma = torch.full((rows,), 0.5, device=device)
+    cond = backbone.blank_cond(rows)
+    with torch.enable_grad(), _fused_attention(), _all_true_masks(), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backbone.predict_velocity(x, sigma, cond)
+    return sum(seen.values())
+
+
+# ---- checks --------------------------------------------------------------------------------------------------
+def _local_or_cached(path_or_id: str) -> bool:
+    """A local folder, or a hub id whose config is in the Hugging Face cache (runs are offline)."""
+    if Path(path_or_id).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(path_or_id, "config.json"), str)
+    except (ValueError, OSError):  # not a valid repo id
+        return False
+
+
+def _transformer_shape(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _check_scoring(plan: Plan, data_source: str) -> None:
+    import os
+
+    if data_source == "world":
+        r = plan.resolution
+        plan.scoring = f"world judge at {JUDGE_RESOLUTION} px, the backbone's own size"
+        if r != JUDGE_RESOLUTION:
+            how = "average-pooled" if r > JUDGE_RESOLUTION else "upsampled"
+            plan.scoring = (f"world judge at {JUDGE_RESOLUTION} px (samples at {r} px are {how} to it); the world's "
+                            f"{JUDGE_RESOLUTION} px renders are resized to {r} px for training and as references")
+        if r < JUDGE_RESOLUTION:
+            plan.notes.append(f"the backbone samples {r} px images, smaller than the judge's {JUDGE_RESOLUTION} px: "
+                              "scores read upsampled images")
+        return
+    from dopsd_bench.metrics.features import DEFAULT_CLIP, DEFAULT_DINO
+
+    dino = os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
+    clip = os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
+    plan.scoring = f"DINOv2 ({dino})" + ("" if clip.lower() == "none" else f" and CLIP ({clip})")
+    for what, ref, var in (("DINOv2", dino, "DOPSD_BENCH_DINO"), ("CLIP", clip, "DOPSD_BENCH_CLIP")):
+        if ref.lower() != "none" and not _local_or_cached(ref):
+            plan.problems.append(f"scoring this image-folder task needs {what} ({ref!r}), which is neither a local "
+                                 f"folder nor in the Hugging Face cache; point {var} at a saved model folder")
+
+
+def _check_teacher(plan: Plan, settings: dict) -> None:
+    vl = settings.get("vl_model")
+    if vl is None:
+        return
+    if not _local_or_cached(str(vl)):
+        plan.problems.append(f"the in-context teacher's VL model {vl!r} is neither a local folder nor in the Hugging "
+                             "Face cache: scoring needs it after training (teacher fidelity); give a local folder "
+                             "(dopsd_bench.json's vl_model)")
+        return
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(vl)
+        with init_empty_weights():
+            vl_model = Qwen3VLForConditionalGeneration._from_config(config)
+        plan.params["teacher_vision"] = sum(p.numel() for p in vl_model.model.visual.parameters())
+        plan.notes.append("the teacher's VL model is loaded at its first use; its language model is replaced by the "
+                          "text encoder's weights, so only its vision tower adds to the weights")
+    except (OSError, ValueError, AttributeError) as e:
+        plan.notes.append(f"the teacher's VL model size is unknown ({type(e).__name__})")
+
+
+def _check_base_model(plan: Plan, method, backbone_name: str, transformer_config) -> None:
+    """A method that trains on another model of the same architecture (base-transfer's `base_model`): its LoRA
+    is applied to this one after training, so the two denoisers must have the same shapes."""
+    other = getattr(method.config, "base_model", None)
+    if not other:
+        return
+    try:
+        base, _ = meta_backbone(backbone_name, other, plan.dtype)
+    except UserError as e:
+        plan.problems.append(f"method {plan.method}'s base_model {other!r} cannot be read: {e}; set it with "
+                             "--set base_model=PATH to a multi-step model of this architecture")
+        return
+    if _transformer_shape(base.denoiser.config) != _transformer_shape(transformer_config):
+        plan.problems.append(f"method {plan.method}'s base_model {other!r} has another denoiser shape than "
+                             f"{plan.model!r}: its LoRA would not fit this model after training; set --set "
+                             "base_model=PATH to the multi-step model of this one")
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+def make_plan(backbone: str, model: str | None, method: str, task: str, instance: str | None = None,
+              dtype: str | None = None, device: str | None = None, batch_size: int | None = None,
+              rank: int | None = None, overrides: dict[str, str] | None = None, activations: bool = True) -> Plan:
+    from dopsd_bench.registry import BACKBONES
+    from dopsd_bench.runconfig import resolve_dtype
+    from dopsd_bench.runner import build_method
+    from dopsd_bench.tasks import load_task
+    from dopsd_bench.train import DEFAULT_BUDGET
+
+    spec = load_task(task)
+    instance = spec.instance(instance).name
+    the_method = build_method(method, overrides or {})
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, target)
+    model = model or BACKBONES.get(backbone).default_model
+    plan = Plan(backbone=backbone, model=model, method=method, task=spec.name, instance=instance, dtype=dtype,
+                device=str(target))
+    bb, settings = meta_backbone(backbone, model, dtype)
+    pipe = bb.pipe
+    plan.resolution = bb.resolution
+    plan.params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in COMPONENTS}
+    step = pipe.vae_scale_factor * 2
+    if bb.resolution % step:
+        plan.problems.append(f"resolution {bb.resolution} is not a multiple of {step} (the VAE's "
+                             f"{pipe.vae_scale_factor}x down-sampling times the 2x2 patches): its samples would not "
+                             "have the task's size; set dopsd_bench.json's resolution to a multiple of it")
+    _check_scoring(plan, spec.source)
+    _check_teacher(plan, settings)
+    _check_base_model(plan, the_method, backbone, bb.denoiser.config)
+
+    if the_method.trains:
+        rows = the_method.graph_rows(batch_size or int(DEFAULT_BUDGET["batch_size"]), bb.native_steps)
+        plan.graph_rows = rows
+        if the_method.adapter is None:  # a full fine-tune trains the denoiser itself
+            plan.trainable = sum(p.numel() for p in bb.denoiser.parameters())
+            plan.notes.append("a full fine-tune: the denoiser's own weights train, in the run's dtype")
+        else:
+            bb.add_lora("plan", rank=rank or int(DEFAULT_BUDGET["rank"]))
+            plan.trainable = sum(p.numel() for p in bb.lora_parameters("plan"))
+        if getattr(the_method, "teacher_adapter", None):
+            plan.notes.append("the method keeps a second adapter (its teacher): its weights count once more, "
+                              "without gradient or optimiser state")
+        if activations and plan.problems == []:
+            h, w = bb.latent_shape()[1:]
+            plan.tokens = int(h * w // (4 if backbone == "z-image" else 1)) + int(settings["max_sequence_length"])
+            plan.activation_bytes = saved_activation_bytes(bb, rows, dtype)
+    if target.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(target).total_memory
+        if plan.weight_bytes > total:
+            plan.problems.append(f"the weights alone take {_gib(plan.weight_bytes)} at {dtype}, more than "
+                                 f"{_gib(total)} on {target}; use a smaller dtype or a larger GPU")
+        elif plan.peak_bytes is not None and plan.peak_bytes > total:
+            plan.notes.append(f"the estimated peak {_gib(plan.peak_bytes)} exceeds {_gib(total)} on {target}: try "
+                              "--gradient-checkpointing or a smaller --batch-size")
+    return plan
+
+
+def preflight(backbone: str, model: str | None, method: str, task: str, instance: str | None, dtype: str | None,
+              device: str | None, overrides: dict[str, str] | None = None) -> Plan:
+    """The checks of `plan` without the activation count; UserError naming the first problem."""
+    plan = make_plan(backbone, model, method, task, instance, dtype=dtype, device=device, overrides=overrides,
+                     activations=False)
+    if plan.problems:
+        raise UserError(f"{plan.method} on {plan.task}:{plan.instance} with {plan.backbone} ({plan.model}) cannot "
+                        f"finish: {plan.problems[0]}")
+    return plan
+
+
+def plan_command(
+    method: Annotated[str, typer.Option(help="method name (see `dopsd-bench list methods`)")] = "dopsd",
+    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
+    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
+    backbone: Annotated[str, typer.Option(help="backbone adapter (see `dopsd-bench list backbones`)")] = "flux2-klein",
+    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, "
+                                                   "else fp32)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="training batch size (default: the suite's)")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the suite's)")] = None,
+    device: Annotated[str | None, typer.Option(help="the device the run would use (default: cuda if "
+                                                    "available)")] = None,
+) -> None:
+    """Say what a run will cost (parameters, memory) and whether it can finish, without loading weights."""
+    from dopsd_bench.registry import BACKBONES, METHODS
+    from dopsd_bench.runconfig import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    METHODS.get(method)
+    BACKBONES.get(backbone)
+    plan = make_plan(backbone, model, method, task, instance, dtype=dtype, device=device, batch_size=batch_size,
+                     rank=rank)
+    print("\n".join(plan.lines()))
+    if plan.problems:
+        raise UserError(f"this run cannot finish: {plan.problems[0]}")
