@@ -47,8 +47,10 @@ ROUNDS_DIR = "rounds"
 ROUND_FILE = "round.json"
 CARRY_FILE = "carry.pt"
 # the last round's metrics that result.json repeats at the top: the few-step drift after the whole sequence
+# (retention_leakage is left out: it reads only the last round's concept, not the sequence's)
 FINAL_RETENTION = ("retention_fd", "retention_fd_untuned", "retention_fd_ratio", "retention_alignment",
-                   "retention_alignment_untuned", "step_curve")
+                   "retention_alignment_untuned", "retention_attributes", "few_step_gap_ratio", "retention_sharpness",
+                   "step_curve")
 
 
 @dataclass
