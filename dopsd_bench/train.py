@@ -418,7 +418,7 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
         steps_ahead = range(start, cfg.steps)
     else:  # open-ended: the step that reaches the budget is the last (none when the checkpoint had reached it)
         steps_ahead = itertools.count(start) if earlier_loop_s < seconds else range(0)
-    done = start
+    done, elapsed = start, 0.0
     t_loop = clock()
     with _progress(disable=not main) as progress, open(log_path, "a") if main else _null() as log:
         bar = progress.add_task("train", total=cfg.steps if seconds is None else None, completed=start,
@@ -465,7 +465,8 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
             if out_of_time:
                 break
 
-    train_seconds = earlier_loop_s + clock() - t_loop
+    # to the end of the last step, as its checkpoint records it: a resume from the final checkpoint reports the same
+    train_seconds = earlier_loop_s + elapsed
     method.finish()
     # a resumed run's step time covers every step (the checkpoint's record holds the earlier ones' time)
     return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,

@@ -135,8 +135,8 @@ def clock(monkeypatch) -> FakeClock:
 
 
 def test_a_seconds_budget_stops_after_the_step_that_reaches_it(tmp_path, clock):
-    spent = train(OneSecondSFT(clock), FakeBackbone(), fake_batch(), small(budget_seconds=3.5, checkpoint_every=2),
-                  tmp_path)
+    cfg = small(steps=None, budget_seconds=3.5, checkpoint_every=2)
+    spent = train(OneSecondSFT(clock), FakeBackbone(), fake_batch(), cfg, tmp_path)
     # steps 1-3 end at 1, 2, 3 s (under 3.5); step 4 ends at 4 s and is the last: the budget held within one step
     assert spent["train_steps"] == 4 == len(log_steps(tmp_path)) and spent["train_seconds"] == 4.0
     assert spent["train_seconds"] - 3.5 < spent["step_s"] == 1.0  # the FLOP count before the loop is not counted
@@ -171,6 +171,8 @@ def test_run_config_refuses_bad_budgets(kw, match):
         RunConfig(method="sft", task="style", **kw)
     with pytest.raises(ConfigError, match="budget"):
         TrainConfig(budget_flops=1e12, budget_seconds=1.0)
+    with pytest.raises(ConfigError, match="steps"):
+        TrainConfig(steps=None)  # no length at all
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -221,6 +223,7 @@ def test_run_cell_records_the_budget_asked_and_the_cost_spent(tmp_path, fakes):
     run_dir = runner.run_cell(cfg_for(str(task), out, steps=None, budget_flops=1e6))
     result = json.loads((run_dir / "result.json").read_text())
     assert result["budget"]["budget_flops"] == 1e6 and result["budget"]["steps"] is None
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] is None  # no count it would ignore
     cost = result["cost"]
     assert cost["train_flops"] == cost["train_steps"] * cost["flops_per_step"] <= 1e6
     assert cost["train_steps"] == len(log_steps(run_dir)) >= 1 and cost["train_seconds"] > 0
