@@ -276,7 +276,8 @@ def summary(records: list[dict]) -> list[dict]:
 
 
 def accuracy_table(result: dict):
-    """A rich Table: R[i][j] (rows: after round i; columns: instance j), with the few-step drift of each round."""
+    """A rich Table of R: row i = after round i, column j = fidelity on round j's instance, with each round's
+    few-step drift vs the untuned model; ACC, BWT, forgetting and the training time in the caption."""
     from rich.table import Table
 
     seq = result["sequence"]
@@ -285,15 +286,15 @@ def accuracy_table(result: dict):
     bwt, fgt = last["bwt"], last["forgetting"]
     caption = (f"ACC {last['acc']:.4f}   BWT {'n/a' if bwt is None else f'{bwt:+.4f}'}   forgetting "
                f"{'n/a' if fgt is None else f'{fgt:.4f}'}   training {last['cumulative_train_s']:.1f}s in all")
-    table = Table(title=f"{result['method']} on {result['task']}/{result['instance']} (carry={seq['carry']}, "
-                        f"seed {result['seed']}): fidelity after each round", caption=caption)
-    table.add_column("after round")
-    for label in labels:
-        table.add_column(label, justify="right")
-    table.add_column("retention FD ratio", justify="right")
-    table.add_column("retention alignment", justify="right")
+    table = Table(title=f"{result['method']} on {result['task']}/{result['instance']} (carry={seq['carry']}, seed "
+                        f"{result['seed']}): fidelity on instance j after round i", caption=caption)
+    table.add_column("round i", overflow="fold")  # the one column that wraps on a narrow terminal
+    for j in range(len(labels)):
+        table.add_column(f"j={j + 1}", justify="right", no_wrap=True, min_width=6)
+    table.add_column("FD ratio", justify="right", no_wrap=True, min_width=8)
+    table.add_column("align.", justify="right", no_wrap=True, min_width=6)
     for i, row in enumerate(matrix):
-        cells = [f"{row[j]:.4f}" if j < len(row) and j <= i else "" for j in range(len(labels))]
+        cells = [f"{row[j]:.4f}" if j <= i else "" for j in range(len(labels))]
         ratio, align = per_round[i]["retention_fd_ratio"], per_round[i]["retention_alignment"]
         table.add_row(f"{i + 1} {labels[i]}", *cells, "" if ratio is None else f"{ratio:.3f}",
                       "" if align is None else f"{align:.3f}")
@@ -407,7 +408,8 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
 
     eval_t: dict[str, float] = {}
     metrics = runner._evaluate(backbone, datas[k], sampler, features[k], cache_dir, eval_t, progress=phase)
-    phase(f"fidelity on the {k} earlier instance(s)")
+    if k:
+        phase(f"fidelity on the {k} earlier instance{'s' if k > 1 else ''}")
     t = time.perf_counter()
     fidelity = {rounds[j].label: score_fidelity(backbone, datas[j], sampler, features[j]) for j in range(k)}
     fidelity[rounds[k].label] = {key: metrics["fidelity"][key] for key in ("mean", "per_sample", "higher_is_better")}

@@ -168,7 +168,8 @@ def test_a_sequence_run_scores_every_learned_instance_after_every_round(tmp_path
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").exists()
     assert (run_dir / "samples.png").read_bytes()[:4] == b"\x89PNG"
     out = " ".join(capsys.readouterr().out.split())
-    assert "fidelity after each round" in out and "ACC" in out and "BWT" in out and "tiny_style:checkered" in out
+    assert "fidelity on instance j after round i" in out and "j=4" in out
+    assert "ACC" in out and "BWT" in out and "forgetting" in out
     # 4 full scorings (one per round); the earlier instances are scored by score_fidelity (1 + 2 + 3 calls)
     assert sum(1 for m in fakes["evaluate"] if not isinstance(m, runner._CachedUntuned)) == 4 + 6
 
@@ -272,3 +273,21 @@ def test_replay_trains_a_round_on_every_earlier_round_too(tmp_path, sequence_tas
         batch.images.shape[0]) or real(method, backbone, batch, *a, **k))
     runner.run_cell(seq_cfg(sequence_task, tmp_path / "runs", overrides={"replay": "true"}))
     assert sizes == [4, 8, 12, 16]  # n_train 4 per round, and every earlier round's set
+
+
+def test_sequence_and_version_1_results_load_in_the_store(tmp_path, sequence_task, fakes):
+    from dopsd_bench import rundir
+    from dopsd_bench.store import load_results
+
+    out = tmp_path / "runs"
+    run_dir = runner.run_cell(seq_cfg(sequence_task, out))
+    old = json.loads((run_dir / "result.json").read_text())
+    old = {k: v for k, v in old.items() if k not in ("rounds", "sequence")} | {"schema_version": 1, "seed": 7}
+    rundir.atomic_write_json(out / "old" / "result.json", old)
+    assert rundir.is_complete(out / "old")  # a finished version-1 cell stays finished (skipped, not re-run)
+    res = load_results(out)
+    assert not res.skipped and sorted(res.cells["seed"]) == [0, 7]
+    means = res.summary[res.summary["seed"] == 0].set_index("metric")["mean"]
+    result = json.loads((run_dir / "result.json").read_text())
+    for name in ("acc", "bwt", "forgetting"):
+        assert means[name] == pytest.approx(result["sequence"][name])
