@@ -59,6 +59,25 @@ class LazyGroup(TyperGroup):
 
     lazy: ClassVar[dict[str, str | tuple[str, str]]] = {}
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's own parse errors (an unknown option or command, a value of the wrong type, a missing argument)
+        as one red line and exit 2, like every other bad input; a command's own exit code passes through."""
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except Exception as e:
+            # typer vendors click privately, so its UsageError / BadParameter are known by their interface
+            if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+                raise
+            context = getattr(e, "ctx", None)
+            where = f"{context.command_path}: " if context is not None else ""
+            see = f"; see `{context.command_path} --help`" if context is not None else ""
+            message = where + e.format_message().rstrip(".") + see
+            err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", highlight=False)
+            raise SystemExit(e.exit_code) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
     def get_command(self, ctx: Any, cmd_name: str) -> Any:  # typer vendors click: its Context/Command types
         if cmd_name not in self.commands and cmd_name in self.lazy:
             entry = self.lazy[cmd_name]
@@ -291,3 +310,5 @@ def list_(what: Annotated[str, typer.Argument(help="methods, tasks, backbones or
     for name, description in entries.items():
         table.add_row(escape(name), escape(description))  # descriptions may hold [brackets]
     out.print(table)
+
+

@@ -295,3 +295,21 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(monkeypatch):
     result = invoke("run", "--steps", "3")
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "--resume" in result.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "--methd", "sft"], ["dopsd-bench run: No such option: --methd", "--method", "dopsd-bench run --help"]),
+    (["run", "--seed", "abc"], ["Invalid value for '--seed'", "integer"]),
+    (["nosuch"], ["dopsd-bench: No such command 'nosuch'"]),
+    (["world", "nosuch"], ["dopsd-bench world: No such command"]),
+    (["list"], ["Missing argument"]),
+])
+def test_parse_errors_are_one_line_with_exit_2(args, needles):
+    """click's own parse errors (before any command runs) keep the one-line contract of every other bad input."""
+    assert_user_error(invoke(*args), *needles)
+
+
+def test_parse_errors_leave_exit_codes_of_commands_and_help_alone():
+    assert invoke("--help").exit_code == 0 and invoke("run", "--help").exit_code == 0
+    assert invoke("--version").exit_code == 0
+    assert_user_error(invoke("run", "--method", "nosuch"), "unknown method 'nosuch'")
