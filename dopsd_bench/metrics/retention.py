@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dopsd_bench.metrics.scores import attribute_hits
+
 # the 5-point discrete Laplacian: a high-pass filter whose response is 0 on any linear ramp
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
@@ -46,8 +48,6 @@ def attribute_retention(probs: dict[str, torch.Tensor], targets: list[dict[str, 
     All retention prompts state every attribute, so the rows line up with the samples; an attribute some prompt
     does not state is left out rather than scored on a subset that would not pair with other attributes.
     """
-    from dopsd_bench.metrics.scores import attribute_hits
-
     n = len(targets)
     return {attr: hit.double() for attr, (rows, hit) in attribute_hits(probs, targets).items() if len(rows) == n}
 
