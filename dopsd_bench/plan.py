@@ -50,6 +50,7 @@ class Plan:
     trainable: int = 0
     graph_rows: int = 0
     activation_bytes: int | None = None
+    gradient_checkpointing: bool = False
     scoring: str = ""
     problems: list[str] = field(default_factory=list)  # each would stop the run (after training, without plan)
     notes: list[str] = field(default_factory=list)
@@ -77,8 +78,9 @@ class Plan:
         out.append(f"  {'trainable':<14} {self.trainable:>15,} parameters  {_gib(self.trainable_bytes)} "
                    "(fp32 weight, gradient, AdamW moments)")
         if self.activation_bytes is not None:
-            out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens at {self.resolution} px: "
-                       f"{_gib(self.activation_bytes)}")
+            how = ", gradient checkpointing" if self.gradient_checkpointing else ""
+            out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens at {self.resolution} px"
+                       f"{how}: {_gib(self.activation_bytes)}")
             out.append(f"  {'peak (est.)':<14} {_gib(self.peak_bytes)} for one training step (estimate: weights + "
                        "trainable state + saved activations; allocator slack not included)")
         out.append(f"  scoring: {self.scoring}")
@@ -205,9 +207,13 @@ def _all_true_masks():
         _config.meta_nonzero_assume_all_nonzero = before
 
 
-def saved_activation_bytes(backbone, rows: int, precision: str) -> int:
-    """Bytes of the tensors one `predict_velocity` of `rows` rows saves for backward (each tensor once; inputs the
-    forward is given are not counted). Under bf16/fp16 the frozen weights compute in that dtype, as autocast does."""
+def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False) -> int:
+    """Bytes of the tensors one `predict_velocity` of `rows` rows saves for backward, each tensor once (the weights
+    and the inputs it is given are not counted); they are in the weights' dtype where the weights compute.
+
+    With `checkpointing`, what a step holds under diffusers' gradient checkpointing: what the forward saves outside the
+    checkpointed blocks, plus each block's inputs (kept for the recomputation), plus the largest block's own saved
+    tensors (alive while that block is recomputed and differentiated)."""
     seen: dict[int, int] = {}
     keep = []
 
@@ -218,14 +224,33 @@ def saved_activation_bytes(backbone, rows: int, precision: str) -> int:
             keep.append(base)  # ids stay unique while the tensors live
         return t
 
+    blocks: list[tuple[int, int]] = []  # per checkpointed block: (its inputs' bytes, the bytes it saves)
+    denoiser = backbone.denoiser
+    original = (denoiser.gradient_checkpointing, getattr(denoiser, "_gradient_checkpointing_func", None))
+
+    def run_block(block, *args, **kwargs):  # diffusers' checkpoint call, run plainly and measured
+        before = sum(seen.values())
+        out = block(*args, **kwargs)
+        inputs = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        blocks.append((inputs, sum(seen.values()) - before))
+        return out
+
     device = backbone.device
     x = torch.zeros((rows, *backbone.latent_shape()), device=device)
     sigma = torch.full((rows,), 0.5, device=device)
     cond = backbone.blank_cond(rows)
-    with torch.enable_grad(), _fused_attention(), _all_true_masks(), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        backbone.predict_velocity(x, sigma, cond)
-    return sum(seen.values())
+    denoiser.gradient_checkpointing, denoiser._gradient_checkpointing_func = True, run_block
+    try:
+        with torch.enable_grad(), _fused_attention(), _all_true_masks(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            backbone.predict_velocity(x, sigma, cond)
+    finally:
+        denoiser.gradient_checkpointing, denoiser._gradient_checkpointing_func = original
+    total = sum(seen.values())
+    if not checkpointing or not blocks:
+        return total
+    inside = sum(saved for _, saved in blocks)
+    return total - inside + sum(inputs for inputs, _ in blocks) + max(saved for _, saved in blocks)
 
 
 # ---- checks --------------------------------------------------------------------------------------------------
@@ -314,7 +339,8 @@ def _check_base_model(plan: Plan, method, backbone_name: str, transformer_config
 # ---- the plan ------------------------------------------------------------------------------------------------
 def make_plan(backbone: str, model: str | None, method: str, task: str, instance: str | None = None,
               dtype: str | None = None, device: str | None = None, batch_size: int | None = None,
-              rank: int | None = None, overrides: dict[str, str] | None = None, activations: bool = True) -> Plan:
+              rank: int | None = None, overrides: dict[str, str] | None = None, activations: bool = True,
+              gradient_checkpointing: bool = False) -> Plan:
     from dopsd_bench.registry import BACKBONES
     from dopsd_bench.runconfig import resolve_dtype
     from dopsd_bench.runner import build_method
@@ -357,7 +383,8 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
         if activations and plan.problems == []:
             h, w = bb.latent_shape()[1:]
             plan.tokens = int(h * w // (4 if backbone == "z-image" else 1)) + int(settings["max_sequence_length"])
-            plan.activation_bytes = saved_activation_bytes(bb, rows, dtype)
+            plan.activation_bytes = saved_activation_bytes(bb, rows, gradient_checkpointing)
+            plan.gradient_checkpointing = gradient_checkpointing
     if target.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(target).total_memory
         if plan.weight_bytes > total:
@@ -366,6 +393,8 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
         elif plan.peak_bytes is not None and plan.peak_bytes > total:
             plan.notes.append(f"the estimated peak {_gib(plan.peak_bytes)} exceeds {_gib(total)} on {target}: try "
                               "--gradient-checkpointing or a smaller --batch-size")
+    if plan.activation_bytes is not None and not gradient_checkpointing:
+        plan.notes.append("with --gradient-checkpointing: `dopsd-bench plan ... --gradient-checkpointing`")
     return plan
 
 
@@ -392,6 +421,8 @@ def plan_command(
     rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the suite's)")] = None,
     device: Annotated[str | None, typer.Option(help="the device the run would use (default: cuda if "
                                                     "available)")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="estimate activations as with "
+                                                              "--gradient-checkpointing")] = False,
 ) -> None:
     """Say what a run will cost (parameters, memory) and whether it can finish, without loading weights."""
     from dopsd_bench.registry import BACKBONES, METHODS
@@ -402,7 +433,7 @@ def plan_command(
     METHODS.get(method)
     BACKBONES.get(backbone)
     plan = make_plan(backbone, model, method, task, instance, dtype=dtype, device=device, batch_size=batch_size,
-                     rank=rank)
+                     rank=rank, gradient_checkpointing=gradient_checkpointing)
     print("\n".join(plan.lines()))
     if plan.problems:
         raise UserError(f"this run cannot finish: {plan.problems[0]}")

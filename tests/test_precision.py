@@ -220,8 +220,41 @@ def test_plan_counts_the_real_modules_parameters_from_configs_alone(model_dir, w
     # the activation count on the meta device is what the real tensors' forward saves (to a few views' aliasing)
     real_bf16 = _load(model_dir, "bf16")
     real_bf16.add_lora("plan", rank=4)
-    assert plan.activation_bytes == pytest.approx(saved_activation_bytes(real_bf16, 2, "bf16"), rel=0.01)
+    assert plan.activation_bytes == pytest.approx(saved_activation_bytes(real_bf16, 2), rel=0.01)
     assert plan.peak_bytes == plan.weight_bytes + plan.trainable * 16 + plan.activation_bytes
+
+
+def test_the_checkpointed_estimate_keeps_block_inputs_and_one_block(model_dir, world_task):
+    """Under real checkpointing the forward saves what the estimate's first two parts count; one block's own
+    tensors come on top while it is recomputed."""
+    from dopsd_bench.plan import make_plan, saved_activation_bytes
+
+    name, path = model_dir
+    plain = make_plan(name, str(path), "sft", world_task, batch_size=2, rank=4)
+    checkpointed = make_plan(name, str(path), "sft", world_task, batch_size=2, rank=4, gradient_checkpointing=True)
+    assert 0 < checkpointed.activation_bytes < plain.activation_bytes
+    real = _load(model_dir)
+    real.add_lora("plan", rank=4)
+    real.enable_gradient_checkpointing()
+    kept = _saved_bytes_under_real_checkpointing(real, 2)
+    assert kept < checkpointed.activation_bytes
+    assert checkpointed.activation_bytes - kept < plain.activation_bytes / 2  # about one block's worth on top
+    assert saved_activation_bytes(real, 2) == pytest.approx(plain.activation_bytes, rel=0.01)
+
+
+def _saved_bytes_under_real_checkpointing(backbone, rows: int) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen.setdefault(id(t), t.numel() * t.element_size())
+        return t
+
+    x = torch.zeros((rows, *backbone.latent_shape()))
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = backbone.predict_velocity(x, torch.full((rows,), 0.5), backbone.blank_cond(rows))
+    del out
+    return sum(seen.values())
 
 
 def test_plan_prints_the_figures(world_task):
