@@ -39,7 +39,8 @@ import torch
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch, Method, MethodConfig, config_from_overrides, has_adapter
-from dopsd_bench.runconfig import RunConfig
+from dopsd_bench.result import COST_KEYS
+from dopsd_bench.runconfig import RunConfig, default_eval_batch_size, resolve_dtype
 from dopsd_bench.tasks import Round, SequenceSpec
 from dopsd_bench.train import CHECKPOINT_DIR, TrainConfig, seed_for, train
 
@@ -227,11 +228,14 @@ def _restore(backbone, run_dir: Path, rounds: list[Round], done: int, options: S
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
-def score_fidelity(backbone, data, method, features) -> dict:
-    """Fidelity on one instance exactly as `evaluate` scores it (its prompts, seeds, native steps and scorer)."""
-    from dopsd_bench.metrics.evaluate import _entry, _Scorer
+def score_fidelity(backbone, data, method, features, batch_size: int | None = None) -> dict:
+    """Fidelity on one instance exactly as `evaluate` scores it (its prompts, seeds, native steps and scorer;
+    `batch_size` images sampled at once, None: all)."""
+    from dopsd_bench.metrics.evaluate import _entry, _in_batches, _Scorer
 
-    images = method.sample(data.eval_prompts, data.eval_seeds, backbone.native_steps)
+    native = backbone.native_steps
+    images = _in_batches(lambda p, s, _: method.sample(p, s, native), data.eval_prompts, data.eval_seeds, None,
+                         batch_size)
     return _entry(_Scorer(data, features).fidelity(features.extract(images)), True)
 
 
@@ -265,7 +269,7 @@ def summary(records: list[dict]) -> list[dict]:
     for i, rec in enumerate(records):
         m = rec.get("metrics", {})
         train_s += float(rec.get("timings", {}).get("train_s", 0.0))
-        round_flops = (rec.get("cost") or {}).get("train_flops")
+        round_flops = (rec.get("cost") or {}).get("train_flops", 0.0 if rec.get("cost") is None else None)
         flops = flops + float(round_flops) if flops is not None and isinstance(round_flops, (int, float)) else None
         out.append({"round": i + 1, "label": rec["label"], "acc": average_accuracy(matrix[:i + 1]),
                     "bwt": backward_transfer(matrix[:i + 1]), "forgetting": forgetting(matrix[:i + 1]),
@@ -310,7 +314,11 @@ def run_sequence(cfg: RunConfig, spec: SequenceSpec) -> Path:
         raise ConfigError(f"method {cfg.method!r} cannot be tuned round after round (its trained state is not a "
                           "LoRA adapter on the model); a sequence takes methods such as sft, dreambooth or dopsd")
     tcfg = runner.train_config(cfg, method)
-    body = functools.partial(_run_rounds, options=options, rounds=spec.rounds(cfg.instance),
+    rounds = spec.rounds(cfg.instance)
+    for r in rounds:  # what would fail in a later round fails before the first one trains
+        runner._preflight(dataclasses.replace(cfg, task=r.task, instance=r.instance, overrides=method_overrides),
+                          method)
+    body = functools.partial(_run_rounds, options=options, rounds=rounds,
                              method_overrides=method_overrides)
     return runner._run(cfg, method, tcfg, spec, label=method.name or cfg.method, body=body)
 
@@ -324,6 +332,9 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     device = runner._device(cfg, accelerator)
     if main:
         runner._prepare_run_dir(run_dir, cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    eval_batch_size = cfg.eval_batch_size or default_eval_batch_size(device)
+    tcfg = dataclasses.replace(tcfg, precision=dtype)  # autocast to the weights' dtype; LoRA state stays fp32
     backbone = runner._load_backbone(cfg, device)
     model_id = getattr(backbone, "model_id", cfg.model)
     datas = [r.spec().build(r.instance, cfg.seed, resolution=backbone.resolution) for r in rounds]
@@ -338,12 +349,14 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     cache_dir = Path(cfg.out_dir) / ".cache"
     info = {"backbone": {"name": backbone.name, "model": model_id, "native_steps": backbone.native_steps,
                          "resolution": backbone.resolution},
+            "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
+                          "gradient_checkpointing": cfg.gradient_checkpointing, "eval_batch_size": eval_batch_size},
             "sequence": {"name": cfg.instance, "rounds": [r.label for r in rounds], **dataclasses.asdict(options)}}
     if main:
         rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, runner._config_record(cfg, method, tcfg, info))
         if options.carry == "merge" and method.trains:
             for data in datas:  # merging changes the weights: the untuned outputs every round compares with, first
-                runner._prefill_untuned(backbone, data, cache_dir)
+                runner._prefill_untuned(backbone, data, cache_dir, eval_batch_size)
 
     records = _finished_rounds(run_dir, rounds, options, model_id, console.print if main else lambda *_: None)
     _restore(backbone, run_dir, rounds, len(records), options, tcfg.rank, method.adapter)
@@ -363,7 +376,7 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
         if main:
             record = _finish_round(k, m, backbone, rounds, datas, features, rcfg, train_t, round_dir,
                                    cache_dir, options, model_id, merged=options.carry == "merge" and k > 0,
-                                   console=console)
+                                   console=console, batch_size=eval_batch_size)
             records.append(record)
         _carry_over(backbone, m, options)
     if not main:
@@ -393,7 +406,7 @@ def round_seed(seed: int, index: int) -> int:
 
 def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: list, features: list,
                   rcfg: TrainConfig, train_t: dict, round_dir: Path, cache_dir: Path, options: SequenceOptions,
-                  model_id: str | None, merged: bool, console) -> dict:
+                  model_id: str | None, merged: bool, console, batch_size: int | None = None) -> dict:
     """Save the round's adapter and carry state, score it, write round.json (last). Returns the round's record."""
     trained = method.trains and method.adapter is not None
     if trained:
@@ -407,11 +420,13 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s  {name}[/dim]", highlight=False)
 
     eval_t: dict[str, float] = {}
-    metrics = runner._evaluate(backbone, datas[k], sampler, features[k], cache_dir, eval_t, progress=phase)
+    metrics = runner._evaluate(backbone, datas[k], sampler, features[k], cache_dir, eval_t, progress=phase,
+                               batch_size=batch_size)
     if k:
         phase(f"fidelity on the {k} earlier instance{'s' if k > 1 else ''}")
     t = time.perf_counter()
-    fidelity = {rounds[j].label: score_fidelity(backbone, datas[j], sampler, features[j]) for j in range(k)}
+    fidelity = {rounds[j].label: score_fidelity(backbone, datas[j], sampler, features[j], batch_size)
+                for j in range(k)}
     fidelity[rounds[k].label] = {key: metrics["fidelity"][key] for key in ("mean", "per_sample", "higher_is_better")}
     earlier_s = time.perf_counter() - t
     record = {
@@ -419,7 +434,7 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
         "family": datas[k].family, "model": model_id, "carry": options.carry, "replay": options.replay,
         "seed": rcfg.seed, "fidelity": fidelity, "metrics": metrics,
         "training": {key: train_t.get(key) for key in ("steps_run", "start_step", "final_loss")},
-        "cost": {key: train_t[key] for key in ("train_flops", "flops_per_step") if key in train_t} or None,
+        "cost": {key: train_t.get(key) for key in COST_KEYS} if method.trains else None,
         "timings": {"train_s": float(train_t.get("train_s", 0.0)),
                     "sample_s": sum(eval_t.get(key, 0.0) for key in ("sample_tuned", "teacher_tuned", "untuned")),
                     "score_s": eval_t.get("score", 0.0), "earlier_instances_s": earlier_s},
@@ -447,7 +462,7 @@ def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, recor
     return {
         "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": cfg.task_name, "instance": cfg.instance,
         "family": "sequence", "backbone": cfg.backbone, "model": getattr(backbone, "model_id", cfg.model),
-        "seed": cfg.seed, "budget": budget, "metrics": metrics,
+        "seed": cfg.seed, "budget": budget, "cost": _total_cost(records) if trained else None, "metrics": metrics,
         "timings": {**timings, "train_s": last["cumulative_train_s"],
                     "sample_s": sum(r["timings"]["sample_s"] for r in records),
                     "score_s": sum(r["timings"]["score_s"] + r["timings"]["earlier_instances_s"] for r in records)},
@@ -461,6 +476,14 @@ def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, recor
                      "rounds": [r.label for r in rounds], "accuracy_matrix": matrix, "acc": last["acc"],
                      "bwt": last["bwt"], "forgetting": last["forgetting"], "per_round": per_round},
     }
+
+
+def _total_cost(records: list[dict]) -> dict:
+    """What the whole sequence's training spent: every round's steps, FLOPs and seconds added up."""
+    costs = [r.get("cost") or {} for r in records]
+    total = {key: sum(c[key] for c in costs) if all(isinstance(c.get(key), (int, float)) for c in costs) else None
+             for key in COST_KEYS if key != "flops_per_step"}
+    return {**total, "flops_per_step": costs[-1].get("flops_per_step")}
 
 
 def _write_grid(run_dir: Path, backbone, final: Method, options: SequenceOptions, datas: list) -> None:

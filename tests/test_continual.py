@@ -110,8 +110,8 @@ def fakes(monkeypatch):
     evaluate = fake_evaluate(calls)
     monkeypatch.setattr(runner, "_evaluate", evaluate)
     monkeypatch.setattr(continual, "score_fidelity",
-                        lambda backbone, data, method, features: evaluate(backbone, data, method, features, None,
-                                                                          {})["fidelity"])
+                        lambda backbone, data, method, features, batch_size=None: evaluate(
+                            backbone, data, method, features, None, {})["fidelity"])
     return {"evaluate": calls, "loads": loads}
 
 
@@ -139,7 +139,10 @@ def seq_cfg(task: str, out: Path, **kw) -> RunConfig:
 
 
 def without_timings(result: dict) -> dict:
-    rounds = [{k: v for k, v in r.items() if k != "timings"} for r in result["rounds"]]
+    """The result without what the clock measures (timings, training seconds)."""
+    rounds = [{k: v for k, v in r.items() if k != "timings"} | {"cost": {k: v for k, v in r["cost"].items()
+                                                                          if k != "train_seconds"}}
+              for r in result["rounds"]]
     per_round = [{k: v for k, v in r.items() if k != "cumulative_train_s"} for r in result["sequence"]["per_round"]]
     return {"rounds": rounds, "sequence": result["sequence"] | {"per_round": per_round}, "metrics": result["metrics"]}
 
