@@ -186,9 +186,9 @@ def has_rounds(run_dir: Path) -> bool:
 
 
 def _finished_rounds(run_dir: Path, rounds: list[Round], options: SequenceOptions, model_id: str | None,
-                     say) -> list[dict]:
+                     main: bool, say) -> list[dict]:
     """The records of the rounds that are finished, in order, as long as each was made by this sequence on these
-    weights with these options; round dirs after them are removed (their start has changed)."""
+    weights with these options; the main process removes the round dirs after them (their start has changed)."""
     records: list[dict] = []
     for k, r in enumerate(rounds):
         path = run_dir / ROUNDS_DIR / round_dir_name(k, r) / ROUND_FILE
@@ -203,7 +203,7 @@ def _finished_rounds(run_dir: Path, rounds: list[Round], options: SequenceOption
             break
         records.append(record)
     keep = {round_dir_name(k, r) for k, r in enumerate(rounds[:len(records) + 1])}
-    for old in sorted((run_dir / ROUNDS_DIR).glob("*")) if (run_dir / ROUNDS_DIR).is_dir() else []:
+    for old in sorted((run_dir / ROUNDS_DIR).glob("*")) if main and (run_dir / ROUNDS_DIR).is_dir() else []:
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     if records:
@@ -358,7 +358,8 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
             for data in datas:  # merging changes the weights: the untuned outputs every round compares with, first
                 runner._prefill_untuned(backbone, data, cache_dir, eval_batch_size)
 
-    records = _finished_rounds(run_dir, rounds, options, model_id, console.print if main else lambda *_: None)
+    records = _finished_rounds(run_dir, rounds, options, model_id, main,
+                               console.print if main else lambda *_: None)
     _restore(backbone, run_dir, rounds, len(records), options, tcfg.rank, method.adapter)
     for k in range(len(records), len(rounds)):
         console.print(f"[bold]round {k + 1}/{len(rounds)}: {rounds[k].label}[/bold]")
