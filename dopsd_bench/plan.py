@@ -270,29 +270,40 @@ def _transformer_shape(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def _check_scoring(plan: Plan, data_source: str) -> None:
+def _check_scoring(plan: Plan, sources: set[str]) -> None:
+    """How the task's data (`world` renders, image `folder`s, or both in a sequence's rounds) is scored."""
+    parts = []
+    if "world" in sources:
+        parts.append(_world_scoring(plan))
+    if "folder" in sources:
+        parts.append(_folder_scoring(plan))
+    plan.scoring = "; ".join(parts)
+
+
+def _world_scoring(plan: Plan) -> str:
+    r = plan.resolution
+    if r < JUDGE_RESOLUTION:
+        plan.notes.append(f"the backbone samples {r} px images, smaller than the judge's {JUDGE_RESOLUTION} px: "
+                          "scores read upsampled images")
+    if r == JUDGE_RESOLUTION:
+        return f"world judge at {JUDGE_RESOLUTION} px, the backbone's own size"
+    how = "average-pooled" if r > JUDGE_RESOLUTION else "upsampled"
+    return (f"world judge at {JUDGE_RESOLUTION} px (samples at {r} px are {how} to it); the world's "
+            f"{JUDGE_RESOLUTION} px renders are resized to {r} px for training and as references")
+
+
+def _folder_scoring(plan: Plan) -> str:
     import os
 
-    if data_source == "world":
-        r = plan.resolution
-        plan.scoring = f"world judge at {JUDGE_RESOLUTION} px, the backbone's own size"
-        if r != JUDGE_RESOLUTION:
-            how = "average-pooled" if r > JUDGE_RESOLUTION else "upsampled"
-            plan.scoring = (f"world judge at {JUDGE_RESOLUTION} px (samples at {r} px are {how} to it); the world's "
-                            f"{JUDGE_RESOLUTION} px renders are resized to {r} px for training and as references")
-        if r < JUDGE_RESOLUTION:
-            plan.notes.append(f"the backbone samples {r} px images, smaller than the judge's {JUDGE_RESOLUTION} px: "
-                              "scores read upsampled images")
-        return
     from dopsd_bench.metrics.features import DEFAULT_CLIP, DEFAULT_DINO
 
     dino = os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
     clip = os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
-    plan.scoring = f"DINOv2 ({dino})" + ("" if clip.lower() == "none" else f" and CLIP ({clip})")
     for what, ref, var in (("DINOv2", dino, "DOPSD_BENCH_DINO"), ("CLIP", clip, "DOPSD_BENCH_CLIP")):
         if ref.lower() != "none" and not _local_or_cached(ref):
             plan.problems.append(f"scoring this image-folder task needs {what} ({ref!r}), which is neither a local "
                                  f"folder nor in the Hugging Face cache; point {var} at a saved model folder")
+    return f"DINOv2 ({dino})" + ("" if clip.lower() == "none" else f" and CLIP ({clip})")
 
 
 def _check_teacher(plan: Plan, settings: dict) -> None:
@@ -364,7 +375,8 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
         plan.problems.append(f"resolution {bb.resolution} is not a multiple of {step} (the VAE's "
                              f"{pipe.vae_scale_factor}x down-sampling times the 2x2 patches): its samples would not "
                              "have the task's size; set dopsd_bench.json's resolution to a multiple of it")
-    _check_scoring(plan, spec.source)
+    rounds = spec.rounds(instance) if spec.family == "sequence" else []
+    _check_scoring(plan, {r.spec().source for r in rounds} if rounds else {spec.source})
     _check_teacher(plan, settings)
     _check_base_model(plan, the_method, backbone, bb.denoiser.config)
 
