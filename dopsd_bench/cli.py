@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from dopsd_bench import __version__
+from dopsd_bench import __version__, options
 from dopsd_bench.errors import RunFailed, UnknownNameError, UserError
 from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
 
@@ -217,33 +217,30 @@ def _task_and_instance(task: str, instance: str | None) -> tuple[str, str]:
 @app.command()
 @user_errors
 def run(
-    method: Annotated[str, typer.Option(help="method name (see `dopsd-bench list methods`)")] = "dopsd",
-    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
-    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
-    backbone: Annotated[str, typer.Option(help="backbone adapter (see `dopsd-bench list backbones`)")] = "flux2-klein",
-    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
+    method: options.Method = "dopsd",
+    task: options.Task = "style",
+    instance: options.Instance = None,
+    backbone: options.Backbone = "flux2-klein",
+    model: options.Model = None,
     seed: Annotated[int, typer.Option(help="training seed (evaluation prompts and seeds are fixed by the task)")] = 0,
     steps: Annotated[int | None, typer.Option(help="training steps (default: the method's)")] = None,
     budget_flops: Annotated[float | None, typer.Option(
         help="training budget in FLOPs instead of steps, e.g. 2e13 (one step is counted, then divided)")] = None,
     budget_seconds: Annotated[float | None, typer.Option(
         help="training budget in wall seconds of the training loop instead of steps, e.g. 120")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="training batch size (default: the method's)")] = None,
+    batch_size: options.BatchSize = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default: the method's)")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the method's)")] = None,
+    rank: options.Rank = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="method config override key=value (repeatable), e.g. --set teacher=frozen")] = None,
-    out_dir: Annotated[str, typer.Option("--out", help="results root; the run dir is OUT/<cell id>")] = "runs",
+    out_dir: options.Out = "runs",
     force: Annotated[bool, typer.Option(help="re-run a cell that already has a result.json")] = False,
     resume: Annotated[bool, typer.Option(help="continue an unfinished cell from its last checkpoint")] = False,
     checkpoint_every: Annotated[int | None, typer.Option(help="save a training checkpoint every N steps")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="frozen weights' dtype: bf16, fp16 or fp32 (default: bf16 on a GPU "
-                                                   "that has it, else fp32); LoRA weights stay fp32")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute the denoiser's activations in backward: "
-                                                              "less memory, slower steps")] = False,
-    eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring (default: 16 on "
-                                                             "a GPU, all at once on the CPU)")] = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    gradient_checkpointing: options.GradientCheckpointing = False,
+    eval_batch_size: options.EvalBatchSize = None,
 ) -> None:
     """Train one method on one task instance, sample at the backbone's native steps, score, and write a run dir."""
     from dopsd_bench.runconfig import RunConfig, parse_overrides
@@ -266,19 +263,17 @@ def run(
 @user_errors
 def eval_(
     lora: Annotated[Path, typer.Option(help="a LoRA in the diffusers format (file or folder), trained anywhere")],
-    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
-    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
+    task: options.Task = "style",
+    instance: options.Instance = None,
     backbone: Annotated[str, typer.Option(help="backbone adapter the LoRA was trained for")] = "flux2-klein",
-    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
+    model: options.Model = None,
     name: Annotated[str, typer.Option(help="method label for the results (as `method` in result.json)")] = "lora",
     seed: Annotated[int, typer.Option(help="seed label of the cell (sampling seeds are fixed by the task)")] = 0,
-    out_dir: Annotated[str, typer.Option("--out", help="results root; the run dir is OUT/<cell id>")] = "runs",
+    out_dir: options.Out = "runs",
     force: Annotated[bool, typer.Option(help="re-score a cell that already has a result.json")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="frozen weights' dtype: bf16, fp16 or fp32 (default: bf16 on a GPU "
-                                                   "that has it, else fp32)")] = None,
-    eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring (default: 16 on "
-                                                             "a GPU, all at once on the CPU)")] = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    eval_batch_size: options.EvalBatchSize = None,
 ) -> None:
     """Score an adapter trained elsewhere with the same protocol as `run` (same prompts, seeds and metrics)."""
     from dopsd_bench.runconfig import RunConfig

@@ -22,11 +22,10 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
 
+from dopsd_bench import options
 from dopsd_bench.errors import UserError
 
 COMPONENTS = ("transformer", "text_encoder", "vae")  # the modules a run keeps on its device
@@ -422,19 +421,16 @@ def preflight(backbone: str, model: str | None, method: str, task: str, instance
 
 
 def plan_command(
-    method: Annotated[str, typer.Option(help="method name (see `dopsd-bench list methods`)")] = "dopsd",
-    task: Annotated[str, typer.Option(help="task name or path to a task .yaml")] = "style",
-    instance: Annotated[str | None, typer.Option(help="task instance (default: the task's first)")] = None,
-    backbone: Annotated[str, typer.Option(help="backbone adapter (see `dopsd-bench list backbones`)")] = "flux2-klein",
-    model: Annotated[str | None, typer.Option(help="local path or hub id (default: the backbone's default)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, "
-                                                   "else fp32)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="training batch size (default: the suite's)")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank (default: the suite's)")] = None,
-    device: Annotated[str | None, typer.Option(help="the device the run would use (default: cuda if "
-                                                    "available)")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="estimate activations as with "
-                                                              "--gradient-checkpointing")] = False,
+    method: options.Method = "dopsd",
+    task: options.Task = "style",
+    instance: options.Instance = None,
+    backbone: options.Backbone = "flux2-klein",
+    model: options.Model = None,
+    dtype: options.Dtype = None,
+    batch_size: options.BatchSize = None,
+    rank: options.Rank = None,
+    device: options.Device = None,
+    gradient_checkpointing: options.GradientCheckpointing = False,
 ) -> None:
     """Say what a run will cost (parameters, memory) and whether it can finish, without loading weights."""
     from dopsd_bench.registry import BACKBONES, METHODS

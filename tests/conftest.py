@@ -19,3 +19,15 @@ def restore_registries():
     yield registries
     for r, (entries, loaded, paths) in zip(registries, saved, strict=True):
         r._entries, r._loaded, r.extra_paths = entries, loaded, paths
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than with intra-op threads fighting over 2 shared cores;
+    a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,6 +19,8 @@ from dopsd_bench import flow
 from dopsd_bench.backbones.base import cat_conds, index_cond, repeat_cond, step_noise_seed
 from dopsd_bench.registry import BACKBONES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a red circle on the left", "a small blue square"]
 SEEDS = [3, 11]
 
@@ -51,15 +53,6 @@ def _zimage_call(backbone) -> dict:
 
 
 SPECS = {"flux2-klein": (_save_flux2, _flux2_call), "z-image": (_save_zimage, _zimage_call)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than with intra-op threads fighting over 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))

@@ -21,17 +21,11 @@ from dopsd_bench.registry import BACKBONES
 from dopsd_bench.runconfig import RunConfig, resolve_dtype, torch_dtype
 from dopsd_bench.train import TrainConfig, checkpoint_dirs, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a red circle on the left", "a small blue square", "a green triangle", "a big yellow star"]
 SEEDS = [3, 11, 5, 7]
 SAVERS = {"flux2-klein": _save_flux2, "z-image": _save_zimage}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(SAVERS))
