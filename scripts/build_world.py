@@ -1,10 +1,10 @@
 """Build the embedded "glyphworld" models from one seed: world judge, VAE, multi-step base, 4-step turbo.
 
 All four are trained here on renders of dopsd_bench/world, in real diffusers formats (Flux2KleinPipeline:
-Qwen3 text encoder (frozen, random), AutoencoderKLFlux2, Flux2Transformer2DModel), and written to
-dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
+Qwen3 text encoder (random layers, learned token embeddings), AutoencoderKLFlux2, Flux2Transformer2DModel), and
+written to dopsd_bench/assets/{judge,glyphworld-base,glyphworld-turbo}. Progress goes to stdout (redirect it to a log).
 
-    python scripts/build_world.py                                    # full build (GPU: minutes; CPU: MODEL_CARD.md)
+    python scripts/build_world.py                                    # full build (2 CPU cores: ~5.5 h; MODEL_CARD.md)
     python scripts/build_world.py --scale 0.01 --out /tmp/gw         # smoke build, a few minutes on CPU
 
 The recipe (steps, batch sizes, data sizes) is the same on every device and is written to build_summary.json;
@@ -16,7 +16,7 @@ a second phase under another loss setting (--tune-steps; scripts/tune_base.py co
 the base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps) -> optionally
 (--consistency-steps N; 0 in the shipped recipe) a consistency turbo, re-distilled from the Euler turbo's restart
 roll-outs and sampled with restarts. The base is saved with the stochastic sampler (--base-sampler), the better of
-its two (MODEL_CARD.md); the turbo with Euler, or with restarts after the consistency stage.
+its two (docs/world.md); the turbo with Euler, or with restarts after the consistency stage.
 
     python scripts/build_world.py --stages consistency --consistency-steps 1000 --out DIR   # DIR holds a build
 """
@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--sigma-loc", type=float, default=0.0,
                     help="location of the base's logit-normal noise levels (> 0 trains more at high noise)")
-    ap.add_argument("--learn-text", action="store_true",
+    ap.add_argument("--learn-text", action=argparse.BooleanOptionalAction, default=True,
                     help="train the text encoder's token embeddings with the base DiT (the rest of the encoder stays "
-                         "at its random init); the turbo and every later user read the trained table")
+                         "at its random init; default on); the turbo and every later user read the trained table")
     ap.add_argument("--object-weight", type=float, default=0.0,
                     help="base: extra loss weight on the object's latent cells (0 = plain flow matching)")
     ap.add_argument("--probe-every", type=int, default=0,
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--consistency-lr", type=float, default=CONSISTENCY_LR,
                     help=f"learning rate of the consistency stage (default {CONSISTENCY_LR})")
     ap.add_argument("--base-sampler", choices=["stochastic", "euler"], default="stochastic",
-                    help="the saved base's sampler (its scheduler's stochastic_sampling; MODEL_CARD.md compares "
+                    help="the saved base's sampler (its scheduler's stochastic_sampling; docs/world.md compares "
                          "them). Trajectories for the turbo always follow the ODE (Euler), and the turbo samples "
                          "with Euler steps")
     ap.add_argument("--stages", default="judge,models",

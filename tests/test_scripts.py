@@ -32,7 +32,7 @@ def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
     assert base.returncode == 0, base.stderr[-2000:]
     assert (tmp_path / "glyphworld-base" / "model_index.json").exists()
     assert not (tmp_path / "glyphworld-turbo").exists()
-    # the base samples with its better sampler (MODEL_CARD.md), the turbo with the Euler steps it was distilled for
+    # the base samples with its better sampler (docs/world.md), the turbo with the Euler steps it was distilled for
     assert Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-base"), device="cpu").stochastic_sampling
 
     turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
@@ -88,7 +88,11 @@ def test_build_world_new_dit_on_the_shipped_vae(tmp_path):
     assert config.num_attention_heads * config.attention_head_dim == 96 and config.num_single_layers == 4
     for a, b in zip(new.vae.state_dict().values(), old.vae.state_dict().values()):  # latent stats included
         assert torch.equal(a, b)
-    assert torch.equal(new.text_encoder.model.embed_tokens.weight, old.text_encoder.model.embed_tokens.weight)
+    # the encoder's layers are the shipped ones; its token embeddings train with the new base (--learn-text)
+    embed = "model.embed_tokens.weight"
+    new_text, old_text = new.text_encoder.state_dict(), old.text_encoder.state_dict()
+    assert all(torch.equal(new_text[k], old_text[k]) for k in old_text if k != embed and "lm_head" not in k)
+    assert not torch.equal(new_text[embed], old_text[embed])
 
 
 def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
@@ -121,8 +125,9 @@ def test_diagnose_world_probes_the_shipped_base(tmp_path):
     sampler = figures["sampler"]
     assert sampler["own"] == "stochastic" and sampler["stochastic"] == figures["cfg"]["2.0"]
     assert sampler["euler"] != sampler["stochastic"]
-    # the shipped VAE keeps every attribute of true renders through a clean round trip
-    assert min(figures["latent_noise"]["0.0"]["accuracy"].values()) == 1.0
+    # the shipped VAE keeps the attributes of true renders through a clean round trip (the judge itself misreads
+    # about 1 in 40 true renders' shape or fill: one of the 8 may miss, not more)
+    assert min(figures["latent_noise"]["0.0"]["accuracy"].values()) >= 7 / 8
     # the more of the true latent a sample starts from, the closer it ends to true renders
     partial = figures["from_partial"]
     assert partial["0.250"]["fd"] < partial["0.875"]["fd"]
@@ -219,25 +224,25 @@ def test_tune_base_measures_each_arm_and_reuses_its_data(tmp_path):
 
     again = _script("tune_base.py", "--arms", "0:1", *common)  # same world: the cached data
     assert again.returncode == 0 and "dataset: loaded from" in again.stdout
-    narrow = _script("tune_base.py", "--arms", "0:1", "--unsaid", "angle=0,scale=0", *common)
-    assert narrow.returncode == 0 and "making it again" in narrow.stdout
-    assert (out / "w0-t1-angle0-scale0" / "glyphworld-base" / "model_index.json").exists()
+    rotated = _script("tune_base.py", "--arms", "0:1", "--unsaid", "angle=10", *common)  # another world
+    assert rotated.returncode == 0 and "making it again" in rotated.stdout
+    assert (out / "w0-t1-angle10" / "glyphworld-base" / "model_index.json").exists()
 
     # a new DiT from scratch, its schedule fitted to a time budget (counted from the script's start)
     common[common.index("--steps") + 1] = "100000"
-    fresh = _script("tune_base.py", "--fresh", "--width", "64", "--arms", "0:0.5", "--unsaid", "angle=0,scale=0",
+    fresh = _script("tune_base.py", "--fresh", "--width", "64", "--arms", "0:0.5", "--unsaid", "angle=10",
                     "--budget-s", "45", *common)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "steps fit the budget of" in fresh.stdout and "dataset: loaded from" in fresh.stdout
     report = json.loads((out / "arms.json").read_text())
-    arm = report["arms"]["w0-t0.5-fresh-d64-b8-angle0-scale0"]
+    arm = report["arms"]["w0-t0.5-fresh-d64-b8-angle10"]
     assert "start" not in report["arms"] and arm["fresh"] and arm["width"] == 64 and arm["lr"] == 1e-3
     assert 100 < arm["steps"] < 100000 and arm["wall_s"] < 45
-    dit = Flux2Transformer2DModel.from_pretrained(out / "w0-t0.5-fresh-d64-b8-angle0-scale0" / "glyphworld-base"
+    dit = Flux2Transformer2DModel.from_pretrained(out / "w0-t0.5-fresh-d64-b8-angle10" / "glyphworld-base"
                                                   / "transformer")
     assert dit.config.num_attention_heads == 2  # 64 wide
-    summary = json.loads((out / "w0-t0.5-fresh-d64-b8-angle0-scale0" / "build_summary.json").read_text())["models"]
-    assert summary["recipe"]["base_steps"] == arm["steps"] and summary["unsaid"]["angle"] == 0
+    summary = json.loads((out / "w0-t0.5-fresh-d64-b8-angle10" / "build_summary.json").read_text())["models"]
+    assert summary["recipe"]["base_steps"] == arm["steps"] and summary["unsaid"]["angle"] == 10
 
 
 def test_tune_base_rejects_malformed_arms_and_unknown_unsaid_factors(tmp_path):

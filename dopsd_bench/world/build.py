@@ -406,7 +406,7 @@ def restart_rollouts(bb, data: dict, n: int, seed: int, batch: int = 256) -> dic
     """The consistency stage's targets, from the trajectory-distilled turbo `bb` (Euler steps, guidance baked in):
     at each native sigma s_i, the state x_i and the endpoint e_i of the turbo's Euler steps from x_i to 0. x_1 is
     Gaussian noise and x_{i+1} is e_i noised afresh to s_{i+1}: the states a consistency turbo meets when it samples
-    with restarts (diffusers' stochastic_sampling; MODEL_CARD.md, "Restart sampling"). The first n examples of
+    with restarts (diffusers' stochastic_sampling; docs/world.md, "Restart sampling"). The first n examples of
     `data` (captions, and references where it has them) condition them."""
     gen = torch.Generator().manual_seed(seed + 81)
     sig = bb.sigmas(4).to(bb.device)
@@ -474,9 +474,9 @@ def save_pipeline(pipe, settings: dict, out: Path) -> None:
 
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
     "judge_steps": 6000, "vae_steps": 10_000, "vae_batch": 64, "vae_pool": 65_536,
-    "examples": 98_304, "base_steps": 4000, "tune_steps": 0, "batch": 256, "trajectories": 8192,
+    "examples": 65_536, "base_steps": 10_000, "tune_steps": 0, "batch": 64, "trajectories": 4096,
     "distill_steps": 2000, "consistency_examples": 8192, "consistency_steps": 0, "consistency_batch": 64,
-}  # consistency_steps 0: the shipped turbo is the Euler one; MODEL_CARD.md, "Restart sampling", has the 1000s tried
+}  # consistency_steps 0: the shipped turbo is the Euler one; docs/world.md, "Restart sampling", has the 1000s tried
 BASE_LR = 1e-3  # the base stage's learning rate (a second phase uses TUNE_LR)
 TUNE_LR = 3e-4
 CONSISTENCY_LR = 3e-4  # a fine-tune of the trajectory-distilled turbo (1e-4 gained less in 1000 steps)

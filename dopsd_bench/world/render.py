@@ -38,8 +38,10 @@ ATTRIBUTES = {
     "shape": JUDGE_SHAPES, "colour": list(COLOURS), "size": list(SIZES), "position": list(POSITIONS),
     "style": JUDGE_STYLES, "background": list(BACKGROUNDS),
 }
-# how far the unsaid factors spread: rotation (+- degrees), scale (+- fraction), position (+- px)
-UNSAID = {"angle": 20.0, "scale": 0.15, "shift": 2.0}
+# how far the unsaid factors on the object spread: rotation (+- degrees), scale (+- fraction), position (+- px).
+# Off in the world the models are built on: with them on, a CPU-sized base did not learn its shapes
+# (docs/world.md); the renderer keeps them for experiments (scripts/build_world.py --unsaid)
+UNSAID = {"angle": 0.0, "scale": 0.0, "shift": 0.0}
 _NAME_SYLLABLES = ["ba", "ko", "mu", "tu", "ve", "zo", "lo", "qi", "su", "fe", "di", "yo", "ja", "wu", "xu", "ke"]
 
 
