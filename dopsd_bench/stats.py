@@ -251,3 +251,40 @@ def compare(
                 row.update(d)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def kendall_tau(x: np.ndarray | list[float], y: np.ndarray | list[float]) -> float:
+    """Kendall's tau-b of two paired score lists: +1 when they order the items alike, -1 when reversed; ties count
+    neither way (and shrink the denominator, as scipy's tau-b). nan with fewer than 2 items or a constant list."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"expected two 1-d lists of the same length, got shapes {x.shape} and {y.shape}")
+    i, j = np.triu_indices(len(x), k=1)
+    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    denominator = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float(np.sum(dx * dy) / denominator) if denominator > 0 else float("nan")
+
+
+def rank_agreement(runs_a: list[np.ndarray], runs_b: list[np.ndarray], n_boot: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> Interval:
+    """Kendall's tau between items' means in two measures, with a percentile bootstrap interval. runs_a[k] and
+    runs_b[k] hold item k's per-run values in the two measures, run for run (the same runs), so a resample draws
+    each item's runs with replacement and keeps both measures of a run together. n_units: the number of items."""
+    if len(runs_a) != len(runs_b) or any(len(a) != len(b) for a, b in zip(runs_a, runs_b, strict=True)):
+        raise ValueError("expected the same items and runs in both measures")
+    runs_a = [np.asarray(a, dtype=np.float64) for a in runs_a]
+    runs_b = [np.asarray(b, dtype=np.float64) for b in runs_b]
+    point = kendall_tau([a.mean() for a in runs_a], [b.mean() for b in runs_b])
+    rng = np.random.default_rng(seed)
+    taus = []
+    for _ in range(n_boot):
+        draws = [rng.integers(0, len(a), size=len(a)) for a in runs_a]
+        taus.append(kendall_tau([a[d].mean() for a, d in zip(runs_a, draws, strict=True)],
+                                [b[d].mean() for b, d in zip(runs_b, draws, strict=True)]))
+    taus = np.asarray(taus)
+    taus = taus[~np.isnan(taus)]
+    if len(taus) == 0 or len(runs_a) < 2:
+        return Interval(point, float("nan"), float("nan"), len(runs_a))
+    a = (1 - level) / 2
+    lo, hi = np.quantile(taus, [a, 1 - a])
+    return Interval(point, float(min(lo, point)), float(max(hi, point)), len(runs_a))

@@ -104,3 +104,63 @@ def test_reference_run_at_one_seed_stands_in_for_all_seeds(tmp_path):
     row = compare(load_results(tmp_path).samples, n_boot=200).set_index("method").loc["sft"]
     assert row["d_base_n"] == 6
     assert row["d_base"] == pytest.approx(0.25)
+
+
+# ---- rank agreement (Kendall's tau) ------------------------------------------------------------------------------
+
+def test_kendall_tau_is_one_for_the_same_order_and_minus_one_reversed():
+    from dopsd_bench.stats import kendall_tau
+
+    x = [0.3, 1.2, 2.5, 0.9, 4.0]
+    assert kendall_tau(x, [2 * v + 1 for v in x]) == pytest.approx(1.0)  # any increasing map keeps the order
+    assert kendall_tau(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert np.isnan(kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # a constant list orders nothing
+
+
+def test_kendall_tau_matches_scipy_tau_b_with_ties():
+    from scipy.stats import kendalltau
+
+    from dopsd_bench.stats import kendall_tau
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 4, size=9).astype(float), rng.integers(0, 4, size=9).astype(float)
+        expected = kendalltau(x, y).statistic
+        assert kendall_tau(x, y) == pytest.approx(expected, nan_ok=True)
+
+
+def test_rank_agreement_interval_is_tight_for_separated_items_and_wide_for_noise():
+    from dopsd_bench.stats import rank_agreement
+
+    rng = np.random.default_rng(1)
+    means = [1.0, 2.0, 3.0, 4.0]
+    separated = [m + 0.01 * rng.standard_normal(3) for m in means]
+    same = rank_agreement(separated, [2 * r for r in separated], n_boot=300)
+    assert same.mean == pytest.approx(1.0) and same.lo == pytest.approx(1.0) and same.n_units == 4
+    noisy_a = [rng.standard_normal(3) for _ in means]
+    noisy_b = [rng.standard_normal(3) for _ in means]
+    unrelated = rank_agreement(noisy_a, noisy_b, n_boot=300)
+    assert unrelated.hi - unrelated.lo > 0.5  # independent noise: the order is not determined
+    with pytest.raises(ValueError, match="same items and runs"):
+        rank_agreement([np.ones(2)], [np.ones(3)])
+
+
+def test_agreement_table_reads_the_store_summary_per_task():
+    import pandas as pd
+
+    from dopsd_bench.agreement import agreement_markdown, agreement_table
+
+    rows = []
+    for method, ratio, other in [("base", 1.0, 1.0), ("sft", 2.0, 1.3), ("dopsd", 1.8, 1.2), ("offpolicy", 2.2, 1.1)]:
+        for seed in range(3):
+            cell = f"{method}-{seed}"
+            common = {"backbone": "flux2-klein", "task": "style", "instance": "dotted", "method": method,
+                      "seed": seed, "budget": "steps=600", "cell": cell}
+            rows.append({**common, "metric": "retention_fd_ratio", "mean": ratio + 0.001 * seed})
+            rows.append({**common, "metric": "retention_fd_ratio_effnet_lite0", "mean": other + 0.001 * seed})
+    table = agreement_table(pd.DataFrame(rows), n_boot=200)
+    assert list(table["space"]) == ["effnet_lite0"] and table["n_methods"].tolist() == [4]
+    # orders: base < dopsd < sft < offpolicy vs base < offpolicy < dopsd < sft: 4 of 6 pairs agree
+    assert table["tau"].iloc[0] == pytest.approx((4 - 2) / 6)
+    assert "| style | effnet_lite0 | 0.33" in agreement_markdown(table)
+    assert agreement_markdown(agreement_table(pd.DataFrame(rows[::2]))) == ""  # no second space: no section
