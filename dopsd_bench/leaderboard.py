@@ -25,6 +25,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from dopsd_bench.agreement import agreement_markdown, agreement_table
 from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.stats import REFERENCES, compare
 from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
@@ -285,6 +286,8 @@ def leaderboard_command(
         if unknown:
             raise UnknownNameError("metric", unknown[0], known)
     md = render_markdown(table, metrics=wanted, n_boot=n_boot, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
+    agreement = agreement_markdown(agreement_table(res.summary, n_boot=n_boot, seed=seed))
+    md += f"\n{agreement}" if agreement else ""
     if out:
         write_text_or_fail(out, md, "--out")
         console.print(f"wrote {out}")
