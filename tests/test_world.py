@@ -101,7 +101,8 @@ def test_requirements_verdicts_and_paired_intervals():
     retention = {"turbo": _retention(near), "base_32": _retention(near), "base_native": _retention(far),
                  "sft": _retention(near.clone()), "sft_style": _retention(far, alignment=0.5)}
     figures = {"judge_accuracy": {"shape": 0.99, "colour": 0.97}, "turbo_alignment": 0.9,
-               "teacher_concept_acc": 0.7, "teacher_style_acc": 0.5, "text_only_concept_acc": 0.0,
+               "turbo_attribute_accuracy": {"shape": 0.85, "colour": 1.0, "style": 0.8},
+               "teacher_concept_acc": 0.85, "teacher_style_acc": 0.7, "text_only_concept_acc": 0.0,
                "text_only_style_acc": 0.2}
     goals = requirements(figures, real, retention, n_boot=50)
     assert goals["R1_turbo_fd_vs_base_32"] == {"value": 1.0, "goal": "<= 1.5", "holds": True, "ci95": [1.0, 1.0],
@@ -113,6 +114,9 @@ def test_requirements_verdicts_and_paired_intervals():
     assert goals["R4_sft_style_retention_fd_ratio"]["holds"] and goals["R4_sft_style_retention_fd_ratio"]["clear"]
     assert goals["R1_turbo_alignment"]["holds"] and goals["R1_turbo_alignment"]["ci95"] == [0.9, 0.9]
     assert not goals["judge_accuracy_min"]["holds"] and goals["judge_accuracy_min"]["value"] == 0.97
+    # the untuned turbo's shape passes 0.80; its weakest other attribute (style 0.8) misses 0.90
+    assert goals["R1_turbo_shape_accuracy"]["holds"] and not goals["R1_turbo_other_attributes_min"]["holds"]
+    assert goals["R1_turbo_other_attributes_min"]["value"] == 0.8
     assert [goals[f"R3_{k}"]["holds"] for k in ("teacher_concept_acc", "teacher_style_acc",
                                                  "text_only_concept_acc", "text_only_style_acc")] == [
         True, False, True, False]
@@ -161,4 +165,4 @@ def test_world_check_json_on_the_shipped_model(capsys):
         assert goals[name]["value"] == pytest.approx(figures[num] / figures[den], abs=1e-4)
         lo, hi = goals[name]["ci95"]
         assert lo < goals[name]["value"] < hi and hi - lo > 1e-3 * goals[name]["value"], (name, lo, hi)
-    assert goals["R1_turbo_alignment"]["holds"] == (figures["turbo_alignment"] >= 0.85)
+    assert goals["R1_turbo_alignment"]["holds"] == (figures["turbo_alignment"] >= 0.90)

@@ -247,16 +247,21 @@ def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, R
     alignment = bootstrap_ci(retention["turbo"].alignment.numpy(), n_boot=n_boot, seed=seed)
     r1_fd, r2 = ratio["turbo", "base_32"], ratio["base_native", "base_32"]
     out = {"judge_accuracy_min": _goal(min(figures["judge_accuracy"].values()), ">= 0.98", lambda v: v >= 0.98),
-           "R1_turbo_alignment": _goal(figures["turbo_alignment"], ">= 0.85", lambda v: v >= 0.85, alignment),
+           "R1_turbo_alignment": _goal(figures["turbo_alignment"], ">= 0.90", lambda v: v >= 0.90, alignment),
            "R1_turbo_fd_vs_base_32": _goal(r1_fd.mean, "<= 1.5", lambda v: v <= 1.5, r1_fd),
-           "R2_base_fd_native_vs_32": _goal(r2.mean, ">= 2", lambda v: v >= 2, r2)}
+           "R2_base_fd_native_vs_32": _goal(r2.mean, ">= 2, measurably", lambda v: v >= 2, r2, on_interval=True)}
+    accuracy = figures.get("turbo_attribute_accuracy")
+    if accuracy:  # the untuned turbo draws what its prompts name: the shape first, then everything else
+        out["R1_turbo_shape_accuracy"] = _goal(accuracy["shape"], ">= 0.80", lambda v: v >= 0.80)
+        out["R1_turbo_other_attributes_min"] = _goal(min(v for k, v in accuracy.items() if k != "shape"), ">= 0.90",
+                                                     lambda v: v >= 0.90)
     for family in ("concept", "style"):
-        out[f"R3_teacher_{family}_acc"] = _goal(figures[f"teacher_{family}_acc"], ">= 0.6", lambda v: v >= 0.6)
+        out[f"R3_teacher_{family}_acc"] = _goal(figures[f"teacher_{family}_acc"], ">= 0.8", lambda v: v >= 0.8)
         out[f"R3_text_only_{family}_acc"] = _goal(figures[f"text_only_{family}_acc"], "<= 0.15",
                                                   lambda v: v <= 0.15)
     for key, name in r4.items():
         ci = ratio[key, "turbo"]
-        out[name] = _goal(ci.mean, "> 1, measurably", lambda v: v > 1, ci, on_interval=True)
+        out[name] = _goal(ci.mean, "> 1.1, measurably", lambda v: v > 1.1, ci, on_interval=True)
     return out
 
 
