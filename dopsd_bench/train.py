@@ -214,15 +214,20 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rng: dict, accelerato
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    atomic_torch_save(rng, tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        atomic_torch_save(state, tmp / "state.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        digests = {f.name: _file_digest(f) for f in sorted(tmp.glob("*.pt"))}
-        atomic_write_bytes(tmp / DIGEST_FILE, json.dumps(digests, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+    try:
+        atomic_torch_save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            atomic_torch_save(state, tmp / "state.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            digests = {f.name: _file_digest(f) for f in sorted(tmp.glob("*.pt"))}
+            atomic_write_bytes(tmp / DIGEST_FILE, json.dumps(digests, indent=1).encode())
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.replace(final)
+    except BaseException:  # e.g. a full disk: leave no half-written checkpoint behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
         for old in checkpoint_dirs(run_dir):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -270,8 +275,17 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (they will be run again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if (logged := _logged_step(line)) is not None
+            and logged <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a log line; None for a line cut short (a kill or a full disk mid-write, so past any checkpoint)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
@@ -332,8 +346,6 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     accelerator = accelerator or make_accelerator(backbone.device)
-    main = accelerator.is_main_process
-    pi = accelerator.process_index
 
     set_seed(cfg.seed)  # the same on every process, so every process attaches the same initial adapter
     method.setup(backbone, train_batch, cfg.rank, torch.Generator().manual_seed(seed_for(cfg.seed, "setup")))
@@ -343,58 +355,123 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
                 "start_step": 0, "final_loss": None, "train_steps": 0, "train_flops": 0, "flops_per_step": None,
                 "train_seconds": 0.0}
 
+    loop = _start_loop(method, backbone, cfg, accelerator)
+    train_set = _on_device(train_batch, backbone.device)
+    flops_per_step = _count_step_flops(loop, train_set, cfg)
+    if cfg.budget_flops is not None:
+        cfg = dataclasses.replace(cfg, steps=steps_for_flops(cfg.budget_flops, flops_per_step))
+        accelerator.print(f"FLOP budget {cfg.budget_flops:.4g} at {flops_per_step:.4g} FLOPs per step "
+                          f"(counted on one step): {cfg.steps} steps, {cfg.steps * flops_per_step:.4g} FLOPs")
+    start, loss_value, earlier_loop_s = _restore_or_start_over(loop, cfg, run_dir, resume)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _say_start(loop, cfg, start, earlier_loop_s)
+    done, elapsed, loss_value = _run_steps(loop, train_set, cfg, run_dir, start, loss_value, earlier_loop_s)
+
+    # to the end of the last step, as its checkpoint records it: a resume from the final checkpoint reports the same
+    train_seconds = earlier_loop_s + elapsed
+    method.finish()
+    # a resumed run's step time covers every step (the checkpoint's record holds the earlier ones' time)
+    return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,
+            "step_s": train_seconds / done if done else 0.0, "steps_run": done - start,
+            "start_step": start, "final_loss": loss_value, "train_steps": done, "train_flops": done * flops_per_step,
+            "flops_per_step": flops_per_step, "train_seconds": train_seconds}
+
+
+@dataclass
+class _Loop:
+    """What every step uses and every checkpoint saves: the method on its backbone, its trainable parameters, their
+    optimiser, lr schedule and mixed-precision state, and the minibatch and loss random streams."""
+
+    method: Method
+    backbone: Backbone
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    amp: MixedPrecision
+    data_gen: torch.Generator
+    loss_gen: torch.Generator
+    accelerator: Accelerator
+
+    @property
+    def model_id(self) -> str | None:
+        return getattr(self.backbone, "model_id", None)
+
+
+def _start_loop(method: Method, backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) -> _Loop:
+    """The optimiser, schedule, mixed precision and random streams for the method's trainable parameters."""
     params = list(method.trainable_parameters())
     if not params:
         raise ValueError(f"method {method.name!r} trains but has no trainable parameters: its setup() must attach "
                          "an adapter (or unfreeze weights) before training")
-    n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     # only the optimiser is prepared: a prepared scheduler steps once per process, which would shorten warm-up
     optimizer = accelerator.prepare(optimizer)
     amp = MixedPrecision(cfg.precision, backbone.device)
+    pi = accelerator.process_index
     data_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "data", pi))
     loss_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "loss", pi))
-    images = train_batch.images.to(backbone.device)
+    return _Loop(method, backbone, params, optimizer, scheduler, amp, data_gen, loss_gen, accelerator)
+
+
+def _on_device(train_batch: Batch, device: torch.device) -> Batch:
+    """The training set with its images on `device`, checked to pair every image with a caption."""
+    images = train_batch.images.to(device)
     captions = list(train_batch.captions)
     if len(captions) != images.shape[0] or images.shape[0] == 0:
         raise ValueError(f"training set: expected as many captions as images (> 0), got {images.shape[0]} images "
                          f"and {len(captions)} captions")
-    # one step's FLOPs, counted once (shapes fix them): every process runs such a step, so a step costs their sum
-    count_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "flops", pi))
-    idx = minibatch_indices(len(captions), cfg.batch_size, count_gen)
-    flops_per_step = accelerator.num_processes * step_flops(
-        method, Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
-                      token=train_batch.token), count_gen)
-    if cfg.budget_flops is not None:
-        cfg = dataclasses.replace(cfg, steps=steps_for_flops(cfg.budget_flops, flops_per_step))
-        accelerator.print(f"FLOP budget {cfg.budget_flops:.4g} at {flops_per_step:.4g} FLOPs per step "
-                          f"(counted on one step): {cfg.steps} steps, {cfg.steps * flops_per_step:.4g} FLOPs")
+    return Batch(images=images, captions=captions, token=train_batch.token)
 
-    log_path = run_dir / LOG_FILE
-    start = 0
+
+def _minibatch(train_set: Batch, batch_size: int, generator: torch.Generator) -> Batch:
+    images, captions = train_set.images, train_set.captions
+    idx = minibatch_indices(len(captions), batch_size, generator)
+    return Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
+                 token=train_set.token)
+
+
+def _count_step_flops(loop: _Loop, train_set: Batch, cfg: TrainConfig) -> float:
+    """One step's FLOPs, counted once (shapes fix them): every process runs such a step, so a step costs their sum."""
+    count_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "flops", loop.accelerator.process_index))
+    batch = _minibatch(train_set, cfg.batch_size, count_gen)
+    return loop.accelerator.num_processes * step_flops(loop.method, batch, count_gen)
+
+
+def _checkpoint_to_resume(loop: _Loop, run_dir: Path, resume: bool) -> tuple[Path | None, dict | None, dict | None]:
+    """The newest usable checkpoint (its path, state and RNG state), or three Nones to start over."""
+    accelerator = loop.accelerator
     ckpts = checkpoint_dirs(run_dir) if resume else []
-    loss_value: float | None = None
-    earlier_loop_s = 0.0
-    model_id = getattr(backbone, "model_id", None)
-    state, rng = _newest_checkpoint(ckpts, pi, main, accelerator.print)
+    state, rng = _newest_checkpoint(ckpts, accelerator.process_index, accelerator.is_main_process, accelerator.print)
     if state is None:
-        ckpts = []
-    if state is not None and state.get("model", model_id) != model_id:
+        return None, None, None
+    if state.get("model", loop.model_id) != loop.model_id:
         # as a finished cell made on other weights is re-run, so is an unfinished one: its state is theirs
-        accelerator.print(f"{ckpts[-1]} was written on {state['model']}, not {model_id}: starting over")
-        ckpts, state = [], None
-    if ckpts:
-        _check_resumable(state, cfg, ckpts[-1])
-        _load_param_state(state["params"], backbone, params)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if amp.scaler is not None and state.get("scaler") is not None:
-            amp.scaler.load_state_dict(state["scaler"])
-        if state.get("method") is not None and hasattr(method, "load_state_dict"):
-            method.load_state_dict(state["method"])
-        _set_rng_state(rng, data_gen, loss_gen)
+        accelerator.print(f"{ckpts[-1]} was written on {state['model']}, not {loop.model_id}: starting over")
+        return None, None, None
+    return ckpts[-1], state, rng
+
+
+def _restore_or_start_over(loop: _Loop, cfg: TrainConfig, run_dir: Path, resume: bool
+                           ) -> tuple[int, float | None, float]:
+    """Continue from the newest checkpoint (with `resume`) or clear an earlier attempt's files. Returns the step to
+    start from, the loss and the loop seconds the steps before it measured."""
+    main = loop.accelerator.is_main_process
+    log_path = run_dir / LOG_FILE
+    start, loss_value, earlier_loop_s = 0, None, 0.0
+    path, state, rng = _checkpoint_to_resume(loop, run_dir, resume)
+    if state is not None:
+        _check_resumable(state, cfg, path)
+        _load_param_state(state["params"], loop.backbone, loop.params)
+        loop.optimizer.load_state_dict(state["optimizer"])
+        loop.scheduler.load_state_dict(state["scheduler"])
+        if loop.amp.scaler is not None and state.get("scaler") is not None:
+            loop.amp.scaler.load_state_dict(state["scaler"])
+        if state.get("method") is not None and hasattr(loop.method, "load_state_dict"):
+            loop.method.load_state_dict(state["method"])
+        _set_rng_state(rng, loop.data_gen, loop.loss_gen)
         start = int(state["step"])
         record = state.get("record", {})  # what the steps before the checkpoint measured
         loss_value, earlier_loop_s = record.get("loss"), record.get("loop_s", 0.0)
@@ -404,15 +481,26 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
         # a fresh start: stale checkpoints or logs from an earlier attempt must not be mixed in
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         log_path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        until = (f"{cfg.budget_seconds:g} s of training ({earlier_loop_s:.1f} s spent)"
-                 if cfg.budget_seconds is not None else str(cfg.steps))
-        accelerator.print(f"training {method.name or type(method).__name__}: {n_params:,} trainable parameters, "
-                          f"steps {start}->{until}, batch {cfg.batch_size} x {accelerator.num_processes} "
-                          f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
+    loop.accelerator.wait_for_everyone()
+    return start, loss_value, earlier_loop_s
 
+
+def _say_start(loop: _Loop, cfg: TrainConfig, start: int, earlier_loop_s: float) -> None:
+    method, accelerator = loop.method, loop.accelerator
+    n_params = sum(p.numel() for p in loop.params)
+    until = (f"{cfg.budget_seconds:g} s of training ({earlier_loop_s:.1f} s spent)"
+             if cfg.budget_seconds is not None else str(cfg.steps))
+    accelerator.print(f"training {method.name or type(method).__name__}: {n_params:,} trainable parameters, "
+                      f"steps {start}->{until}, batch {cfg.batch_size} x {accelerator.num_processes} "
+                      f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
+
+
+def _run_steps(loop: _Loop, train_set: Batch, cfg: TrainConfig, run_dir: Path, start: int, loss_value: float | None,
+               earlier_loop_s: float) -> tuple[int, float, float | None]:
+    """The optimiser steps from `start` to the budget, logged and checkpointed. Returns the steps done by the end,
+    this attempt's loop seconds and the last loss."""
+    accelerator = loop.accelerator
+    main = accelerator.is_main_process
     seconds = cfg.budget_seconds
     if seconds is None:
         steps_ahead = range(start, cfg.steps)
@@ -420,29 +508,14 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
         steps_ahead = itertools.count(start) if earlier_loop_s < seconds else range(0)
     done, elapsed = start, 0.0
     t_loop = clock()
-    with _progress(disable=not main) as progress, open(log_path, "a") if main else _null() as log:
+    with _progress(disable=not main) as progress, open(run_dir / LOG_FILE, "a") if main else _null() as log:
         bar = progress.add_task("train", total=cfg.steps if seconds is None else None, completed=start,
                                 loss=float("nan"), its=0.0)
         for step in steps_ahead:
-            idx = minibatch_indices(len(captions), cfg.batch_size, data_gen)
-            batch = Batch(images=images[idx.to(images.device)], captions=[captions[i] for i in idx.tolist()],
-                          token=train_batch.token)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            with amp.autocast():
-                loss = method.loss_and_backward(batch, loss_gen, amp.backward(accelerator.backward))
-            if loss.ndim != 0:
-                raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the method")
-            if accelerator.num_processes > 1:
-                _sync_gradients(params, accelerator)
-            amp.unscale(optimizer)
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            amp.step(optimizer)
-            scheduler.step()
+            lr = loop.optimizer.param_groups[0]["lr"]
+            loss, grad_norm = _train_step(loop, _minibatch(train_set, cfg.batch_size, loop.data_gen), cfg, step)
             done = step + 1
-            method.after_step(done)  # the number of optimiser steps taken so far (1-based)
+            loop.method.after_step(done)  # the number of optimiser steps taken so far (1-based)
 
             reduced = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
             loss_value = float(reduced.item())
@@ -455,24 +528,44 @@ def train(method: Method, backbone: Backbone, train_batch: Batch, cfg: TrainConf
             progress.update(bar, advance=1, loss=loss_value, its=(done - start) / max(elapsed, 1e-9))
             last = out_of_time or (seconds is None and done == cfg.steps)
             if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last):
-                state = {"step": done, "config": asdict(cfg), "model": model_id,
-                         "params": _param_state(method, backbone, params),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
-                         "method": method.state_dict() if hasattr(method, "state_dict") else None,
-                         "record": {"loss": loss_value, "loop_s": earlier_loop_s + elapsed}}
-                save_checkpoint(run_dir, done, state, _rng_state(data_gen, loss_gen), accelerator)
+                record = {"loss": loss_value, "loop_s": earlier_loop_s + elapsed}
+                _save_loop_checkpoint(loop, cfg, run_dir, done, record)
             if out_of_time:
                 break
+    return done, elapsed, loss_value
 
-    # to the end of the last step, as its checkpoint records it: a resume from the final checkpoint reports the same
-    train_seconds = earlier_loop_s + elapsed
-    method.finish()
-    # a resumed run's step time covers every step (the checkpoint's record holds the earlier ones' time)
-    return {"train_s": time.perf_counter() - t0, "setup_s": setup_s,
-            "step_s": train_seconds / done if done else 0.0, "steps_run": done - start,
-            "start_step": start, "final_loss": loss_value, "train_steps": done, "train_flops": done * flops_per_step,
-            "flops_per_step": flops_per_step, "train_seconds": train_seconds}
+
+def _train_step(loop: _Loop, batch: Batch, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on `batch`: the method's loss and backward, gradients averaged over processes, clipped,
+    stepped (and the lr schedule with them). Returns the loss and the gradient norm before clipping."""
+    method, optimizer, amp, accelerator = loop.method, loop.optimizer, loop.amp, loop.accelerator
+    optimizer.zero_grad(set_to_none=True)
+    with amp.autocast():
+        loss = method.loss_and_backward(batch, loop.loss_gen, amp.backward(accelerator.backward))
+    if loss.ndim != 0:
+        raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the method")
+    if accelerator.num_processes > 1:
+        _sync_gradients(loop.params, accelerator)
+    amp.unscale(optimizer)
+    grad_norm = accelerator.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    amp.step(optimizer)
+    loop.scheduler.step()
+    return loss, grad_norm
+
+
+def _save_loop_checkpoint(loop: _Loop, cfg: TrainConfig, run_dir: Path, done: int, record: dict) -> None:
+    """Checkpoint after `done` steps: everything `_restore_or_start_over` reads back, and `record` (what the steps
+    so far measured: the last loss and the loop seconds over all attempts)."""
+    method, amp = loop.method, loop.amp
+    state = {"step": done, "config": asdict(cfg), "model": loop.model_id,
+             "params": _param_state(method, loop.backbone, loop.params),
+             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+             "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
+             "method": method.state_dict() if hasattr(method, "state_dict") else None,
+             "record": record}
+    save_checkpoint(run_dir, done, state, _rng_state(loop.data_gen, loop.loss_gen), loop.accelerator)
 
 
 def _spent(seconds: float, accelerator: Accelerator) -> float:
