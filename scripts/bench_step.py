@@ -3,6 +3,7 @@
     python scripts/bench_step.py                       # embedded glyphworld model if built, else the tiny Flux2
     python scripts/bench_step.py --model tiny --batch 4 --repeats 3 --mem-batch 8     # quick (~1 min)
     python scripts/bench_step.py --model random --width 128     # glyphworld's architecture, a 2x wider DiT
+    python scripts/bench_step.py --model tiny --repeats 2 --levers   # also bf16 autocast and torch.compile (~2 min)
 
 Both methods run through `Method.loss_and_backward` exactly as the training loop calls it, at equal batch size and
 K = 4 roll-out states, with their default configs (plus `--set key=value` for dopsd, e.g. --set schedule=batched).
@@ -16,6 +17,9 @@ K = 4 roll-out states, with their default configs (plus `--set key=value` for do
   loop), at --mem-batch. On the CPU there is no allocator peak counter, so this is measured with
   torch.autograd.graph.saved_tensors_hooks (each saved storage counted once while any graph holds it); transient
   no-grad activations (roll-out, teacher forward) are not in it.
+- levers (--levers): each method's step time with bf16 autocast, with the denoiser's forward under torch.compile
+  (inductor), and with both, over its fp32 eager step time (copies of the same method, steps interleaved), and the
+  seconds the first compiled steps took (compilation), which a run pays once.
 The last printed line is a JSON object with time_ratio, flop_ratio and memory_ratio (plus the details).
 """
 
@@ -118,6 +122,30 @@ class _Held:
         self.meter.remove(self.ptr, self.nbytes)
 
 
+def lever_ratios(name: str, factory, batch: Batch, rank: int, overrides: dict[str, str], repeats: int) -> dict:
+    """Step time of `name` under bf16 autocast, torch.compile and both, over fp32 eager (the same process)."""
+
+    def timed(method: Method, bf16: bool, seed: int) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            step(method, batch, seed)
+        return time.perf_counter() - t0
+
+    variants = {"fp32": (False, False), "bf16": (True, False), "compile": (False, True), "bf16+compile": (True, True)}
+    methods, compile_s = {}, {}
+    for label, (bf16, compiled) in variants.items():
+        methods[label] = make_method(name, factory, batch, rank, overrides)
+        if compiled:
+            transformer = methods[label].backbone.pipe.transformer
+            transformer.forward = torch.compile(transformer.forward, dynamic=False)
+        compile_s[label] = timed(methods[label], bf16, 0) + timed(methods[label], bf16, 1)  # warm-up (+ compile)
+    times = {label: min(timed(methods[label], variants[label][0], 10 + r) for r in range(repeats))
+             for label in variants}
+    return {"ms": {k: round(v * 1e3, 2) for k, v in times.items()},
+            "ratio_to_fp32": {k: round(v / times["fp32"], 3) for k, v in times.items() if k != "fp32"},
+            "first_two_steps_s": {k: round(v, 1) for k, v in compile_s.items()}}
+
+
 def saved_peak(method: Method, fn) -> int:
     bb = method.backbone
     exclude = {t.untyped_storage().data_ptr() for t in list(bb.denoiser.parameters()) + list(bb.denoiser.buffers())}
@@ -131,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="auto", help="auto | tiny | glyphworld | random | a model dir")
     ap.add_argument("--width", type=int, default=64,
-                    help="DiT width of --model random (glyphworld's architecture, random weights; glyphworld is 64)")
+                    help="DiT width of --model random (glyphworld's architecture, random weights; glyphworld is 128)")
     ap.add_argument("--batch", type=int, default=int(DEFAULT_BUDGET["batch_size"]),
                     help="batch size for time and FLOPs (default: the default training budget's)")
     ap.add_argument("--mem-batch", type=int, default=16, help="batch size for the memory ratio")
@@ -140,6 +168,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="dopsd config key=value")
     ap.add_argument("--compare", action="store_true", help="also time the other dopsd schedules (same process)")
+    ap.add_argument("--levers", action="store_true", help="also time bf16 autocast and torch.compile (same process)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
@@ -200,6 +229,12 @@ def main() -> None:
               "schedule": dopsd.config.schedule, "chunk": dopsd.config.chunk,
               "sft_ms": round(t_sft * 1e3, 2), "dopsd_ms": round(t_dopsd * 1e3, 2),
               "sft_gflop": round(f_sft / 1e9, 4), "dopsd_gflop": round(f_dopsd / 1e9, 4)}
+    if args.levers:
+        result["levers"] = {name: lever_ratios(name, factory, batch, args.rank, overrides if name == "dopsd" else {},
+                                               args.repeats) for name in ("sft", "dopsd")}
+        for name, lever in result["levers"].items():
+            print(f"{name:6s} over fp32 eager: {lever['ratio_to_fp32']}; first two steps (s): "
+                  f"{lever['first_two_steps_s']}")
     print(json.dumps(result))
 
 

@@ -289,7 +289,7 @@ def test_bench_gpu_cpu_path_reports_both_methods():
 @pytest.mark.slow
 def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
     small = _script("bench_step.py", "--model", "random", "--width", "32", "--batch", "2", "--repeats", "1",
-                    "--mem-batch", "2")
+                    "--mem-batch", "2", "--levers")
     wide = _script("bench_step.py", "--model", "random", "--width", "64", "--batch", "2", "--repeats", "1",
                    "--mem-batch", "2")
     assert small.returncode == 0 and wide.returncode == 0, (small.stderr + wide.stderr)[-2000:]
@@ -299,6 +299,11 @@ def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
     assert wide_f["flop_ratio"] > 2 and 0 < wide_f["memory_ratio"] < 1
     assert all(f["sft_ms"] > 0 and f["dopsd_ms"] > 0 for f in (small_f, wide_f))
     assert wide_f["dopsd_gflop"] > 1.5 * small_f["dopsd_gflop"]  # --width reaches the DiT: 2x width, >1.5x FLOPs
+    # --levers: bf16, compiled and both, each a positive time over the same method's fp32 eager step
+    for name in ("sft", "dopsd"):
+        lever = small_f["levers"][name]
+        assert set(lever["ratio_to_fp32"]) == {"bf16", "compile", "bf16+compile"}
+        assert all(r > 0 for r in lever["ratio_to_fp32"].values()) and lever["ms"]["fp32"] > 0
 
 
 def test_bench_step_rejects_a_width_for_a_trained_model():
