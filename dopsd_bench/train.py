@@ -228,6 +228,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rng: dict, accelerato
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if accelerator.is_main_process:
         for old in checkpoint_dirs(run_dir):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
