@@ -414,46 +414,80 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     features = _features(data, device)
     timings["load_s"] = time.perf_counter() - t0
     cache_dir = Path(cfg.out_dir) / ".cache"
-    backbone_info = {"backbone": {"name": backbone.name, "model": getattr(backbone, "model_id", cfg.model),
-                                  "native_steps": backbone.native_steps, "resolution": backbone.resolution},
-                     "lora": None if lora is None else str(lora.resolve()),
-                     "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
-                                   "gradient_checkpointing": cfg.gradient_checkpointing,
-                                   "eval_batch_size": eval_batch_size}}
+    backbone_info = _backbone_info(cfg, backbone, lora, dtype, eval_batch_size)
     if main:
         rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, _config_record(cfg, method, tcfg, backbone_info))
 
     # ---- train (or load the adapter) ------------------------------------------------------------------------
-    weights_changed = False
-    adapter_saved = False
     if lora is None:
         weights_changed = method.changes_base_weights
         if weights_changed and main:
             _prefill_untuned(backbone, data, cache_dir, eval_batch_size)
         batch = Batch(images=data.train_images, captions=list(data.train_captions), token=data.token)
         train_t = train(method, backbone, batch, tcfg, run_dir, resume=cfg.resume, accelerator=accelerator)
-        if not main:
-            return final_dir
-        if method.trains and method.adapter is not None:
-            with rundir.atomic_dir(run_dir / rundir.ADAPTER_DIR) as tmp:
-                backbone.save_lora(tmp, method.adapter)
-            adapter_saved = True
+        adapter_saved = _save_adapter(backbone, method, run_dir) if main else False
     else:
-        try:
-            backbone.load_lora(lora, "student")
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load LoRA {lora} onto {cfg.backbone} ({cfg.model or 'default model'}): {e}; "
-                            "expected a diffusers-format LoRA trained for this model") from e
-        method = _LoadedLora()
-        method.backbone = backbone
+        weights_changed, adapter_saved = False, False
+        method = _load_adapter(cfg, backbone, lora)
         train_t = {"train_s": 0.0, "step_s": 0.0, "steps_run": 0}
-        if not main:
-            return final_dir
+    if not main:
+        return final_dir
     timings.update({k: float(train_t[k]) for k in ("train_s", "setup_s", "step_s") if k in train_t})
-    training = {k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")}
 
     # ---- sample + score -------------------------------------------------------------------------------------
     recorder = _Recorder(method)
+    metrics = _score(backbone, data, recorder, features, cache_dir, timings, eval_batch_size, console)
+    base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings,
+                                  batch_size=eval_batch_size)
+    grid = _grid_rows(method, recorder, backbone, data, cache_dir, weights_changed)
+    rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid(grid))
+
+    # ---- write ----------------------------------------------------------------------------------------------
+    result = _result_record(cfg, label, method, tcfg, data, backbone_info, metrics, timings, train_t, device,
+                            adapter_saved, t0)
+    rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
+    if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one
+        rundir.replace_dir(run_dir, final_dir)
+    _say_done(console, result, base, base_source, final_dir)
+    return final_dir
+
+
+def _backbone_info(cfg: RunConfig, backbone, lora: Path | None, dtype: str, eval_batch_size: int | None) -> dict:
+    """The model, adapter and precision a cell runs with, as config.json and result.json record them."""
+    return {"backbone": {"name": backbone.name, "model": getattr(backbone, "model_id", cfg.model),
+                         "native_steps": backbone.native_steps, "resolution": backbone.resolution},
+            "lora": None if lora is None else str(lora.resolve()),
+            "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
+                          "gradient_checkpointing": cfg.gradient_checkpointing,
+                          "eval_batch_size": eval_batch_size}}
+
+
+def _save_adapter(backbone, method: Method, run_dir: Path) -> bool:
+    """Save the trained adapter into the run dir; False when the method trained none."""
+    if not (method.trains and method.adapter is not None):
+        return False
+    with rundir.atomic_dir(run_dir / rundir.ADAPTER_DIR) as tmp:
+        backbone.save_lora(tmp, method.adapter)
+    return True
+
+
+def _load_adapter(cfg: RunConfig, backbone, lora: Path) -> Method:
+    """The LoRA from disk as the backbone's `student` adapter, sampled as a tuned method is."""
+    try:
+        backbone.load_lora(lora, "student")
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load LoRA {lora} onto {cfg.backbone} ({cfg.model or 'default model'}): {e}; "
+                        "expected a diffusers-format LoRA trained for this model") from e
+    method = _LoadedLora()
+    method.backbone = backbone
+    return method
+
+
+def _score(backbone, data, recorder: _Recorder, features, cache_dir: Path, timings: dict,
+           eval_batch_size: int | None, console) -> dict:
+    """Sample and score the tuned model (saying each phase as it starts); its sampling and scoring seconds go into
+    `timings`."""
     eval_t: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -464,23 +498,31 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
                         batch_size=eval_batch_size)
     timings["sample_s"] = sum(eval_t.get(k, 0.0) for k in ("sample_tuned", "teacher_tuned", "untuned"))
     timings["score_s"] = eval_t.get("score", 0.0)
-    base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings,
-                                  batch_size=eval_batch_size)
+    return metrics
 
+
+def _grid_rows(method: Method, recorder: _Recorder, backbone, data, cache_dir: Path, weights_changed: bool
+               ) -> list[torch.Tensor]:
+    """samples.png's rows: the tuned model and the untuned one on the evaluation prompts, and the training images."""
     native = backbone.native_steps
     tuned = recorder.recorded(data.eval_prompts, data.eval_seeds, native)
     if tuned is None:  # evaluate sampled in pieces or at other steps: draw the grid's row directly
         tuned = method.sample(data.eval_prompts[:GRID_COLUMNS], data.eval_seeds[:GRID_COLUMNS], native)
     untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
-    rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid([tuned, untuned, data.train_images]))
+    return [tuned, untuned, data.train_images]
 
+
+def _result_record(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig | None, data, backbone_info: dict,
+                   metrics: dict, timings: dict, train_t: dict, device, adapter_saved: bool, t0: float) -> dict:
+    """result.json's content (its total time is taken now)."""
     # a method that trains nothing (base, icl) has no budget (store.NO_BUDGET), so its rows pair with every budget
     trained = tcfg is not None and getattr(method, "trains", False)
     budget = tcfg.budget() if trained else {"steps": None, "batch_size": None, "lr": None, "rank": None}
     # what the training spent, whatever unit its budget was in (none for a method that trains nothing)
     cost = {k: train_t.get(k) for k in COST_KEYS} if trained else None
+    training = {k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")}
     timings["total_s"] = time.perf_counter() - t0
-    result = {
+    return {
         "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,
         "family": data.family, "backbone": cfg.backbone, "model": backbone_info["backbone"]["model"],
         "seed": cfg.seed, "budget": budget, "cost": cost, "metrics": metrics, "timings": timings, "training": training,
@@ -488,14 +530,14 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
         "adapter": rundir.ADAPTER_DIR if adapter_saved else None,
         "samples_rows": ["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
     }
-    rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
-    if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one
-        rundir.replace_dir(run_dir, final_dir)
+
+
+def _say_done(console, result: dict, base: dict | None, base_source: str, final_dir: Path) -> None:
+    """The closing comparison table, the training cost and where the run dir is."""
     console.print(comparison_table(result, base, base_source))
+    cost, timings = result["cost"], result["timings"]
     if cost is not None:
         console.print(f"training cost: {cost['train_steps']} steps, {cost['train_flops']:.4g} FLOPs "
                       f"({cost['flops_per_step']:.4g} per step), {cost['train_seconds']:.1f} s")
     console.print(f"run dir: {final_dir}  (train {timings.get('train_s', 0):.1f}s, sample {timings['sample_s']:.1f}s, "
                   f"score {timings['score_s']:.1f}s, total {timings['total_s']:.1f}s)")
-    return final_dir
