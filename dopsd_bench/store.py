@@ -126,50 +126,12 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
             continue
         run_dir = path.parent
         cell = run_dir.relative_to(root).as_posix()
-        budget = data.get("budget") or {}
-        keys = {
-            "method": str(data["method"]),
-            "task": str(data["task"]),
-            "instance": str(data["instance"]),
-            "backbone": str(data.get("backbone", "")),
-            "seed": int(data["seed"]),
-            "budget": budget_label(budget),
-            "cell": cell,
-        }
-        timings = data.get("timings") or {}
-        cost = data.get("cost") or {}  # what training spent; NaN where a result predates it or trained nothing
-        cell_rows.append(
-            {
-                **keys,
-                "family": str(data.get("family", data["task"])),
-                "model": str(data.get("model") or ""),  # id with a weights digest: which weights made the run
-                "run_dir": str(run_dir),
-                "samples_png": str(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).exists() else None,
-                "samples_rows": " / ".join(map(str, data.get("samples_rows") or [])),
-                **{k: budget.get(k) for k in BUDGET_KEYS},
-                **{k: _number(cost.get(k)) for k in COST_KEYS},
-                **{f"time_{k}": v for k, v in timings.items() if isinstance(v, (int, float))},
-            }
-        )
+        keys = _cell_keys(data, cell)
+        cell_rows.append(_cell_row(data, keys, run_dir))
         scalars, raw = _flatten_metrics(data["metrics"])
         if raw:
             extra[cell] = raw
-        for name, entry in scalars.items():
-            hib = bool(entry.get("higher_is_better", True))
-            per_sample = entry.get("per_sample")
-            if isinstance(per_sample, list) and per_sample:
-                values = [_number(v) for v in per_sample]
-            else:
-                values = [float(entry["mean"])]
-                per_sample = None
-            summary_rows.append(
-                {**keys, "metric": name, "mean": float(entry["mean"]), "n_samples": len(values),
-                 "per_sample": per_sample is not None, "higher_is_better": hib}
-            )
-            for i, v in enumerate(values):
-                # sample -1 marks a set-level metric (one value per cell, e.g. a Frechet distance)
-                sample_rows.append({**keys, "metric": name, "sample": i if per_sample is not None else -1,
-                                    "value": v, "higher_is_better": hib})
+        _add_metric_rows(scalars, keys, summary_rows, sample_rows)
     for s in skipped:
         warnings.warn(f"skipped {s}", stacklevel=2)
     key_cols = [*CELL_KEYS, "cell"]
@@ -180,13 +142,69 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
     cells = pd.DataFrame(cell_rows)
     if cells.empty:
         cells = pd.DataFrame(columns=[*key_cols, "family", "run_dir", "samples_png", *BUDGET_KEYS, *COST_KEYS])
+    _warn_duplicate_cells(cells)
+    return Results(samples=samples, summary=summary, cells=cells, extra=extra, skipped=skipped)
+
+
+def _cell_keys(data: dict[str, Any], cell: str) -> dict[str, Any]:
+    """The columns that name a cell, as every row of it carries them."""
+    return {
+        "method": str(data["method"]),
+        "task": str(data["task"]),
+        "instance": str(data["instance"]),
+        "backbone": str(data.get("backbone", "")),
+        "seed": int(data["seed"]),
+        "budget": budget_label(data.get("budget") or {}),
+        "cell": cell,
+    }
+
+
+def _cell_row(data: dict[str, Any], keys: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One row of `Results.cells`: the cell's keys, config, paths, budget, cost spent and timings."""
+    budget = data.get("budget") or {}
+    timings = data.get("timings") or {}
+    cost = data.get("cost") or {}  # what training spent; NaN where a result predates it or trained nothing
+    return {
+        **keys,
+        "family": str(data.get("family", data["task"])),
+        "model": str(data.get("model") or ""),  # id with a weights digest: which weights made the run
+        "run_dir": str(run_dir),
+        "samples_png": str(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).exists() else None,
+        "samples_rows": " / ".join(map(str, data.get("samples_rows") or [])),
+        **{k: budget.get(k) for k in BUDGET_KEYS},
+        **{k: _number(cost.get(k)) for k in COST_KEYS},
+        **{f"time_{k}": v for k, v in timings.items() if isinstance(v, (int, float))},
+    }
+
+
+def _add_metric_rows(scalars: dict[str, dict], keys: dict[str, Any], summary_rows: list[dict],
+                     sample_rows: list[dict]) -> None:
+    """A cell's scalar metrics as rows: one summary row per metric, one sample row per per-sample value."""
+    for name, entry in scalars.items():
+        hib = bool(entry.get("higher_is_better", True))
+        per_sample = entry.get("per_sample")
+        if isinstance(per_sample, list) and per_sample:
+            values = [_number(v) for v in per_sample]
+        else:
+            values = [float(entry["mean"])]
+            per_sample = None
+        summary_rows.append(
+            {**keys, "metric": name, "mean": float(entry["mean"]), "n_samples": len(values),
+             "per_sample": per_sample is not None, "higher_is_better": hib}
+        )
+        for i, v in enumerate(values):
+            # sample -1 marks a set-level metric (one value per cell, e.g. a Frechet distance)
+            sample_rows.append({**keys, "metric": name, "sample": i if per_sample is not None else -1,
+                                "value": v, "higher_is_better": hib})
+
+
+def _warn_duplicate_cells(cells: pd.DataFrame) -> None:
     dupes = cells[cells.duplicated(subset=CELL_KEYS, keep=False)]
     if not dupes.empty:
         warnings.warn(
             f"{len(dupes)} run dirs share the same (method, task, instance, backbone, seed, budget): "
-            f"{sorted(dupes['cell'])[:4]} ...; their samples are pooled", stacklevel=2
+            f"{sorted(dupes['cell'])[:4]} ...; their samples are pooled", stacklevel=3
         )
-    return Results(samples=samples, summary=summary, cells=cells, extra=extra, skipped=skipped)
 
 
 def models_of(res: Results) -> dict[str, str]:
