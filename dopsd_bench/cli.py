@@ -5,6 +5,7 @@
     dopsd-bench eval --lora path/to/adapter --task style      # score an adapter trained elsewhere
     dopsd-bench list methods                                  # also: tasks, backbones, metrics
     dopsd-bench --methods-path my_methods/ list methods       # third-party methods (or DOPSD_BENCH_METHODS_PATH)
+    dopsd-bench --metrics-path my_metrics/ run ...            # third-party metrics (or DOPSD_BENCH_METRICS_PATH)
 
 Bad input (an unknown name, an invalid task or config) prints one red line to stderr and exits 2, without a
 traceback; anything else is a bug and keeps its traceback. Commands that live in other modules are added at the
@@ -29,7 +30,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from dopsd_bench import __version__, options
 from dopsd_bench.errors import RunFailed, UnknownNameError, UserError
-from dopsd_bench.registry import BACKBONES, METHODS, METRICS, TASKS
+from dopsd_bench.registry import BACKBONES, METHODS, METRICS, PLUGIN_PATH_VARS, TASKS
 
 # ---- commands from other modules: one line each, imported only when used -------------------------------------------
 # name -> ("module:function", one-line help). The function is typer-annotated and its docstring's first line is the
@@ -188,6 +189,9 @@ def main(
     methods_path: Annotated[list[Path] | None, typer.Option(
         "--methods-path", help="a .py file or folder of third-party methods to register (repeatable); "
         "DOPSD_BENCH_METHODS_PATH works too")] = None,
+    metrics_path: Annotated[list[Path] | None, typer.Option(
+        "--metrics-path", help="a .py file or folder of third-party metrics to register (repeatable); "
+        "DOPSD_BENCH_METRICS_PATH works too")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="show dependencies' loading bars and messages "
@@ -199,6 +203,13 @@ def main(
         if not path.exists():
             raise UserError(f"--methods-path {path} does not exist; give a method .py file or a folder of them")
         METHODS.add_path(path)
+    for path in metrics_path or []:
+        if not path.exists():
+            raise UserError(f"--metrics-path {path} does not exist; give a metric .py file or a folder of them")
+        METRICS.add_path(path)
+        # sweep workers in subprocesses score with the same metrics
+        os.environ[PLUGIN_PATH_VARS["metric"]] = os.pathsep.join(
+            p for p in (os.environ.get(PLUGIN_PATH_VARS["metric"], ""), str(path.resolve())) if p)
 
 
 # ---- run / eval -----------------------------------------------------------------------------------------------

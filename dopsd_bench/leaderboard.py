@@ -27,11 +27,10 @@ from rich.console import Console
 
 from dopsd_bench.agreement import agreement_markdown, agreement_table
 from dopsd_bench.errors import UnknownNameError, UserError
+from dopsd_bench.metrics.info import key_metrics
 from dopsd_bench.stats import REFERENCES, compare
 from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
 
-KEY_METRICS = ("fidelity", "alignment", "retention_fd_ratio", "retention_alignment", "retention_leakage",
-               "few_step_gap_ratio", "retention_sharpness", "retention_fd", "diversity", "copying")
 METHOD_ORDER = ("base", "sft")
 BASELINE_SCHEMA = 1
 DEFAULT_TOLERANCE = 0.05  # relative to |baseline mean|
@@ -50,7 +49,8 @@ def build_table(res: Results, n_boot: int = 2000, seed: int = 0, unit: str = "ru
         return table
     table["model"] = table["backbone"].map(models).fillna("")
     table["method_rank"] = table["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
-    table["metric_rank"] = table["metric"].map(lambda m: KEY_METRICS.index(m) if m in KEY_METRICS else 99)
+    key = key_metrics()
+    table["metric_rank"] = table["metric"].map(lambda m: key.index(m) if m in key else len(key))
     table = table.sort_values(["backbone", "task", "budget", "method_rank", "method", "metric_rank", "metric"])
     return table.drop(columns=["method_rank", "metric_rank"]).reset_index(drop=True)
 
@@ -91,7 +91,8 @@ def _marker(better: int) -> str:
 
 def metric_order(table: pd.DataFrame) -> list[str]:
     present = list(dict.fromkeys(table["metric"]))
-    return [m for m in KEY_METRICS if m in present] + sorted(m for m in present if m not in KEY_METRICS)
+    key = key_metrics()
+    return [m for m in key if m in present] + sorted(m for m in present if m not in key)
 
 
 def display_metrics(table: pd.DataFrame) -> list[str]:

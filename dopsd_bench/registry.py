@@ -12,7 +12,8 @@ import it without cycles:
   (os.pathsep-separated) or `dopsd-bench --methods-path PATH`.
 - BACKBONES: dopsd_bench.backbones.{flux2,zimage} (skipped while a module does not exist) + group
   `dopsd_bench.backbones`.
-- METRICS: every module of `dopsd_bench.metrics` + group `dopsd_bench.metrics`.
+- METRICS: the shipped specs of `dopsd_bench.metrics.info`, entry points in the group `dopsd_bench.metrics`, and
+  third-party .py files or folders named by DOPSD_BENCH_METRICS_PATH or `dopsd-bench --metrics-path PATH`.
 - TASKS: the YAML files of the shipped tasks folder and of DOPSD_BENCH_TASKS_PATH folders (see dopsd_bench/tasks.py).
 """
 
@@ -75,6 +76,11 @@ class Registry:
         self._ensure_loaded()
         return sorted(self._entries)
 
+    def objects(self) -> dict[str, Any]:
+        """name -> registered object, in registration order (the shipped entries first)."""
+        self._ensure_loaded()
+        return {n: obj for n, (obj, _) in self._entries.items()}
+
     def describe(self) -> dict[str, str]:
         """name -> one-line description, sorted by name."""
         self._ensure_loaded()
@@ -98,7 +104,7 @@ class Registry:
         path = Path(path)
         self.extra_paths.append(path)
         if self._loaded:
-            _load_path(path, f"--methods-path / {self.kind} path")
+            _load_path(path, f"--{self.kind}s-path")
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -185,14 +191,14 @@ def _load_path(path: Path, origin: str) -> None:
         load_module_from_path(path)
     else:
         raise UserError(f"plug-in path {str(path)!r} (from {origin}) is neither a .py file nor a folder; "
-                        "give a method file or a folder of them")
+                        "give a .py file or a folder of them")
 
 
 def _env_paths(var: str) -> list[Path]:
     return [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p.strip()]
 
 
-PLUGIN_PATH_VARS = {"method": "DOPSD_BENCH_METHODS_PATH"}
+PLUGIN_PATH_VARS = {"method": "DOPSD_BENCH_METHODS_PATH", "metric": "DOPSD_BENCH_METRICS_PATH"}
 
 
 def registered_in_source(files: list[Path], registry_name: str) -> dict[str, str]:
@@ -254,8 +260,13 @@ def _load_backbones(registry: Registry) -> None:
 
 
 def _load_metrics(registry: Registry) -> None:
-    import_submodules("dopsd_bench.metrics")
+    importlib.import_module("dopsd_bench.metrics.info")  # the shipped metrics (torch-free: specs only)
     load_entry_points(registry, "dopsd_bench.metrics")
+    var = PLUGIN_PATH_VARS["metric"]
+    for path in _env_paths(var):
+        _load_path(path, var)
+    for path in registry.extra_paths:
+        _load_path(path, "--metrics-path")
 
 
 def _load_tasks(registry: Registry) -> None:

@@ -29,10 +29,6 @@ from dopsd_bench.result import COST_KEYS
 from dopsd_bench.runconfig import RunConfig, check_device, default_eval_batch_size, resolve_dtype, torch_dtype
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
 
-# the metrics shown in the closing comparison table, in this order, when the run reports them
-HEADLINE = ("fidelity", "alignment", "retention_fd", "retention_fd_ratio", "retention_alignment",
-            "retention_leakage", "few_step_gap_ratio", "retention_sharpness", "diversity", "copying",
-            "teacher_fidelity_after")
 GRID_COLUMNS = 8
 GENERIC_EVAL_NAMES = ("lora", "eval")  # `eval` labels that mean "name it after the LoRA"
 
@@ -227,7 +223,9 @@ def comparison_table(result: dict, base: dict | None, base_source: str):
     table = Table(title=title, caption=f"base row: {base_source}")
     for col in ("metric", "better", "run", "base", "delta"):
         table.add_column(col, justify="left" if col in ("metric", "better") else "right")
-    for name in HEADLINE:
+    from dopsd_bench.metrics.info import headline_metrics  # the specs' `headline` positions
+
+    for name in headline_metrics():
         run = _mean(metrics, name)
         if run is None:
             continue

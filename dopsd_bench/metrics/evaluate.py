@@ -6,6 +6,10 @@ by `SampleCache` and shared by all methods and runs on the same backbone, prompt
 
     from dopsd_bench.metrics.evaluate import evaluate, features_for_task
     metrics = evaluate(backbone, task, method, features=features_for_task(task), cache_dir="runs/.cache")
+
+evaluate() samples everything once (`sample_everything` -> `Sampled`: the image sets, their features on first use,
+the prompts through the task), then computes each registered metric over it (`compute_metrics`; the metrics and
+how to add one: dopsd_bench/metrics/info.py, docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -13,33 +17,27 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from dopsd_bench.errors import require_finite
-from dopsd_bench.metrics import retention as RT
-from dopsd_bench.metrics import scores as S
+from dopsd_bench.metrics import scores
 from dopsd_bench.metrics.cache import SampleCache
 from dopsd_bench.metrics.features import FeatureExtractor, ImageFeatures, features_for_task
 from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
-from dopsd_bench.metrics.info import METRIC_INFO, MetricInfo
+from dopsd_bench.metrics.info import METRIC_INFO, MetricSpec, metric_specs
+from dopsd_bench.metrics.info import entry as _entry  # noqa: F401 (continual.score_fidelity scores as evaluate does)
 from dopsd_bench.metrics.teacher import references_for, teacher_student_divergence
 from dopsd_bench.taskdata import TaskData
 
-__all__ = ["METRIC_INFO", "MetricInfo", "evaluate", "features_for_task", "prepare_untuned"]
+__all__ = ["METRIC_INFO", "MetricSpec", "Sampled", "compute_metrics", "evaluate", "features_for_task",
+           "prepare_untuned", "sample_everything"]
 
 STEP_CURVE = (1, 2, 4, 8)
 REFERENCE_SEED_OFFSET = 1_000_000  # folder tasks: FD reference = untuned samples on these shifted seeds
-
-
-def _entry(values, higher_is_better: bool, per_sample: bool = True, **extra) -> dict:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().double().flatten().tolist()
-    if per_sample:
-        return {"mean": float(sum(values) / len(values)), "per_sample": [float(v) for v in values],
-                "higher_is_better": higher_is_better, **extra}
-    return {"mean": float(values), "per_sample": None, "higher_is_better": higher_is_better, **extra}
 
 
 def _in_batches(fn: Callable, prompts: list[str], seeds: list[int], references: torch.Tensor | None,
@@ -56,10 +54,6 @@ def _in_batches(fn: Callable, prompts: list[str], seeds: list[int], references: 
 def _strip_token(prompt: str, token: str) -> str:
     """DreamBench scores CLIP-T on the prompt without the identifier (the token means nothing to CLIP)."""
     return re.sub(r"\s+", " ", re.sub(rf"\b{re.escape(token)}\b", "", prompt)).strip() if token else prompt
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 1e-12 else (1.0 if a <= 1e-12 else float("inf"))
 
 
 def student_adapter(method) -> str | None:
@@ -115,64 +109,25 @@ class _Scorer:
         self.refs = features.extract(task.train_images)
         self.world = task.source == "world" and self.refs.attributes is not None
         self.attr = {"concept": "shape", "style": "style"}[task.family] if self.world else None
-        self.label = S.label_index(self.attr, task.instance) if self.world else None
+        self.label = scores.label_index(self.attr, task.instance) if self.world else None
         self.primary = features.name
 
     def fidelity(self, f: ImageFeatures) -> torch.Tensor:
         if self.world:
             probs = f.attributes[self.attr]
-            return S.target_probability(probs, torch.full((probs.shape[0],), self.label))
-        return S.reference_similarity(f.similarity[self.primary], self.refs.similarity[self.primary])
+            return scores.target_probability(probs, torch.full((probs.shape[0],), self.label))
+        return scores.reference_similarity(f.similarity[self.primary], self.refs.similarity[self.primary])
 
     def alignment(self, images: torch.Tensor, f: ImageFeatures, prompts: list[str],
                   targets: list[dict[str, str]] | None, exclude: tuple[str, ...] = ()) -> torch.Tensor:
         if self.world and targets is not None:
-            return S.attribute_alignment(f.attributes, targets, exclude)
+            return scores.attribute_alignment(f.attributes, targets, exclude)
         stripped = [_strip_token(p, self.task.token) for p in prompts]
-        scores = self.features.text_scores(images, stripped, f)
-        if scores is None:
+        text_scores = self.features.text_scores(images, stripped, f)
+        if text_scores is None:
             raise ValueError(f"features {self.features.name!r} give neither judge attributes nor CLIP text scores: "
                              "prompt alignment needs one (use features_for_task, or RealImageFeatures with clip)")
-        return scores
-
-
-def _retention_parts(sc: _Scorer, images: torch.Tensor, images_untuned: torch.Tensor, f: ImageFeatures,
-                     f_untuned: ImageFeatures, targets: list[dict[str, str]] | None) -> dict[str, dict]:
-    """Native-step retention samples, tuned and untuned: leakage, sharpness and (world) attribute retention."""
-    out: dict[str, dict] = {}
-    extra = {}
-    if sc.world:  # how often the judge's argmax is the new glyph/fill, for reading the probabilities
-        probs, probs_untuned = f.attributes[sc.attr], f_untuned.attributes[sc.attr]
-        extra = {"rate": float(RT.label_rate(probs, sc.label).mean()),
-                 "rate_untuned": float(RT.label_rate(probs_untuned, sc.label).mean())}
-    out["retention_leakage"] = _entry(RT.paired_shift(sc.fidelity(f), sc.fidelity(f_untuned)), False, **extra)
-    energy_untuned = RT.laplacian_energy(images_untuned)
-    if float(energy_untuned.mean()) > 0:
-        out["retention_sharpness"] = _entry(RT.relative_to_reference(RT.laplacian_energy(images), energy_untuned),
-                                            True, untuned_energy=float(energy_untuned.mean()))
-    if sc.world and targets is not None:
-        hits, hits_untuned = RT.attribute_retention(f.attributes, targets), RT.attribute_retention(
-            f_untuned.attributes, targets)
-        out["retention_attributes"] = {
-            **{attr: _entry(hit, True) for attr, hit in hits.items()},
-            **{f"{attr}_untuned": _entry(hit, True) for attr, hit in hits_untuned.items()}}
-    return out
-
-
-def _extra_fd(spaces: dict[str, FeatureExtractor], real: torch.Tensor, images: torch.Tensor,
-              images_untuned: torch.Tensor) -> dict[str, dict]:
-    """Retention FD, its ratio and KID in each further feature space (e.g. an ImageNet network's), named by it."""
-    out: dict[str, dict] = {}
-    for name, space in spaces.items():
-        r, t, u = space.embed(real), space.embed(images), space.embed(images_untuned)
-        fd_t, fd_u = frechet_distance(r, t), frechet_distance(r, u)
-        (kid_t, kid_t_std), (kid_u, kid_u_std) = kernel_distance(r, t), kernel_distance(r, u)
-        out[f"retention_fd_{name}"] = _entry(fd_t, False, per_sample=False)
-        out[f"retention_fd_{name}_untuned"] = _entry(fd_u, False, per_sample=False)
-        out[f"retention_fd_ratio_{name}"] = _entry(_ratio(fd_t, fd_u), False, per_sample=False)
-        out[f"retention_kid_{name}"] = _entry(kid_t, False, per_sample=False, std=kid_t_std)
-        out[f"retention_kid_{name}_untuned"] = _entry(kid_u, False, per_sample=False, std=kid_u_std)
-    return out
+        return text_scores
 
 
 def _check_task(task: TaskData, step_curve) -> None:
@@ -211,6 +166,189 @@ def prepare_untuned(backbone, task: TaskData, *, cache_dir: str | Path | None,
     return cache
 
 
+@dataclass
+class Sampled:
+    """Everything evaluate() draws once, and what every registered metric computes from (`MetricSpec.compute`).
+
+    Image sets are (N, 3, H, W) in [-1, 1] on the CPU, in the order of the task's prompts and seeds (evaluation
+    prompts: `task.eval_prompts`; retention prompts: `task.retention_prompts`); `retention*` are keyed by step
+    count. Features (`f_*`, `refs`) are extracted on first use, once per image set."""
+
+    task: TaskData
+    features: FeatureExtractor
+    native: int  # the backbone's native step count
+    steps: list[int]  # every step count sampled on the retention prompts (the step curve's and the native one)
+    step_curve: tuple[int, ...]  # the step counts the step curve reports
+    images: torch.Tensor  # the tuned model on the evaluation prompts, native steps
+    retention: dict[int, torch.Tensor]  # the tuned model on the retention prompts
+    retention_untuned: dict[int, torch.Tensor]  # the untuned model, same prompts and seeds
+    real: torch.Tensor  # the retention FD reference: true renders (world) or untuned samples on other seeds
+    teacher_before: torch.Tensor  # the untuned in-context teacher on the evaluation prompts (+ a training image)
+    teacher_after: torch.Tensor  # the tuned in-context teacher, same prompts and references
+    divergence: torch.Tensor  # teacher-student divergence per evaluation prompt, tuned
+    divergence_untuned: torch.Tensor
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def scorer(self) -> _Scorer:
+        return _Scorer(self.task, self.features)
+
+    @cached_property
+    def f_images(self) -> ImageFeatures:
+        return self.features.extract(self.images)
+
+    @cached_property
+    def f_retention(self) -> dict[int, ImageFeatures]:
+        return {k: self.features.extract(images) for k, images in self.retention.items()}
+
+    @cached_property
+    def f_retention_untuned(self) -> dict[int, ImageFeatures]:
+        return {k: self.features.extract(images) for k, images in self.retention_untuned.items()}
+
+    @cached_property
+    def f_teacher_before(self) -> ImageFeatures:
+        return self.features.extract(self.teacher_before)
+
+    @cached_property
+    def f_teacher_after(self) -> ImageFeatures:
+        return self.features.extract(self.teacher_after)
+
+    @cached_property
+    def real_embedding(self) -> torch.Tensor:
+        return self.features.embed(self.real)
+
+    # the task's scoring: world tasks read the judge's attribute heads, folder tasks similarities and CLIP-T
+    refs = property(lambda self: self.scorer.refs, doc="features of the task's training (reference) images")
+    world = property(lambda self: self.scorer.world, doc="a world task scored by the judge's attributes")
+    attr = property(lambda self: self.scorer.attr, doc="world: the attribute the task teaches ('shape'/'style')")
+    label = property(lambda self: self.scorer.label, doc="world: the index of the task's glyph/style in `attr`")
+
+    def fidelity(self, f: ImageFeatures) -> torch.Tensor:
+        """Per-sample fidelity of an image set's features to the task's concept/style."""
+        return self.scorer.fidelity(f)
+
+    def alignment(self, images, f: ImageFeatures, prompts, targets, exclude: tuple[str, ...] = ()) -> torch.Tensor:
+        """Per-sample prompt alignment: judge attributes (world, `targets`) or CLIP-T (real images)."""
+        return self.scorer.alignment(images, f, prompts, targets, exclude)
+
+    def _once(self, key, compute: Callable):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def fd(self, steps: int) -> tuple[float, float]:
+        """Retention Fréchet distance to `real` at `steps`: (tuned, untuned)."""
+        return self._once(("fd", steps), lambda: tuple(
+            frechet_distance(self.real_embedding, f[steps].embedding)
+            for f in (self.f_retention, self.f_retention_untuned)))
+
+    def kid(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Retention KID at native steps, (mean, std) of (tuned, untuned)."""
+        return self._once("kid", lambda: tuple(
+            kernel_distance(self.real_embedding, f[self.native].embedding)
+            for f in (self.f_retention, self.f_retention_untuned)))
+
+    def retention_alignment(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample alignment of the retention samples at `steps`: (tuned, untuned)."""
+        task = self.task
+        return self._once(("alignment", steps), lambda: tuple(
+            self.alignment(images[steps], f[steps], task.retention_prompts, task.retention_targets)
+            for images, f in ((self.retention, self.f_retention), (self.retention_untuned, self.f_retention_untuned))))
+
+    def extra_fd(self, space: str):
+        """Retention FD (tuned, untuned) and KID ((mean, std) tuned, untuned) at native steps in a further feature
+        space of `features.extra_fd` (e.g. an ImageNet network's)."""
+        def compute():
+            extractor = self.features.extra_fd[space]
+            real, tuned, untuned = (extractor.embed(x) for x in (
+                self.real, self.retention[self.native], self.retention_untuned[self.native]))
+            return (frechet_distance(real, tuned), frechet_distance(real, untuned), kernel_distance(real, tuned),
+                    kernel_distance(real, untuned))
+        return self._once(("extra_fd", space), compute)
+
+
+def _sample_tuned(method, task: TaskData, steps: list[int], native: int, batch_size: int | None):
+    """The tuned model's samples through the method: evaluation prompts at native steps, retention at every count."""
+    def tuned(prompts, seeds, k):
+        return _in_batches(lambda p, s, _: method.sample(p, s, k), prompts, seeds, None, batch_size)
+
+    images = tuned(task.eval_prompts, task.eval_seeds, native)
+    retention = {k: tuned(task.retention_prompts, task.retention_seeds, k) for k in steps}
+    for x in (images, *retention.values()):
+        require_finite(x, "the tuned model's samples", "training diverged or the adapter holds NaN; try a lower "
+                       "--lr, or check the adapter's weights")
+    return images, retention
+
+
+def _sample_teacher(backbone, method, task: TaskData, untuned: _Untuned, references: torch.Tensor,
+                    batch_size: int | None):
+    """The tuned in-context teacher's samples and the teacher-student divergence on the evaluation prompts."""
+    native, prompts, seeds = backbone.native_steps, task.eval_prompts, task.eval_seeds
+    student, teacher = student_adapter(method), teacher_adapter(method, backbone)
+    if teacher is None and not untuned.weights_changed:  # the tuned teacher is the untuned one: reuse the cache
+        return (untuned.sample(prompts, seeds, native, references),
+                untuned.divergence(prompts, seeds, references, native))
+
+    def teacher_sample(p, s, r):
+        backbone.set_adapter(teacher)
+        return backbone.sample(p, s, native, references=r)
+
+    def diverge(p, s, r):
+        return teacher_student_divergence(backbone, p, s, r, student=student, teacher=teacher, steps=native)
+
+    return (_in_batches(teacher_sample, prompts, seeds, references, batch_size),
+            _in_batches(diverge, prompts, seeds, references, batch_size))
+
+
+def sample_everything(backbone, task: TaskData, method, *, features: FeatureExtractor, cache_dir: str | Path | None,
+                      step_curve=STEP_CURVE, batch_size: int | None = None, timings: dict[str, float] | None = None,
+                      progress: Callable[[str], None] | None = None) -> Sampled:
+    """Sample every image set the metrics need, once: the tuned model through `method`, the untuned model through
+    the cache. `timings` (if given) gets seconds per phase, `progress` (if given) each phase's name as it starts."""
+    timings = timings if timings is not None else {}
+    progress = progress or (lambda phase: None)
+    native = backbone.native_steps
+    steps = sorted({int(k) for k in step_curve} | {native})
+    cache = SampleCache(cache_dir, backbone)
+    untuned = _Untuned(backbone, cache, batch_size, method.changes_base_weights)
+    references = references_for(task.train_images, len(task.eval_prompts))
+
+    t = time.perf_counter()
+    progress(f"sampling the tuned model: {len(task.eval_prompts)} evaluation prompts, {len(task.retention_prompts)} "
+             f"retention prompts at {', '.join(map(str, steps))} steps")
+    images, retention = _sample_tuned(method, task, steps, native, batch_size)
+    timings["sample_tuned"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress("sampling the in-context teacher")
+    teacher_after, divergence = _sample_teacher(backbone, method, task, untuned, references, batch_size)
+    timings["teacher_tuned"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress("sampling the untuned model (cached after its first run)")
+    prompts, seeds = task.eval_prompts, task.eval_seeds
+    retention_untuned = {k: untuned.sample(task.retention_prompts, task.retention_seeds, k) for k in steps}
+    teacher_before = untuned.sample(prompts, seeds, native, references)
+    divergence_untuned = untuned.divergence(prompts, seeds, references, native)
+    real = _retention_reference(task, untuned, native)
+    backbone.set_adapter(student_adapter(method))
+    timings["untuned"] = time.perf_counter() - t
+    timings["cache_hits"], timings["cache_misses"] = float(cache.hits), float(cache.misses)
+    return Sampled(task, features, native, steps, tuple(step_curve), images, retention, retention_untuned, real,
+                   teacher_before, teacher_after, divergence, divergence_untuned)
+
+
+def compute_metrics(sampled: Sampled, specs: list[MetricSpec] | None = None) -> dict[str, dict]:
+    """result.json's `metrics`: each registered metric (or each of `specs`) over `sampled`, in registration order;
+    a metric that is not scored on this run (its compute returned None) is left out."""
+    out: dict[str, dict] = {}
+    for spec in metric_specs() if specs is None else specs:
+        scored = spec.score(sampled)
+        if scored is not None:
+            out[spec.name] = scored
+    return out
+
+
 def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, cache_dir: str | Path | None,
              step_curve=STEP_CURVE, batch_size: int | None = None,
              timings: dict[str, float] | None = None,
@@ -226,112 +364,12 @@ def evaluate(backbone, task: TaskData, method, *, features: FeatureExtractor, ca
     """
     _check_task(task, step_curve)
     timings = timings if timings is not None else {}
-    progress = progress or (lambda phase: None)
     t0 = time.perf_counter()
-    native = backbone.native_steps
-    steps_list = sorted({int(k) for k in step_curve} | {native})
-    cache = SampleCache(cache_dir, backbone)
-    weights_changed = method.changes_base_weights
-    untuned = _Untuned(backbone, cache, batch_size, weights_changed)
-    student, teacher = student_adapter(method), teacher_adapter(method, backbone)
-    eval_refs = references_for(task.train_images, len(task.eval_prompts))
-    P, Ps, R, Rs = task.eval_prompts, task.eval_seeds, task.retention_prompts, task.retention_seeds
-
-    # ---- sampling: tuned model through the method, untuned model through the cache --------------------------
-    def tuned(prompts, seeds, steps):
-        return _in_batches(lambda p, s, _: method.sample(p, s, steps), prompts, seeds, None, batch_size)
-
-    steps_text = ", ".join(map(str, steps_list))
-    progress(f"sampling the tuned model: {len(P)} evaluation prompts, {len(R)} retention prompts at {steps_text} "
-             "steps")
-    gen = tuned(P, Ps, native)
-    ret = {k: tuned(R, Rs, k) for k in steps_list}
-    for images in (gen, *ret.values()):
-        require_finite(images, "the tuned model's samples", "training diverged or the adapter holds NaN; try a lower "
-                       "--lr, or check the adapter's weights")
-    timings["sample_tuned"] = time.perf_counter() - t0
-
+    sampled = sample_everything(backbone, task, method, features=features, cache_dir=cache_dir, step_curve=step_curve,
+                                batch_size=batch_size, timings=timings, progress=progress)
     t = time.perf_counter()
-    progress("sampling the in-context teacher")
-    if teacher is None and not weights_changed:  # the tuned teacher is the untuned one: reuse the cache
-        teacher_after = untuned.sample(P, Ps, native, eval_refs)
-        divergence = untuned.divergence(P, Ps, eval_refs, native)
-    else:
-        def teacher_sample(p, s, r):
-            backbone.set_adapter(teacher)
-            return backbone.sample(p, s, native, references=r)
-        teacher_after = _in_batches(teacher_sample, P, Ps, eval_refs, batch_size)
-        diverge = lambda p, s, r: teacher_student_divergence(
-            backbone, p, s, r, student=student, teacher=teacher, steps=native)
-        divergence = _in_batches(diverge, P, Ps, eval_refs, batch_size)
-    timings["teacher_tuned"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    progress("sampling the untuned model (cached after its first run)")
-    ret_untuned = {k: untuned.sample(R, Rs, k) for k in steps_list}
-    teacher_before = untuned.sample(P, Ps, native, eval_refs)
-    divergence_untuned = untuned.divergence(P, Ps, eval_refs, native)
-    real = _retention_reference(task, untuned, native)
-    backbone.set_adapter(student)
-    timings["untuned"] = time.perf_counter() - t
-    timings["cache_hits"], timings["cache_misses"] = float(cache.hits), float(cache.misses)
-
-    # ---- scoring --------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    progress("scoring")
-    sc = _Scorer(task, features)
-    f_gen = features.extract(gen)
-    out: dict[str, dict] = {}
-    out["fidelity"] = _entry(sc.fidelity(f_gen), True)
-    for name, emb in f_gen.similarity.items():
-        out[f"fidelity_{name}"] = _entry(S.reference_similarity(emb, sc.refs.similarity[name]), True)
-    if task.train_images.shape[0] >= 2:
-        ref_oracle = sc.fidelity(sc.refs) if sc.world else S.leave_one_out_similarity(sc.refs.similarity[sc.primary])
-        out["fidelity_oracle"] = _entry(ref_oracle, True)
-        for name, emb in sc.refs.similarity.items():
-            out[f"fidelity_{name}_oracle"] = _entry(S.leave_one_out_similarity(emb), True)
-    exclude = (sc.attr,) if sc.world else ()
-    out["alignment"] = _entry(sc.alignment(gen, f_gen, P, task.eval_targets, exclude), True)
-
-    real_emb = features.embed(real)
-    curve: dict[str, dict] = {}
-    fds: dict[int, tuple[float, float]] = {}
-    for k in steps_list:
-        f_t, f_u = features.extract(ret[k]), features.extract(ret_untuned[k])
-        fd_t, fd_u = frechet_distance(real_emb, f_t.embedding), frechet_distance(real_emb, f_u.embedding)
-        fds[k] = (fd_t, fd_u)
-        al_t = sc.alignment(ret[k], f_t, R, task.retention_targets)
-        al_u = sc.alignment(ret_untuned[k], f_u, R, task.retention_targets)
-        if k == native:
-            out["retention_fd"] = _entry(fd_t, False, per_sample=False, steps=k)
-            out["retention_fd_untuned"] = _entry(fd_u, False, per_sample=False, steps=k)
-            out["retention_fd_ratio"] = _entry(_ratio(fd_t, fd_u), False, per_sample=False, steps=k)
-            kid_t, kid_t_std = kernel_distance(real_emb, f_t.embedding)
-            kid_u, kid_u_std = kernel_distance(real_emb, f_u.embedding)
-            out["retention_kid"] = _entry(kid_t, False, per_sample=False, std=kid_t_std)
-            out["retention_kid_untuned"] = _entry(kid_u, False, per_sample=False, std=kid_u_std)
-            out["retention_alignment"] = _entry(al_t, True)
-            out["retention_alignment_untuned"] = _entry(al_u, True)
-            out.update(_retention_parts(sc, ret[k], ret_untuned[k], f_t, f_u, task.retention_targets))
-            out.update(_extra_fd(features.extra_fd, real, ret[k], ret_untuned[k]))
-        if k in step_curve:
-            curve[f"fd@{k}"] = _entry(fd_t, False, per_sample=False)
-            curve[f"fd_untuned@{k}"] = _entry(fd_u, False, per_sample=False)
-            curve[f"fd_ratio@{k}"] = _entry(_ratio(fd_t, fd_u), False, per_sample=False)
-            curve[f"alignment@{k}"] = _entry(al_t, True)
-            curve[f"alignment_untuned@{k}"] = _entry(al_u, True)
-    out["step_curve"] = curve
-    many = max(steps_list)  # the few-step gap: native steps against the most steps the curve sampled
-    if many > native and min(*fds[native], *fds[many]) > 1e-12:
-        gap = RT.few_step_gap_ratio(fds[native][0], fds[many][0], fds[native][1], fds[many][1])
-        out["few_step_gap_ratio"] = _entry(gap, False, per_sample=False, steps=native, reference_steps=many)
-
-    out["diversity"] = _entry(S.pairwise_diversity(f_gen.embedding, S.diversity_groups(P)), True)
-    out["copying"] = _entry(S.nearest_similarity(f_gen.embedding, sc.refs.embedding), False)
-    out["teacher_fidelity_before"] = _entry(sc.fidelity(features.extract(teacher_before)), True)
-    out["teacher_fidelity_after"] = _entry(sc.fidelity(features.extract(teacher_after)), True)
-    out["teacher_student_divergence"] = _entry(divergence, False)
-    out["teacher_student_divergence_untuned"] = _entry(divergence_untuned, False)
+    (progress or (lambda phase: None))("scoring")
+    out = compute_metrics(sampled)
     timings["score"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return out
