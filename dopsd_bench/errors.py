@@ -44,6 +44,19 @@ class RunFailed(Exception):
     its one-line message and exits 1, as for a failed check; a sweep records the cell as failed and goes on."""
 
 
+class DiskFull(RunFailed, OSError):
+    """A write that failed for want of space: a full disk (ENOSPC), a quota (EDQUOT) or a file-size limit (EFBIG).
+    One line naming the file, exit 1. Also an OSError, so code that tolerates a failed write still does."""
+
+    def __init__(self, path, errno: int | None, strerror: str):
+        super().__init__(f"cannot write {path}: {strerror} (the disk is full or a size limit was reached); free "
+                         "space, then run the same command again (`run --resume` continues from the last checkpoint)")
+        self.errno, self.strerror, self.filename = errno, strerror, str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class NonFiniteError(RunFailed, ValueError):
     """NaN or inf in samples, features or a metric."""
 

@@ -7,11 +7,13 @@ Every file is written to a temporary name in its own directory and moved into pl
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import io
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -38,6 +40,31 @@ PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate")
 
 
 # ---- atomic writes ------------------------------------------------------------------------------------------
+# a write that failed for want of space: a full disk, a quota, a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space_errno(e: BaseException) -> int | None:
+    """The errno of an error that says a write found no space (NO_SPACE_ERRNOS), else None. safetensors (the LoRA
+    and sample-cache files) reports the OS error in its message only: "... (os error 28)"."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in NO_SPACE_ERRNOS else None
+    from safetensors import SafetensorError
+
+    found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+    return int(found.group(1)) if found and int(found.group(1)) in NO_SPACE_ERRNOS else None
+
+
+def no_space_error(e: BaseException, path: str | Path):
+    """`e` as DiskFull naming `path` if it is a write that found no space (see no_space_errno), else None."""
+    from dopsd_bench.errors import DiskFull
+
+    if isinstance(e, DiskFull):
+        return e
+    code = no_space_errno(e)
+    return None if code is None else DiskFull(path, code, os.strerror(code))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,9 +75,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = no_space_error(e, path)
+        if full is not None:
+            raise full from e
         raise
     return path
 

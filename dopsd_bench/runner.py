@@ -27,7 +27,7 @@ from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
 from dopsd_bench.result import COST_KEYS
 from dopsd_bench.runconfig import RunConfig, check_device, default_eval_batch_size, resolve_dtype, torch_dtype
-from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, make_accelerator, train
+from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, checkpoint_dirs, make_accelerator, train
 
 GRID_COLUMNS = 8
 GENERIC_EVAL_NAMES = ("lora", "eval")  # `eval` labels that mean "name it after the LoRA"
@@ -356,7 +356,7 @@ def _resumable(run_dir: Path) -> bool:
     """Whether a failed cell left something to continue from: a checkpoint, or a sequence's finished rounds."""
     from dopsd_bench.continual import has_rounds
 
-    return (run_dir / CHECKPOINT_DIR).exists() or has_rounds(run_dir)
+    return bool(checkpoint_dirs(run_dir)) or has_rounds(run_dir)
 
 
 def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, label: str,
@@ -386,9 +386,14 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
         existed = run_dir.exists()
         try:
             return body(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
-        except BaseException:
+        except BaseException as e:
             if not existed and not _resumable(run_dir):  # nothing to resume from: leave no trace
                 shutil.rmtree(run_dir, ignore_errors=True)
+            # a full disk where no atomic write named its file (the training log, a LoRA save): name the file if
+            # the error does, else the run dir
+            full = rundir.no_space_error(e, getattr(e, "filename", None) or run_dir)
+            if full is not None and full is not e:
+                raise full from e
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # a failed forced run: the finished cell stays as it was

@@ -105,7 +105,7 @@ class SampleCache:
             try:
                 save_file({"value": value}, str(tmp), metadata=meta)
                 os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
-            except OSError as e:  # a full disk: the value is computed, only its reuse is lost
+            except (OSError, SafetensorError) as e:  # a full disk: the value is computed, only its reuse is lost
                 tmp.unlink(missing_ok=True)
                 print(f"warning: could not write the sample cache entry {path}: {e}", file=sys.stderr)
         return value
