@@ -274,16 +274,43 @@ def test_parse_unsaid_reads_key_value_pairs():
 
 
 @pytest.mark.slow
-def test_bench_gpu_cpu_path_reports_both_methods():
+def test_bench_gpu_cpu_path_reports_both_methods_and_the_plans_estimate():
     result = _script("bench_gpu.py", "--device", "cpu", "--size", "tiny", "--repeats", "1", "--arch", "flux2-klein",
-                     "--threads", "2")
+                     "--threads", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    arch = figures["archs"]["flux2-klein"]
-    assert figures["dtype"] == "fp32" and arch["sft"]["peak_mib"] is None  # no allocator peak on the CPU
+    assert figures["dtype"] == "fp32" and figures["gradient_checkpointing"] == ["off"]  # the CPU's default
+    arch = figures["archs"]["flux2-klein"]["checkpointing"]["off"]
     # a faithful D-OPSD step is K student passes plus teacher forwards on a longer sequence: several SFT steps
     assert arch["ratios"]["flops"] > 2 and arch["dopsd"]["gflop"] > arch["sft"]["gflop"] > 0
-    assert all(arch[m]["ms"] > 0 for m in ("sft", "dopsd"))
+    for m in (arch["sft"], arch["dopsd"]):
+        assert m["ms"] > 0 and m["peak_total_mib"] is None  # no allocator statistics on the CPU
+        parts = m["estimate_parts_mib"]
+        assert m["estimate_mib"] > 0 and parts["weights"] > 0 and parts["activations"] > 0
+        assert m["estimate_mib"] == pytest.approx(sum(parts.values()), abs=0.2)
+        # the measured peak holds at least the weights; the estimate is the plan's, in the same units
+        assert m["measured_mib"] > parts["weights"]
+        assert m["estimate_ratio"] == pytest.approx(m["estimate_mib"] / m["measured_mib"], rel=0.01)
+    assert arch["dopsd"]["estimate_parts_mib"]["activations"] > arch["sft"]["estimate_parts_mib"]["activations"]
+
+
+def test_bench_gpu_cpu_peak_counts_live_tensor_bytes_above_the_start(monkeypatch):
+    """The CPU meter, on tensors of known size: the peak inside the window over what was live on entering the meter,
+    including what was allocated before the window and still lives (a model's weights)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_gpu import PeakMemory
+
+    before = torch.zeros(250_000)  # 1 MB live before the meter: not counted
+    with PeakMemory(torch.device("cpu")) as memory:
+        weights = torch.zeros(1_000_000)  # 4 MB before the window, alive through it
+        with memory.window():
+            a = torch.zeros(500_000)  # +2 MB
+            b = torch.zeros(250_000, dtype=torch.float64)  # +2 MB: 8 MB, the peak
+            del a, b
+            c = torch.zeros(100_000)  # 4.4 MB
+        del before
+    assert memory.peak_bytes == 8_000_000
+    assert weights.numel() + c.numel() > 0
 
 
 @pytest.mark.slow
