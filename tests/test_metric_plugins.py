@@ -16,7 +16,7 @@ from test_metrics import FakeJudge
 from test_runner import TINY_WORLD_TASK, cfg_for
 
 from dopsd_bench import runner
-from dopsd_bench.errors import UserError
+from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.metrics.info import METRIC_INFO, MetricSpec, Score, headline_metrics, key_metrics, metric_specs
 from dopsd_bench.registry import METRICS
 
@@ -107,7 +107,7 @@ def test_a_compute_result_becomes_an_entry_with_the_specs_direction():
 def test_bad_metrics_are_one_clear_error(restore_registries):
     with pytest.raises(UserError, match="'m' returned str, expected one value per sample"):
         MetricSpec("m", "a metric", True, True, lambda s: "abc").score(None)
-    with pytest.raises(TypeError, match="higher_is_better must be True or False"):
+    with pytest.raises(ConfigError, match="higher_is_better must be True or False"):
         MetricSpec("m", "a metric", "yes", True, lambda s: 1.0)
     METRICS.add("not-a-spec", object(), "registered the old way")
     with pytest.raises(UserError, match="'not-a-spec' is registered as a object, not a MetricSpec"):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dopsd_bench.errors import UserError
+from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.registry import METRICS
 
 __all__ = ["METRIC_INFO", "MetricSpec", "Score", "entry", "headline_metrics", "key_metrics", "metric_specs",
@@ -41,17 +41,17 @@ class MetricSpec:
     key: int | None = None  # position among the leaderboard's first columns (None: after them, by name)
     headline: int | None = None  # position in the closing table of `dopsd-bench run` (None: not shown there)
 
-    def __post_init__(self):
+    def __post_init__(self):  # a user's spec: one clear line, not a traceback
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
-            raise ValueError(f"metric name must be a non-empty string without spaces, got {self.name!r}")
+            raise ConfigError(f"metric name must be a non-empty string without spaces, got {self.name!r}")
         for attr in ("higher_is_better", "per_sample"):
             if not isinstance(getattr(self, attr), bool):
-                raise TypeError(f"metric {self.name!r}: {attr} must be True or False, got {getattr(self, attr)!r}")
+                raise ConfigError(f"metric {self.name!r}: {attr} must be True or False, got {getattr(self, attr)!r}")
         if not callable(self.compute):
-            raise TypeError(f"metric {self.name!r}: compute must be a function of the sampled sets")
+            raise ConfigError(f"metric {self.name!r}: compute must be a function of the sampled sets")
         for attr in ("key", "headline"):
             if getattr(self, attr) is not None and not isinstance(getattr(self, attr), int):
-                raise TypeError(f"metric {self.name!r}: {attr} must be an int position or None")
+                raise ConfigError(f"metric {self.name!r}: {attr} must be an int position or None")
 
     def score(self, sampled) -> dict | None:
         """This metric's result.json entry (or group of entries) for `sampled`; None if it is not scored."""
