@@ -408,8 +408,6 @@ def run_cells(
     force: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell (all of them with force); returns counts of done / skipped / failed."""
-    from dopsd_bench.rundir import cell_state, is_complete, lock_holder
-
     subprocess_mode = isolate or processes > 1
     run_fn = None if subprocess_mode else resolve_runner(runner)
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -417,64 +415,78 @@ def run_cells(
                TimeRemainingColumn(), TextColumn("{task.description}")]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("", total=len(cells))
-
-        def busy(cid: str, holder: str, message: str) -> None:  # another process (a shard, a shell) runs it: theirs
-            counts["skipped"] += 1
-            log.write("busy", cell=cid, holder=holder)
-            console.print(f"{message}; skipped here")
-            progress.advance(bar)
-
         for cell in cells:
-            cfg = cell.run_config()
-            cid = str(cfg.cell_id())
-            run_dir = Path(cfg.out_dir) / cid
-            model_id = expected_model(cfg) if runner == DEFAULT_RUNNER else None
-            state, done = cell_state(run_dir, model_id)
-            if state == "done" and not force:
-                counts["skipped"] += 1
-                log.write("skip", cell=cid)
-                progress.advance(bar)
-                continue
-            if state == "stale":
-                log.write("stale", cell=cid, made_on=done["model"], model=model_id)
-                console.print(f"cell {cid}: made on {done['model']}, the weights are now {model_id}: running it again")
-            holder = lock_holder(run_dir)
-            if holder is not None:
-                busy(cid, holder, f"cell {cid}: being run by {holder}")
-                continue
-            progress.update(bar, description=cid)
-            _clean_stale_temp(run_dir)
-            log.write("start", cell=cid)
-            t0 = time.perf_counter()
-            error = None
-            if subprocess_mode:
-                if force:
-                    cell = Cell(tuple((k, v) for k, v in cell.kwargs if k != "resume") + (("force", True),))
-                cmd = cell_command(cell, runner, processes)
-                rc = subprocess.run(cmd, check=False).returncode
-                if rc != 0:
-                    error = f"exit code {rc}: {shlex.join(cmd)}"
-            else:
-                try:
-                    run_fn(dataclasses.replace(cfg, force=True, resume=False) if force else cfg)
-                except CellBusy as e:  # taken by another process since the check above
-                    busy(cid, str(e), str(e))
-                    continue
-                except (Exception, SystemExit) as e:  # noqa: BLE001 -- one failing cell must not stop the grid
-                    error = f"{type(e).__name__}: {e}"
-                    log.write("traceback", cell=cid, traceback=traceback.format_exc())
-            seconds = round(time.perf_counter() - t0, 3)
-            if error is None and not is_complete(run_dir):
-                error = "the runner returned but left no complete result.json"
-            if error is None:
-                counts["done"] += 1
-                log.write("done", cell=cid, seconds=seconds)
-            else:
-                counts["failed"] += 1
-                log.write("fail", cell=cid, seconds=seconds, error=error)
-                console.print(f"[red]cell {cid} failed[/red]: {error}")
+            outcome = _run_or_skip(cell, log, runner, processes, force, run_fn,
+                                   lambda cid: progress.update(bar, description=cid))
+            counts[outcome] += 1
             progress.advance(bar)
     return counts
+
+
+def _run_or_skip(cell: Cell, log: SweepLog, runner: str, processes: int, force: bool,
+                 run_fn: Callable[[Any], Any] | None, show: Callable[[str], None]) -> str:
+    """One cell of `run_cells`: skipped when done (unless force) or run by another process, else run (in a
+    subprocess when run_fn is None) and checked. Returns its count's name: done, skipped or failed."""
+    from dopsd_bench.rundir import cell_state, is_complete, lock_holder
+
+    cfg = cell.run_config()
+    cid = str(cfg.cell_id())
+    run_dir = Path(cfg.out_dir) / cid
+    model_id = expected_model(cfg) if runner == DEFAULT_RUNNER else None
+    state, done = cell_state(run_dir, model_id)
+    if state == "done" and not force:
+        log.write("skip", cell=cid)
+        return "skipped"
+    if state == "stale":
+        log.write("stale", cell=cid, made_on=done["model"], model=model_id)
+        console.print(f"cell {cid}: made on {done['model']}, the weights are now {model_id}: running it again")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        return _busy(log, cid, holder, f"cell {cid}: being run by {holder}")
+    show(cid)
+    _clean_stale_temp(run_dir)
+    log.write("start", cell=cid)
+    t0 = time.perf_counter()
+    try:
+        error = _execute(cell, cfg, runner, processes, force, run_fn, log)
+    except CellBusy as e:  # taken by another process since the check above
+        return _busy(log, cid, str(e), str(e))
+    seconds = round(time.perf_counter() - t0, 3)
+    if error is None and not is_complete(run_dir):
+        error = "the runner returned but left no complete result.json"
+    if error is None:
+        log.write("done", cell=cid, seconds=seconds)
+        return "done"
+    log.write("fail", cell=cid, seconds=seconds, error=error)
+    console.print(f"[red]cell {cid} failed[/red]: {error}")
+    return "failed"
+
+
+def _busy(log: SweepLog, cid: str, holder: str, message: str) -> str:
+    """Another process (a shard, a shell) runs the cell: it is theirs."""
+    log.write("busy", cell=cid, holder=holder)
+    console.print(f"{message}; skipped here")
+    return "skipped"
+
+
+def _execute(cell: Cell, cfg: Any, runner: str, processes: int, force: bool, run_fn: Callable[[Any], Any] | None,
+             log: SweepLog) -> str | None:
+    """Run one cell, in a subprocess when run_fn is None, else in this process. Returns what stopped it, or None;
+    CellBusy (the cell was taken meanwhile) passes through."""
+    if run_fn is None:
+        if force:
+            cell = Cell(tuple((k, v) for k, v in cell.kwargs if k != "resume") + (("force", True),))
+        cmd = cell_command(cell, runner, processes)
+        rc = subprocess.run(cmd, check=False).returncode
+        return f"exit code {rc}: {shlex.join(cmd)}" if rc != 0 else None
+    try:
+        run_fn(dataclasses.replace(cfg, force=True, resume=False) if force else cfg)
+    except CellBusy:
+        raise
+    except (Exception, SystemExit) as e:  # noqa: BLE001 -- one failing cell must not stop the grid
+        log.write("traceback", cell=str(cfg.cell_id()), traceback=traceback.format_exc())
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
