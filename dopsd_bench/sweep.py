@@ -535,24 +535,36 @@ def sweep_command(
     except UserError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    if dry_run:
+        _print_cell_states(cells, runner)
+        return
+    counts = _run_shard(spec, cells, f"{i}/{n}", len(all_cells), runner, isolate, force)
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+def _print_cell_states(cells: list[Cell], runner: str) -> None:
+    """`--dry-run`: each cell's state (done, stale, new, ...) and id, tab-separated, one per line."""
     from dopsd_bench.rundir import cell_state
 
-    if dry_run:
-        for cell in cells:
-            model_id = expected_model(cell.run_config()) if runner == DEFAULT_RUNNER else None
-            print(f"{cell_state(cell.run_dir(), model_id)[0]}\t{cell.cell_id()}")
-        return
+    for cell in cells:
+        model_id = expected_model(cell.run_config()) if runner == DEFAULT_RUNNER else None
+        print(f"{cell_state(cell.run_dir(), model_id)[0]}\t{cell.cell_id()}")
+
+
+def _run_shard(spec: SweepSpec, cells: list[Cell], shard: str, grid: int, runner: str, isolate: bool,
+               force: bool) -> dict[str, int]:
+    """Run this shard's cells between a sweep_start and a sweep_end line of the log, then say how it went."""
     log = SweepLog(spec.out / LOG_FILE)
-    log.write("sweep_start", argv=shlex.join(sys.argv), shard=f"{i}/{n}", cells=len(cells), grid=len(all_cells),
+    log.write("sweep_start", argv=shlex.join(sys.argv), shard=shard, cells=len(cells), grid=grid,
               spec={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()})
     t0 = time.perf_counter()
     counts = run_cells(cells, log, runner=runner, processes=spec.processes, isolate=isolate, force=force)
     seconds = round(time.perf_counter() - t0, 1)
     log.write("sweep_end", seconds=seconds, **counts)
-    console.print(f"sweep {i}/{n}: {counts['done']} run, {counts['skipped']} already done, "
+    console.print(f"sweep {shard}: {counts['done']} run, {counts['skipped']} already done, "
                   f"{counts['failed']} failed, {seconds} s; log {log.path}")
-    if counts["failed"]:
-        raise typer.Exit(1)
+    return counts
 
 
 def _cell_entry(
