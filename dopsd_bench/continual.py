@@ -338,20 +338,10 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     backbone = runner._load_backbone(cfg, device)
     model_id = getattr(backbone, "model_id", cfg.model)
     datas = [r.spec().build(r.instance, cfg.seed, resolution=backbone.resolution) for r in rounds]
-    extractors: dict[str, Any] = {}  # one feature extractor per kind of data (the world judge is loaded once)
-    features = []
-    for r, data in zip(rounds, datas, strict=True):
-        kind = "world" if data.source == "world" else r.task
-        if kind not in extractors:
-            extractors[kind] = runner._features(data, device)
-        features.append(extractors[kind])
+    features = _features_per_round(rounds, datas, device)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
     cache_dir = Path(cfg.out_dir) / ".cache"
-    info = {"backbone": {"name": backbone.name, "model": model_id, "native_steps": backbone.native_steps,
-                         "resolution": backbone.resolution},
-            "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
-                          "gradient_checkpointing": cfg.gradient_checkpointing, "eval_batch_size": eval_batch_size},
-            "sequence": {"name": cfg.instance, "rounds": [r.label for r in rounds], **dataclasses.asdict(options)}}
+    info = _sequence_info(cfg, backbone, model_id, dtype, eval_batch_size, options, rounds)
     if main:
         rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, runner._config_record(cfg, method, tcfg, info))
         if options.carry == "merge" and method.trains:
@@ -364,15 +354,11 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     for k in range(len(records), len(rounds)):
         console.print(f"[bold]round {k + 1}/{len(rounds)}: {rounds[k].label}[/bold]")
         m = runner.build_method(cfg.method, method_overrides)  # a fresh method object; the model carries the state
-        images, captions = datas[k].train_images, list(datas[k].train_captions)
-        if options.replay and k:
-            images = torch.cat([d.train_images for d in datas[:k + 1]])
-            captions = [c for d in datas[:k + 1] for c in d.train_captions]
         round_dir = run_dir / ROUNDS_DIR / round_dir_name(k, rounds[k])
         if main:
             (round_dir / ROUND_FILE).unlink(missing_ok=True)
         rcfg = dataclasses.replace(tcfg, seed=round_seed(tcfg.seed, k))
-        train_t = train(m, backbone, Batch(images=images, captions=captions, token=datas[k].token), rcfg, round_dir,
+        train_t = train(m, backbone, _round_training_set(datas, k, options.replay), rcfg, round_dir,
                         resume=cfg.resume, accelerator=accelerator)
         if main:
             record = _finish_round(k, m, backbone, rounds, datas, features, rcfg, train_t, round_dir,
@@ -383,10 +369,7 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     if not main:
         return final_dir
     result = _result(cfg, label, method, tcfg, records, options, rounds, backbone, device, timings, t0)
-    final = runner.build_method(cfg.method, method_overrides)  # samples through the adapters the rounds left
-    final.backbone = backbone
-    with torch.no_grad():
-        _write_grid(run_dir, backbone, final, options, datas)
+    _write_final_grid(cfg, method_overrides, run_dir, backbone, options, datas)
     if options.carry == "continue" and result["adapter"]:
         shutil.copytree(run_dir / ROUNDS_DIR / round_dir_name(len(rounds) - 1, rounds[-1]) / rundir.ADAPTER_DIR,
                         run_dir / rundir.ADAPTER_DIR, dirs_exist_ok=True)
@@ -394,10 +377,53 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
     if run_dir != final_dir:
         rundir.replace_dir(run_dir, final_dir)
-    console.print(accuracy_table(result))
-    console.print(f"run dir: {final_dir}  ({len(rounds)} rounds, training {result['timings']['train_s']:.1f}s in "
-                  f"all, total {result['timings']['total_s']:.1f}s this time)")
+    _say_done(console, result, final_dir, len(rounds))
     return final_dir
+
+
+def _features_per_round(rounds: list[Round], datas: list, device) -> list:
+    """Each round's feature extractor, one per kind of data (the world judge is loaded once)."""
+    extractors: dict[str, Any] = {}
+    features = []
+    for r, data in zip(rounds, datas, strict=True):
+        kind = "world" if data.source == "world" else r.task
+        if kind not in extractors:
+            extractors[kind] = runner._features(data, device)
+        features.append(extractors[kind])
+    return features
+
+
+def _sequence_info(cfg: RunConfig, backbone, model_id: str | None, dtype: str, eval_batch_size: int | None,
+                   options: SequenceOptions, rounds: list[Round]) -> dict:
+    """The model, precision and sequence a run trains, as config.json records them."""
+    return {"backbone": {"name": backbone.name, "model": model_id, "native_steps": backbone.native_steps,
+                         "resolution": backbone.resolution},
+            "precision": {"dtype": dtype, "adapter_dtype": "fp32", "autocast": dtype != "fp32",
+                          "gradient_checkpointing": cfg.gradient_checkpointing, "eval_batch_size": eval_batch_size},
+            "sequence": {"name": cfg.instance, "rounds": [r.label for r in rounds], **dataclasses.asdict(options)}}
+
+
+def _round_training_set(datas: list, k: int, replay: bool) -> Batch:
+    """Round k's training set; with replay, every earlier round's training set too."""
+    images, captions = datas[k].train_images, list(datas[k].train_captions)
+    if replay and k:
+        images = torch.cat([d.train_images for d in datas[:k + 1]])
+        captions = [c for d in datas[:k + 1] for c in d.train_captions]
+    return Batch(images=images, captions=captions, token=datas[k].token)
+
+
+def _write_final_grid(cfg: RunConfig, method_overrides: dict[str, str], run_dir: Path, backbone,
+                      options: SequenceOptions, datas: list) -> None:
+    final = runner.build_method(cfg.method, method_overrides)  # samples through the adapters the rounds left
+    final.backbone = backbone
+    with torch.no_grad():
+        _write_grid(run_dir, backbone, final, options, datas)
+
+
+def _say_done(console, result: dict, final_dir: Path, n_rounds: int) -> None:
+    console.print(accuracy_table(result))
+    console.print(f"run dir: {final_dir}  ({n_rounds} rounds, training {result['timings']['train_s']:.1f}s in "
+                  f"all, total {result['timings']['total_s']:.1f}s this time)")
 
 
 def round_seed(seed: int, index: int) -> int:
