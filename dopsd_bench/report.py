@@ -103,18 +103,7 @@ def svg_chart(
     if not pts:
         return ""
     tx = (lambda x: math.log2(x)) if log2_x else (lambda x: x)
-    xs = [tx(p[0]) for p in pts]
-    ys = [v for p in pts for v in p[1:] if math.isfinite(v)]
-    if xy_error:
-        xs += [tx(v) for e in xy_error.values() for pair in e for v in pair if math.isfinite(v)]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    mx, my = (x1 - x0) * 0.06, (y1 - y0) * 0.08
-    x0, x1, y0, y1 = x0 - mx, x1 + mx, y0 - my, y1 + my
+    x0, x1, y0, y1 = _chart_range(pts, tx, xy_error)
     legend_w = 120
     pw, ph = W - PAD - legend_w, H - 2 * PAD
 
@@ -128,37 +117,70 @@ def svg_chart(
            f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
            f'<rect x="{PAD}" y="{PAD}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     xticks = sorted({p[0] for p in pts}) if log2_x else _ticks(x0, x1)
-    for t in xticks:
-        out.append(f'<text x="{sx(t):.1f}" y="{PAD + ph + 14}" text-anchor="middle">{t:g}</text>')
-    for t in _ticks(y0, y1):
+    out += _svg_axes(xticks, _ticks(y0, y1), sx, sy, pw, ph, xlabel, ylabel)
+    for i, (name, ps) in enumerate(series.items()):
+        out += _svg_series(name, ps, colours.get(name, "#333"), i, lines, name in dashed,
+                           (xy_error or {}).get(name), sx, sy, pw)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _chart_range(pts: list[tuple[float, ...]], tx, xy_error: dict[str, list[tuple[float, float]]] | None
+                 ) -> tuple[float, float, float, float]:
+    """The plotted (x0, x1, y0, y1): the points, their y intervals and x error bars, with a margin around them
+    (x in the chart's own scale: log2 for a log2 axis)."""
+    xs = [tx(p[0]) for p in pts]
+    ys = [v for p in pts for v in p[1:] if math.isfinite(v)]
+    if xy_error:
+        xs += [tx(v) for e in xy_error.values() for pair in e for v in pair if math.isfinite(v)]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    mx, my = (x1 - x0) * 0.06, (y1 - y0) * 0.08
+    return x0 - mx, x1 + mx, y0 - my, y1 + my
+
+
+def _svg_axes(xticks: list[float], yticks: list[float], sx, sy, pw: float, ph: float, xlabel: str,
+              ylabel: str) -> list[str]:
+    """Tick labels on both axes, horizontal grid lines, and the axis titles."""
+    out = [f'<text x="{sx(t):.1f}" y="{PAD + ph + 14}" text-anchor="middle">{t:g}</text>' for t in xticks]
+    for t in yticks:
         out.append(f'<line x1="{PAD}" x2="{PAD + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{PAD - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
     out.append(f'<text x="{PAD + pw / 2}" y="{H - 8}" text-anchor="middle">{_esc(xlabel)}</text>')
     out.append(f'<text transform="translate(12,{PAD + ph / 2}) rotate(-90)" text-anchor="middle">{_esc(ylabel)}'
                "</text>")
-    for i, (name, ps) in enumerate(series.items()):
-        c = colours.get(name, "#333")
-        ps = sorted(p for p in ps if math.isfinite(p[0]) and math.isfinite(p[1]))
-        dash = ' stroke-dasharray="5,3"' if name in dashed else ""
-        if lines and len(ps) > 1:
-            d = " ".join(f"{sx(p[0]):.1f},{sy(p[1]):.1f}" for p in ps)
-            out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="1.8"{dash}/>')
-        for j, (x, y, lo, hi) in enumerate(ps):
-            if math.isfinite(lo) and math.isfinite(hi):
-                out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(lo):.1f}" y2="{sy(hi):.1f}" '
+    return out
+
+
+def _svg_series(name: str, ps: list[tuple[float, float, float, float]], c: str, i: int, lines: bool, dashed: bool,
+                x_error: list[tuple[float, float]] | None, sx, sy, pw: float) -> list[str]:
+    """One series: its line (if `lines`), each point with its y interval and x error bar, and its legend entry
+    (the i-th)."""
+    out = []
+    ps = sorted(p for p in ps if math.isfinite(p[0]) and math.isfinite(p[1]))
+    dash = ' stroke-dasharray="5,3"' if dashed else ""
+    if lines and len(ps) > 1:
+        d = " ".join(f"{sx(p[0]):.1f},{sy(p[1]):.1f}" for p in ps)
+        out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="1.8"{dash}/>')
+    for j, (x, y, lo, hi) in enumerate(ps):
+        if math.isfinite(lo) and math.isfinite(hi):
+            out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(lo):.1f}" y2="{sy(hi):.1f}" '
+                       f'stroke="{c}"/>')
+        if x_error is not None and j < len(x_error):
+            xl, xh = x_error[j]
+            if math.isfinite(xl) and math.isfinite(xh):
+                out.append(f'<line x1="{sx(xl):.1f}" x2="{sx(xh):.1f}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
                            f'stroke="{c}"/>')
-            if xy_error and name in xy_error and j < len(xy_error[name]):
-                xl, xh = xy_error[name][j]
-                if math.isfinite(xl) and math.isfinite(xh):
-                    out.append(f'<line x1="{sx(xl):.1f}" x2="{sx(xh):.1f}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-                               f'stroke="{c}"/>')
-            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{c}"><title>{_esc(name)}: '
-                       f'({x:.4g}, {y:.4g})</title></circle>')
-        ly = PAD + 14 * i + 6
-        out.append(f'<line x1="{PAD + pw + 10}" x2="{PAD + pw + 26}" y1="{ly}" y2="{ly}" stroke="{c}" '
-                   f'stroke-width="2"{dash}/><text x="{PAD + pw + 30}" y="{ly + 4}">{_esc(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{c}"><title>{_esc(name)}: '
+                   f'({x:.4g}, {y:.4g})</title></circle>')
+    ly = PAD + 14 * i + 6
+    out.append(f'<line x1="{PAD + pw + 10}" x2="{PAD + pw + 26}" y1="{ly}" y2="{ly}" stroke="{c}" '
+               f'stroke-width="2"{dash}/><text x="{PAD + pw + 30}" y="{ly + 4}">{_esc(name)}</text>')
+    return out
 
 
 def scatter_svg(group: pd.DataFrame, colours: dict[str, str], x_metric: str = "retention_fd_ratio",
