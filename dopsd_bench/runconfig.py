@@ -50,6 +50,15 @@ class RunConfig:
     eval_batch_size: int | None = None  # images sampled at once when scoring; None: 16 on a GPU, all on the CPU
 
     def __post_init__(self) -> None:
+        # in this order, so a config with several bad fields is refused for the same one each time
+        self._check_names()
+        self._check_budget()
+        self._check_execution()
+        self._check_lr()
+        self._check_overrides()
+        self._check_output_and_device()
+
+    def _check_names(self) -> None:
         for name in ("method", "task", "backbone"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
@@ -58,6 +67,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}")
+
+    def _check_budget(self) -> None:
+        """The seed and the training budget: steps, batch size and rank, or a budget in FLOPs or seconds."""
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be an integer in [0, 2**32), as numpy's and torch's generators take it; "
                               f"got {self.seed!r}")
@@ -79,6 +91,9 @@ class RunConfig:
         if len(given) > 1:
             raise ConfigError(f"a training budget is given in one unit: got {' and '.join(given)}; keep one of "
                               "--steps, --budget-flops, --budget-seconds")
+
+    def _check_execution(self) -> None:
+        """How the cell runs: precision, gradient checkpointing, scoring batch size, checkpoint interval."""
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or unset for the device's default), "
                               f"got {self.dtype!r}")
@@ -90,11 +105,15 @@ class RunConfig:
         every = self.checkpoint_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
+
+    def _check_lr(self) -> None:
         if self.lr is not None:
             if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
                     or self.lr <= 0:
                 raise ConfigError(f"lr must be a positive finite number (or unset for the default), got {self.lr!r}")
             self.lr = float(self.lr)
+
+    def _check_overrides(self) -> None:
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"overrides must be a dict of key -> value strings, got {type(self.overrides).__name__}")
         for key, value in self.overrides.items():
@@ -102,6 +121,8 @@ class RunConfig:
                 raise ConfigError(f"override key {key!r} is not a config field name (letters, digits, _ and .)")
             if not isinstance(value, str):
                 raise ConfigError(f"override {key}={value!r}: values are strings, as given by --set key=value")
+
+    def _check_output_and_device(self) -> None:
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ConfigError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
         if self.force and self.resume:
