@@ -128,13 +128,8 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
         pipe.save_pretrained(d); teacher.save_pretrained(d / settings["vl_model"])
         (d / "dopsd_bench.json").write_text(json.dumps(settings))
     """
-    import copy
-
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from dopsd_bench.backbones.zimage import TeacherVL
+    from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
     tokenizer = bpe_tokenizer(corpus)
@@ -159,7 +154,23 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
 
-    # the teacher: Qwen3-VL built from the text encoder's config and a tiny vision tower
+    teacher = tiny_qwen3_vl_teacher(tokenizer, text_config, text_encoder.config.rope_parameters["rope_theta"])
+    settings = {"native_steps": 4, "resolution": resolution, "max_sequence_length": 48, "teacher_max_length": 96,
+                "vl_model": "teacher_vl", "vl_min_pixels": 32 * 32, "vl_max_pixels": 32 * 32}
+    return pipe, settings, teacher
+
+
+def tiny_qwen3_vl_teacher(tokenizer, text_config: dict, rope_theta: float):
+    """The Z-Image teacher of `tiny_z_image_pipeline`: a random-init Qwen3-VL whose text config is the text
+    encoder's (`text_config`, `rope_theta`), with a tiny vision tower that sees 32x32 pixels, and a copy of the
+    pipeline's `tokenizer` with Qwen3-VL's chat template."""
+    import copy
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from dopsd_bench.backbones.zimage import TeacherVL
+
     vl_tokenizer = copy.deepcopy(tokenizer)
     vl_tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
     ids = {name: vl_tokenizer.convert_tokens_to_ids(tok) for name, tok in (
@@ -167,8 +178,7 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     head_dim = text_config["head_dim"]
     vl_config = Qwen3VLConfig(
-        text_config={**text_config, "rope_parameters": {"rope_type": "default", "rope_theta": text_encoder.config.
-                                                        rope_parameters["rope_theta"],
+        text_config={**text_config, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
                                                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
                                                         "mrope_interleaved": True}},
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
@@ -179,7 +189,4 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
     image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
                                                min_pixels=32 * 32, max_pixels=32 * 32,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    teacher = TeacherVL(vl_model, vl_tokenizer, image_processor, QWEN3_VL_CHAT_TEMPLATE)
-    settings = {"native_steps": 4, "resolution": resolution, "max_sequence_length": 48, "teacher_max_length": 96,
-                "vl_model": "teacher_vl", "vl_min_pixels": 32 * 32, "vl_max_pixels": 32 * 32}
-    return pipe, settings, teacher
+    return TeacherVL(vl_model, vl_tokenizer, image_processor, QWEN3_VL_CHAT_TEMPLATE)
