@@ -129,9 +129,9 @@ class TaskSpec:
             self._validate_folder(where)
 
     def _validate_world(self, where: str) -> None:
-        from dopsd_bench.world import render as R
+        from dopsd_bench.world import render
 
-        valid = list(R.HELD_OUT_GLYPHS) if self.family == "concept" else list(R.HELD_OUT_STYLES)
+        valid = list(render.HELD_OUT_GLYPHS) if self.family == "concept" else list(render.HELD_OUT_STYLES)
         for inst in self.instances.values():
             if inst.name not in valid:
                 raise UnknownNameError(f"world {self.family} in task {self.name!r}", inst.name, valid)
@@ -196,17 +196,18 @@ class TaskSpec:
 
     def _build_world(self, inst: InstanceSpec, seed: int, resolution: int | None) -> TaskData:
         from dopsd_bench.taskdata import TaskData
-        from dopsd_bench.world import datasets as D
+        from dopsd_bench.world import datasets
 
-        train, captions = D.training_set(self.family, inst.name, self.n_train, seed=_train_seed(self, inst, seed))
-        prompts, targets = D.eval_prompts(self.family, inst.name, self.n_eval_prompts, seed=self.data_seed)
-        r_prompts, r_targets, r_real = D.retention_prompts(self.n_retention_prompts, seed=self.data_seed)
+        train, captions = datasets.training_set(self.family, inst.name, self.n_train,
+                                                seed=_train_seed(self, inst, seed))
+        prompts, targets = datasets.eval_prompts(self.family, inst.name, self.n_eval_prompts, seed=self.data_seed)
+        r_prompts, r_targets, r_real = datasets.retention_prompts(self.n_retention_prompts, seed=self.data_seed)
         if len(r_prompts) < self.n_retention_prompts:
             raise TaskError(f"task {self.name!r}: the world yielded {len(r_prompts)} retention prompts, "
                             f"{self.n_retention_prompts} were asked for; ask for fewer")
         retention_targets = _cycle(r_targets, self.n_retention)
         if self.n_retention > len(r_prompts):  # repeated prompts get fresh true renders, not copies
-            extra = D.true_renders(retention_targets[len(r_prompts):], seed=self.data_seed)
+            extra = datasets.true_renders(retention_targets[len(r_prompts):], seed=self.data_seed)
             r_real = _cat(r_real, extra)
         return TaskData(
             task=self.name, family=self.family, instance=inst.name, token=inst.token,

@@ -21,11 +21,11 @@ def default_corpus() -> list[str]:
     """Captions of the embedded world plus filler words, so common words become single tokens."""
     import numpy as np
 
-    from dopsd_bench.world import render as R
+    from dopsd_bench.world import render
 
     rng = np.random.default_rng(0)
-    lines = [R.caption(R.random_scene(rng)) for _ in range(400)]
-    lines += [" ".join(R.HELD_OUT_GLYPHS) + " " + " ".join(R.HELD_OUT_STYLES)] * 20
+    lines = [render.caption(render.random_scene(rng)) for _ in range(400)]
+    lines += [" ".join(render.HELD_OUT_GLYPHS) + " " + " ".join(render.HELD_OUT_STYLES)] * 20
     lines += ["a photo of a dog", "a painting in the style of sks", "a cat on a mat"] * 5
     return lines
 

@@ -32,8 +32,7 @@ from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.frechet import frechet_distance
 from dopsd_bench.metrics.scores import attribute_accuracy, attribute_alignment, label_index
 from dopsd_bench.stats import Interval, bootstrap_ci, bootstrap_statistics
-from dopsd_bench.world import datasets as D
-from dopsd_bench.world import render as R
+from dopsd_bench.world import datasets, render
 from dopsd_bench.world.judge import WorldJudge
 from dopsd_bench.world.mixtures import family_glyph, family_style, judge_scene
 
@@ -42,7 +41,7 @@ from dopsd_bench.world.mixtures import family_glyph, family_style, judge_scene
 def judge_all(judge: WorldJudge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-attribute probabilities and embeddings of `images`, on the CPU (the judge may sit on a GPU in a build)."""
     device = next(judge.parameters()).device
-    probs = {k: [] for k in R.ATTRIBUTES}
+    probs = {k: [] for k in render.ATTRIBUTES}
     feats = []
     for chunk in images.split(256):
         emb, logits = judge.embed_and_logits(chunk.to(device))  # one pass for both
@@ -60,11 +59,11 @@ def _batched_sample(bb, prompts, seeds, steps=None, references=None, batch=128) 
     return torch.cat(out)
 
 
-def judge_accuracy(judge: WorldJudge, scenes: list[R.Scene]) -> dict[str, float]:
+def judge_accuracy(judge: WorldJudge, scenes: list[render.Scene]) -> dict[str, float]:
     """Per attribute, the fraction of fresh renders of `scenes` the judge labels right (4 decimals)."""
-    probs, _ = judge_all(judge, R.to_tensor_batch([R.render(s) for s in scenes]))
+    probs, _ = judge_all(judge, render.to_tensor_batch([render.render(s) for s in scenes]))
     out = {}
-    for k in R.ATTRIBUTES:
+    for k in render.ATTRIBUTES:
         want = torch.tensor([s.judge_labels()[k] for s in scenes])
         out[k] = round(float((probs[k].argmax(-1) == want).double().mean()), 4)
     return out
@@ -79,14 +78,14 @@ def target_accuracy(judge: WorldJudge, images: torch.Tensor, attr: str, value: s
 def teacher_figures(bb, judge: WorldJudge, family: str, n: int, seed: int) -> dict[str, float]:
     """In-context accuracy of the teacher path, averaged over the family's held-out instances."""
     attr = "shape" if family == "concept" else "style"
-    instances = list(R.HELD_OUT_GLYPHS) if family == "concept" else list(R.HELD_OUT_STYLES)
+    instances = list(render.HELD_OUT_GLYPHS) if family == "concept" else list(render.HELD_OUT_STYLES)
     same, new, text = [], [], []
     for j, inst in enumerate(instances):
-        images, captions = D.training_set(family, inst, n, seed + j)
+        images, captions = datasets.training_set(family, inst, n, seed + j)
         seeds = list(range(seed, seed + n))
         # D-OPSD's training setting: the prompt is a training image's caption, the reference that image
         same.append(target_accuracy(judge, bb.sample(captions, seeds, references=images), attr, inst))
-        prompts, _ = D.eval_prompts(family, inst, n, seed + 100 + j)
+        prompts, _ = datasets.eval_prompts(family, inst, n, seed + 100 + j)
         new.append(target_accuracy(judge, bb.sample(prompts, seeds, references=images.roll(1, 0)), attr, inst))
         text.append(target_accuracy(judge, bb.sample(prompts, seeds), attr, inst))
     return {f"teacher_{family}_acc": float(np.mean(same)), f"teacher_{family}_acc_new_context": float(np.mean(new)),
@@ -101,10 +100,11 @@ def vae_figures(bb, judge: WorldJudge, renders, targets, real_feats, n_instance:
     probs, feats = judge_all(judge, bb.decode_latents(bb.encode_images(renders)))
     out = {"vae_roundtrip_alignment": float(attribute_alignment(probs, targets).mean()),
            "vae_roundtrip_fd": frechet_distance(real_feats, feats)}
-    for family, attr, instances in (("concept", "shape", R.HELD_OUT_GLYPHS), ("style", "style", R.HELD_OUT_STYLES)):
+    for family, attr, instances in (("concept", "shape", render.HELD_OUT_GLYPHS),
+                                    ("style", "style", render.HELD_OUT_STYLES)):
         accs = []
         for j, inst in enumerate(instances):
-            images, _ = D.training_set(family, inst, n_instance, seed + j)
+            images, _ = datasets.training_set(family, inst, n_instance, seed + j)
             accs.append(target_accuracy(judge, bb.decode_latents(bb.encode_images(images)), attr, inst))
         out[f"vae_roundtrip_{family}_acc"] = float(np.mean(accs))
     return out
@@ -121,18 +121,18 @@ def family_copy_figures(bb, judge: WorldJudge, n: int, seed: int) -> dict[str, f
     for family in ("glyph", "style"):
         targets, others, captions = [], [], []
         for _ in range(n):
-            s = R.random_scene(rng)
+            s = render.random_scene(rng)
             a, b = (int(v) for v in rng.integers(1_000_000, size=2))
             if family == "glyph":
                 t, name = family_glyph(rng, s, a)
-                other, caption = replace(t, shape=f"glyph:{b}"), R.caption(t, name=name)
+                other, caption = replace(t, shape=f"glyph:{b}"), render.caption(t, name=name)
             else:
                 t, name = family_style(rng, s, a, size="large")
-                other, caption = replace(t, style=f"tile:{b}"), R.caption(t, style_name=name)
-            targets.append(R.render(t))
-            others.append(R.render(other))
+                other, caption = replace(t, style=f"tile:{b}"), render.caption(t, style_name=name)
+            targets.append(render.render(t))
+            others.append(render.render(other))
             captions.append(caption)
-        refs, alts = R.to_tensor_batch(targets), R.to_tensor_batch(others)
+        refs, alts = render.to_tensor_batch(targets), render.to_tensor_batch(others)
         gen = bb.sample(captions, list(range(seed, seed + n)), references=refs)
         e_gen, e_ref, e_alt = (F.normalize(judge.embed(x), dim=-1) for x in (gen, refs, alts))
         closer = (e_gen * e_ref).sum(-1) > (e_gen * e_alt).sum(-1)
@@ -169,8 +169,8 @@ def retention_setup(judge: WorldJudge, n: int, seed: int = 0) -> tuple[list[str]
                                                                            list[int]]:
     """World check's retention evaluation: `n` prompts, their target attributes, the judge's features of true
     renders of them (the FD reference) and the sampling seeds, so that scripts measure on exactly its figures."""
-    prompts, targets, _ = D.retention_prompts(n, seed)
-    real_feats = judge_all(judge, D.true_renders(targets, seed))[1]
+    prompts, targets, _ = datasets.retention_prompts(n, seed)
+    real_feats = judge_all(judge, datasets.true_renders(targets, seed))[1]
     return prompts, targets, real_feats, list(range(10_000, 10_000 + n))
 
 
@@ -190,7 +190,7 @@ def sft_retention_ratio(turbo, judge, prompts, targets, real_feats, seeds, steps
     from dopsd_bench.registry import METHODS
     from dopsd_bench.train import TrainConfig, train
 
-    images, captions = D.training_set(family, instance, 8, 0)
+    images, captions = datasets.training_set(family, instance, 8, 0)
     method = METHODS.get("sft")()
     cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +297,7 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
     measure("base", "_native", base, turbo.native_steps)
     del base
     # same-prompt real-vs-real floor: what FD two independent sets of true renders reach at this N
-    other_renders = D.true_renders(targets, seed + 7)
+    other_renders = datasets.true_renders(targets, seed + 7)
     out["real_fd_floor"] = frechet_distance(real_feats, judge_all(judge, other_renders)[1])
     out.update(vae_figures(turbo, judge, other_renders, targets, real_feats, n_teach, seed))
     out.update(family_copy_figures(turbo, judge, 4 * n_teach, seed))

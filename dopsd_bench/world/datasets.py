@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import torch
 
-from dopsd_bench.world import render as R
+from dopsd_bench.world import render
 
 
 def _combo_key(c: tuple) -> int:
@@ -23,26 +23,26 @@ def is_retention_combo(colour: str, size: str, position: str, background: str) -
     return _combo_key((colour, size, position, background)) % 4 == 0
 
 
-def instance_scene(family: str, instance: str, rng: np.random.Generator, retention: bool = False) -> R.Scene:
+def instance_scene(family: str, instance: str, rng: np.random.Generator, retention: bool = False) -> render.Scene:
     """A scene of the held-out concept/style in a random base context (task contexts unless `retention`)."""
     while True:
-        s = R.random_scene(rng)
+        s = render.random_scene(rng)
         size = "large" if family == "style" else s.size  # fill patterns need the large size to be seen
         if is_retention_combo(s.colour, size, s.position, s.background) == retention:
             break
     if family == "concept":
-        if instance not in R.HELD_OUT_GLYPHS:
-            raise ValueError(f"unknown world concept {instance!r}: expected one of {list(R.HELD_OUT_GLYPHS)}")
+        if instance not in render.HELD_OUT_GLYPHS:
+            raise ValueError(f"unknown world concept {instance!r}: expected one of {list(render.HELD_OUT_GLYPHS)}")
         style = str(rng.choice(["solid", "outline"]))  # glyph detail is lost in stripes at 32 px
-        return R.Scene(instance, s.colour, s.size, s.position, style, s.background).jitter(rng)
+        return render.Scene(instance, s.colour, s.size, s.position, style, s.background).jitter(rng)
     if family == "style":
-        if instance not in R.HELD_OUT_STYLES:
-            raise ValueError(f"unknown world style {instance!r}: expected one of {R.HELD_OUT_STYLES}")
-        return R.Scene(s.shape, s.colour, size, s.position, instance, s.background).jitter(rng)
+        if instance not in render.HELD_OUT_STYLES:
+            raise ValueError(f"unknown world style {instance!r}: expected one of {render.HELD_OUT_STYLES}")
+        return render.Scene(s.shape, s.colour, size, s.position, instance, s.background).jitter(rng)
     raise ValueError(f"unknown family {family!r}: expected 'concept' or 'style'")
 
 
-def scene_targets(scene: R.Scene) -> dict[str, str]:
+def scene_targets(scene: render.Scene) -> dict[str, str]:
     return {"shape": scene.shape, "colour": scene.colour, "size": scene.size, "position": scene.position,
             "style": scene.style, "background": scene.background}
 
@@ -51,26 +51,26 @@ def training_set(family: str, instance: str, n: int, seed: int) -> tuple[torch.T
     """n training images of the held-out concept/style with their captions (the token is the instance name)."""
     rng = np.random.default_rng(seed)
     scenes = [instance_scene(family, instance, rng) for _ in range(n)]
-    return R.to_tensor_batch([R.render(s) for s in scenes]), [R.caption(s) for s in scenes]
+    return render.to_tensor_batch([render.render(s) for s in scenes]), [render.caption(s) for s in scenes]
 
 
 def eval_prompts(family: str, instance: str, n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
     """n prompts that use the token in new contexts, with the attributes a correct image has."""
     rng = np.random.default_rng(seed + 1)
     scenes = [instance_scene(family, instance, rng) for _ in range(n)]
-    return [R.caption(s) for s in scenes], [scene_targets(s) for s in scenes]
+    return [render.caption(s) for s in scenes], [scene_targets(s) for s in scenes]
 
 
 def retention_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]], torch.Tensor]:
     """n base-vocabulary prompts from the retention split, their attributes and one true render each."""
     rng = np.random.default_rng(seed + 2)
-    scenes = [R.random_scene(rng) for _ in range(50 * n)]
+    scenes = [render.random_scene(rng) for _ in range(50 * n)]
     scenes = [s for s in scenes if is_retention_combo(s.colour, s.size, s.position, s.background)][:n]
-    return ([R.caption(s) for s in scenes], [scene_targets(s) for s in scenes],
-            R.to_tensor_batch([R.render(s) for s in scenes]))
+    return ([render.caption(s) for s in scenes], [scene_targets(s) for s in scenes],
+            render.to_tensor_batch([render.render(s) for s in scenes]))
 
 
 def true_renders(targets: list[dict[str, str]], seed: int) -> torch.Tensor:
     """Fresh true renders of given attribute sets (new unsaid factors), for Fréchet references."""
     rng = np.random.default_rng(seed + 3)
-    return R.to_tensor_batch([R.render(R.Scene(**t).jitter(rng)) for t in targets])
+    return render.to_tensor_batch([render.render(render.Scene(**t).jitter(rng)) for t in targets])
