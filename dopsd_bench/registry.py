@@ -14,7 +14,8 @@ import it without cycles:
   `dopsd_bench.backbones`.
 - METRICS: the shipped specs of `dopsd_bench.metrics.info`, entry points in the group `dopsd_bench.metrics`, and
   third-party .py files or folders named by DOPSD_BENCH_METRICS_PATH or `dopsd-bench --metrics-path PATH`.
-- TASKS: the YAML files of the shipped tasks folder and of DOPSD_BENCH_TASKS_PATH folders (see dopsd_bench/tasks.py).
+- TASKS: the YAML files of the shipped tasks folder and of DOPSD_BENCH_TASKS_PATH folders, by file stem (read here, so
+  dopsd_bench/tasks.py, which reads a task file, imports this module and not the other way round).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dopsd_bench.errors import DuplicateNameError, UnknownNameError, UserError
+from dopsd_bench.errors import DuplicateNameError, TaskError, UnknownNameError, UserError
 
 __all__ = ["BACKBONES", "METHODS", "METRICS", "TASKS", "Registry", "UnknownNameError", "load_module_from_path"]
 
@@ -269,10 +270,53 @@ def _load_metrics(registry: Registry) -> None:
         _load_path(path, "--metrics-path")
 
 
-def _load_tasks(registry: Registry) -> None:
-    from dopsd_bench.tasks import register_task_dirs
+def builtin_tasks_dir() -> Path:
+    """The shipped tasks folder: the `dopsd_bench.tasks_data` package when installed, else ./tasks of a checkout."""
+    try:
+        spec = importlib.util.find_spec("dopsd_bench.tasks_data")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "tasks"
 
-    register_task_dirs(registry)
+
+def task_dirs() -> list[Path]:
+    """The shipped tasks folder, then the folders in DOPSD_BENCH_TASKS_PATH (os.pathsep-separated)."""
+    extra = [Path(p) for p in os.environ.get("DOPSD_BENCH_TASKS_PATH", "").split(os.pathsep) if p.strip()]
+    return [builtin_tasks_dir()] + extra
+
+
+def _load_tasks(registry: Registry) -> None:
+    """Register every *.yaml of the task folders by file stem (a task's format: dopsd_bench/tasks.py)."""
+    for folder in task_dirs():
+        if not folder.is_dir():
+            raise TaskError(f"task folder {folder} (from DOPSD_BENCH_TASKS_PATH) does not exist")
+        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            if path.stem in registry._entries:
+                if Path(registry._entries[path.stem][0]).resolve() == path.resolve():
+                    continue
+                raise TaskError(f"two tasks are named {path.stem!r}: {registry._entries[path.stem][0]} and {path}; "
+                                "rename one")
+            registry.add(path.stem, path, description=_peek_description(path))
+
+
+def _peek_description(path: Path) -> str:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        return f"(invalid YAML: {str(e).splitlines()[0]})"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"(unreadable: {e})"
+    if not isinstance(raw, dict):
+        return "(invalid: not a mapping)"
+    desc = str(raw.get("description", "")).strip()
+    instances = raw.get("instances")
+    names = list(instances) if isinstance(instances, (list, dict)) else []
+    head = f"{raw.get('family', '?')}: {', '.join(map(str, names))}"
+    return f"{head} — {desc}" if desc else head
 
 
 METHODS = Registry("method", _load_methods, _methods_catalog, "dopsd_bench.methods")

@@ -24,7 +24,6 @@ the runner trains the rounds (dopsd_bench/continual.py). See tasks/sequence.yaml
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -35,15 +34,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from dopsd_bench.errors import TaskError, UnknownNameError
+from dopsd_bench.registry import TASKS, builtin_tasks_dir  # the task folders are the TASKS registry's to read
 
 if TYPE_CHECKING:
     import torch
 
-    from dopsd_bench.registry import Registry
     from dopsd_bench.taskdata import TaskData
 
-__all__ = ["InstanceSpec", "Round", "SequenceSpec", "TaskError", "TaskSpec", "builtin_tasks_dir", "load_task",
-           "register_task_dirs"]
+__all__ = ["InstanceSpec", "Round", "SequenceSpec", "TaskError", "TaskSpec", "builtin_tasks_dir", "load_task"]
 
 FAMILIES = ("concept", "style")
 SEQUENCE_FAMILY = "sequence"
@@ -263,17 +261,6 @@ class TaskSpec:
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
-def builtin_tasks_dir() -> Path:
-    """The shipped tasks folder: the `dopsd_bench.tasks_data` package when installed, else ./tasks of a checkout."""
-    try:
-        spec = importlib.util.find_spec("dopsd_bench.tasks_data")
-    except ModuleNotFoundError:
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "tasks"
-
-
 @dataclass(frozen=True)
 class Round:
     """One round of a sequence: an instance of another (concept, style or folder) task."""
@@ -368,42 +355,6 @@ def sequence_from_dict(raw: dict[str, Any], name: str, base_dir: Path, path: Pat
                         description=str(raw.get("description", "")).strip(), path=path)
 
 
-def task_dirs() -> list[Path]:
-    """The shipped tasks folder, then the folders in DOPSD_BENCH_TASKS_PATH (os.pathsep-separated)."""
-    extra = [Path(p) for p in os.environ.get("DOPSD_BENCH_TASKS_PATH", "").split(os.pathsep) if p.strip()]
-    return [builtin_tasks_dir()] + extra
-
-
-def register_task_dirs(registry: Registry) -> None:
-    """Register every *.yaml of the task folders by file stem (the TASKS registry's loader)."""
-    for folder in task_dirs():
-        if not folder.is_dir():
-            raise TaskError(f"task folder {folder} (from DOPSD_BENCH_TASKS_PATH) does not exist")
-        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
-            if path.stem in registry._entries:
-                if Path(registry._entries[path.stem][0]).resolve() == path.resolve():
-                    continue
-                raise TaskError(f"two tasks are named {path.stem!r}: {registry._entries[path.stem][0]} and {path}; "
-                                "rename one")
-            registry.add(path.stem, path, description=_peek_description(path))
-
-
-def _peek_description(path: Path) -> str:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        return f"(invalid YAML: {str(e).splitlines()[0]})"
-    except (OSError, UnicodeDecodeError) as e:
-        return f"(unreadable: {e})"
-    if not isinstance(raw, dict):
-        return "(invalid: not a mapping)"
-    desc = str(raw.get("description", "")).strip()
-    instances = raw.get("instances")
-    names = list(instances) if isinstance(instances, (list, dict)) else []
-    head = f"{raw.get('family', '?')}: {', '.join(map(str, names))}"
-    return f"{head} — {desc}" if desc else head
-
-
 def load_task(name_or_path: str | Path) -> TaskSpec | SequenceSpec:
     """A registered task name ("style") or a path to a task .yaml; unknown names raise UnknownNameError.
     A `family: sequence` file gives a SequenceSpec."""
@@ -413,8 +364,6 @@ def load_task(name_or_path: str | Path) -> TaskSpec | SequenceSpec:
         if not path.is_file():
             raise TaskError(f"task file {text} does not exist; give a registered task name or a path to a .yaml")
         return load_task_file(path)
-    from dopsd_bench.registry import TASKS
-
     return load_task_file(Path(TASKS.get(text)))
 
 
