@@ -185,3 +185,19 @@ def cell_held_elsewhere(run_dir: Path) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+# a world style task small enough for a test run: 4 training images, 4 evaluation and 4 retention prompts
+TINY_WORLD_TASK = """\
+description: a tiny style task for tests
+family: style
+source: world
+instances: [dotted]
+n_train: 4
+eval_prompts: {count: 4}
+n_samples: 4
+eval_seeds: {range: [0, 4]}
+retention_prompts: {count: 4}
+n_retention: 4
+retention_seeds: {range: [100000, 4]}
+"""

@@ -15,26 +15,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_train import FakeBackbone, cell_held_elsewhere
+from helpers_train import TINY_WORLD_TASK, FakeBackbone, cell_held_elsewhere
 
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError, TaskError, UnknownNameError, UserError
 from dopsd_bench.runconfig import RunConfig
 from dopsd_bench.train import DEFAULT_BUDGET
-
-TINY_WORLD_TASK = """\
-description: a tiny style task for tests
-family: style
-source: world
-instances: [dotted]
-n_train: 4
-eval_prompts: {count: 4}
-n_samples: 4
-eval_seeds: {range: [0, 4]}
-retention_prompts: {count: 4}
-n_retention: 4
-retention_seeds: {range: [100000, 4]}
-"""
 
 
 def fake_evaluate(calls: list):

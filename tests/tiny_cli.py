@@ -15,21 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_train import FakeBackbone
+from helpers_train import TINY_WORLD_TASK, FakeBackbone
 
-TINY_TASK = """\
-description: a tiny style task for tests
-family: style
-source: world
-instances: [dotted]
-n_train: 4
-eval_prompts: {count: 4}
-n_samples: 4
-eval_seeds: {range: [0, 4]}
-retention_prompts: {count: 4}
-n_retention: 4
-retention_seeds: {range: [100000, 4]}
-"""
+TINY_TASK = TINY_WORLD_TASK
 
 
 def sample_scores(backbone, data, method, features, cache_dir, timings, step_curve=(1, 2, 4, 8), progress=None,
