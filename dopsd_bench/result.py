@@ -9,6 +9,9 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.png"
+# the in-context teacher (prompt + reference image) on the first evaluation prompts: one row each, top to bottom
+TEACHER_SAMPLES_FILE = "teacher.png"
+TEACHER_SAMPLES_ROWS = ("reference images", "teacher before tuning (untuned model)", "teacher after tuning")
 ADAPTER_DIR = "adapter"
 RESULT_KEYS = ("schema_version", "method", "task", "instance", "backbone", "model", "seed", "budget", "metrics",
                "timings", "env")

@@ -4,10 +4,11 @@
     from dopsd_bench.runner import run_cell
     run_cell(RunConfig(method="sft", task="style", steps=2))        # -> runs/flux2-klein/style-dotted/sft/seed0-...
 
-The run dir holds config.json (written first), train_log.jsonl, adapter/ (diffusers LoRA format), samples.png and
-result.json. Every file is written atomically and result.json last, so its presence means the cell is complete:
-such a cell is skipped unless `force`. Errors in user input (names, task data, configs) are raised as
-dopsd_bench.errors.UserError before the model is loaded or any run-dir file is written.
+The run dir holds config.json (written first), train_log.jsonl, adapter/ (diffusers LoRA format), samples.png,
+teacher.png (the in-context teacher before and after tuning) and result.json. Every file is written atomically and
+result.json last, so its presence means the cell is complete: such a cell is skipped unless `force`. Errors in
+user input (names, task data, configs) are raised as dopsd_bench.errors.UserError before the model is loaded or any
+run-dir file is written.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from dopsd_bench import rundir
 from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
-from dopsd_bench.result import COST_KEYS
+from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE
 from dopsd_bench.runconfig import RunConfig, check_device, default_eval_batch_size, resolve_dtype, torch_dtype
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, checkpoint_dirs, make_accelerator, train
 
@@ -444,6 +445,9 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
                                   batch_size=eval_batch_size)
     grid = _grid_rows(method, recorder, backbone, data, cache_dir, weights_changed)
     rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid(grid))
+    if data.train_images.shape[0]:  # after scoring, so no metric can depend on it
+        teacher = _teacher_rows(method, backbone, data, cache_dir, weights_changed)
+        rundir.atomic_write_bytes(run_dir / TEACHER_SAMPLES_FILE, samples_grid(teacher))
 
     # ---- write ----------------------------------------------------------------------------------------------
     result = _result_record(cfg, label, method, tcfg, data, backbone_info, metrics, timings, train_t, device,
@@ -513,6 +517,27 @@ def _grid_rows(method: Method, recorder: _Recorder, backbone, data, cache_dir: P
         tuned = method.sample(data.eval_prompts[:GRID_COLUMNS], data.eval_seeds[:GRID_COLUMNS], native)
     untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
     return [tuned, untuned, data.train_images]
+
+
+def _teacher_rows(method: Method, backbone, data, cache_dir: Path, weights_changed: bool) -> list[torch.Tensor]:
+    """teacher.png's rows (result.TEACHER_SAMPLES_ROWS): the reference images, then the in-context teacher (prompt +
+    reference) of the untuned model and of the tuned one, on the evaluation prompts and seeds with the references
+    scoring gave them. The untuned row comes from the sample cache scoring filled; the tuned row is drawn for the
+    grid's prompts only, through the adapter scoring used as the tuned teacher."""
+    from dopsd_bench.metrics.evaluate import student_adapter, teacher_adapter
+    from dopsd_bench.metrics.teacher import references_for
+
+    native, n = backbone.native_steps, GRID_COLUMNS
+    refs = references_for(data.train_images, len(data.eval_prompts))
+    before = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native,
+                                                                         references=refs)
+    teacher = teacher_adapter(method, backbone)
+    if teacher is None and not weights_changed:  # nothing was tuned: the tuned teacher is the untuned one
+        return [refs, before, before]
+    backbone.set_adapter(teacher)
+    after = backbone.sample(data.eval_prompts[:n], data.eval_seeds[:n], native, references=refs[:n])
+    backbone.set_adapter(student_adapter(method))
+    return [refs, before, after]
 
 
 def _result_record(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig | None, data, backbone_info: dict,

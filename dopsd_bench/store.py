@@ -29,7 +29,14 @@ from typing import Any
 
 import pandas as pd
 
-from dopsd_bench.result import BUDGET_KEYS, COST_KEYS, READABLE_SCHEMA_VERSIONS, RESULT_FILE, SAMPLES_FILE
+from dopsd_bench.result import (
+    BUDGET_KEYS,
+    COST_KEYS,
+    READABLE_SCHEMA_VERSIONS,
+    RESULT_FILE,
+    SAMPLES_FILE,
+    TEACHER_SAMPLES_FILE,
+)
 
 REQUIRED_KEYS = ("schema_version", "method", "task", "instance", "seed", "metrics")
 CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
@@ -39,7 +46,7 @@ CELL_KEYS = ["method", "task", "instance", "backbone", "seed", "budget"]
 class Results:
     samples: pd.DataFrame  # cell keys + cell, metric, sample, value, higher_is_better
     summary: pd.DataFrame  # cell keys + cell, metric, mean, n_samples, higher_is_better
-    cells: pd.DataFrame  # cell keys + cell, run_dir, samples_png, family, budget fields, cost spent, timings (s)
+    cells: pd.DataFrame  # cell keys + cell, run_dir, samples_png, teacher_png, family, budget, cost spent, timings
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell -> {metric name: raw value}
     skipped: list[str] = field(default_factory=list)  # "path: why" for every file that was not loaded
 
@@ -141,7 +148,8 @@ def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Result
     )
     cells = pd.DataFrame(cell_rows)
     if cells.empty:
-        cells = pd.DataFrame(columns=[*key_cols, "family", "run_dir", "samples_png", *BUDGET_KEYS, *COST_KEYS])
+        cells = pd.DataFrame(columns=[*key_cols, "family", "run_dir", "samples_png", "teacher_png", *BUDGET_KEYS,
+                                      *COST_KEYS])
     _warn_duplicate_cells(cells)
     return Results(samples=samples, summary=summary, cells=cells, extra=extra, skipped=skipped)
 
@@ -171,6 +179,7 @@ def _cell_row(data: dict[str, Any], keys: dict[str, Any], run_dir: Path) -> dict
         "run_dir": str(run_dir),
         "samples_png": str(run_dir / SAMPLES_FILE) if (run_dir / SAMPLES_FILE).exists() else None,
         "samples_rows": " / ".join(map(str, data.get("samples_rows") or [])),
+        "teacher_png": str(run_dir / TEACHER_SAMPLES_FILE) if (run_dir / TEACHER_SAMPLES_FILE).exists() else None,
         **{k: budget.get(k) for k in BUDGET_KEYS},
         **{k: _number(cost.get(k)) for k in COST_KEYS},
         **{f"time_{k}": v for k, v in timings.items() if isinstance(v, (int, float))},
