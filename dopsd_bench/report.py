@@ -5,8 +5,11 @@ Tiny CPU example (after a tiny sweep): `dopsd-bench report --results /tmp/sw --o
 
 It holds, per (backbone, task, budget): the leaderboard tables (as `dopsd-bench leaderboard`), a fidelity-versus-
 retention scatter (mean and 95% CI per method), the step curves (retention metrics at 1, 2, 4, 8 steps, the untuned
-model dashed), and the image grids: per task instance, one row per method and one column per seed, each the run's
-samples.png, which shows the same evaluation prompts and seeds for every method.
+model dashed), for sequence cells the continual-tuning view (report_views.sequence_section), and the image grids:
+per task instance, one row per method and one column per seed, each the run's samples.png, which shows the same
+evaluation prompts and seeds for every method, with its teacher.png beside it where the run stored one (the
+in-context teacher before and after tuning). After a task's last budget, where a method ran at several budgets, the
+cost view (report_views.cost_section). The SVG drawing lives in report_charts.py.
 """
 
 from __future__ import annotations
