@@ -202,7 +202,8 @@ def report_command(
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     reference: ReferenceOption = None,
 ) -> None:
-    """Write one self-contained HTML report: leaderboard, image grids, step curves, fidelity-vs-retention."""
+    """Write one self-contained HTML report: leaderboard, image grids (student and in-context teacher), step curves,
+    fidelity-vs-retention, sequences' accuracy matrices and retention per round, fidelity vs cost across budgets."""
     import shlex
     import sys
 
