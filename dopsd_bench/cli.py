@@ -252,6 +252,10 @@ def run(
     dtype: options.Dtype = None,
     gradient_checkpointing: options.GradientCheckpointing = False,
     eval_batch_size: options.EvalBatchSize = None,
+    scorer: options.Scorer = None,
+    dino: options.Dino = None,
+    clip: options.Clip = None,
+    teacher_model: options.TeacherModel = None,
 ) -> None:
     """Train one method on one task instance, sample at the backbone's native steps, score, and write a run dir."""
     from dopsd_bench.runconfig import RunConfig, parse_overrides
@@ -264,7 +268,8 @@ def run(
                     steps=steps, budget_flops=budget_flops, budget_seconds=budget_seconds, batch_size=batch_size,
                     lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
                     force=force, resume=resume, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
-                    gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size)
+                    gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
+                    dino=dino, clip=clip, teacher_model=teacher_model)
     from dopsd_bench import runner
 
     runner.run_cell(cfg)
@@ -285,6 +290,10 @@ def eval_(
     device: options.Device = None,
     dtype: options.Dtype = None,
     eval_batch_size: options.EvalBatchSize = None,
+    scorer: options.Scorer = None,
+    dino: options.Dino = None,
+    clip: options.Clip = None,
+    teacher_model: options.TeacherModel = None,
 ) -> None:
     """Score an adapter trained elsewhere with the same protocol as `run` (same prompts, seeds and metrics)."""
     from dopsd_bench.runconfig import RunConfig
@@ -295,7 +304,7 @@ def eval_(
     BACKBONES.get(backbone)
     cfg = RunConfig(method=name, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
                     out_dir=out_dir, force=force, device=device, lora=str(lora.resolve()), dtype=dtype,
-                    eval_batch_size=eval_batch_size)
+                    eval_batch_size=eval_batch_size, scorer=scorer, dino=dino, clip=clip, teacher_model=teacher_model)
     from dopsd_bench import runner
 
     runner.eval_cell(cfg)

@@ -339,7 +339,7 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     backbone = runner._load_backbone(cfg, device)
     model_id = getattr(backbone, "model_id", cfg.model)
     datas = [r.spec().build(r.instance, cfg.seed, resolution=backbone.resolution) for r in rounds]
-    features = _features_per_round(rounds, datas, device)
+    features = _features_per_round(cfg, rounds, datas, backbone.resolution, device)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
     cache_dir = Path(cfg.out_dir) / ".cache"
     info = _sequence_info(cfg, backbone, model_id, dtype, eval_batch_size, options, rounds)
@@ -370,6 +370,8 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     if not main:
         return final_dir
     result = _result(cfg, label, method, tcfg, records, options, rounds, backbone, device, timings, t0)
+    # one per round: a sequence may mix world and folder rounds
+    result["scorer"] = [runner._scorer_record(cfg, data, backbone.resolution) for data in datas]
     _write_final_grid(cfg, method_overrides, run_dir, backbone, options, datas)
     if options.carry == "continue" and result["adapter"]:
         shutil.copytree(run_dir / ROUNDS_DIR / round_dir_name(len(rounds) - 1, rounds[-1]) / rundir.ADAPTER_DIR,
@@ -382,14 +384,14 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     return final_dir
 
 
-def _features_per_round(rounds: list[Round], datas: list, device) -> list:
+def _features_per_round(cfg: RunConfig, rounds: list[Round], datas: list, resolution: int, device) -> list:
     """Each round's feature extractor, one per kind of data (the world judge is loaded once)."""
     extractors: dict[str, Any] = {}
     features = []
     for r, data in zip(rounds, datas, strict=True):
         kind = "world" if data.source == "world" else r.task
         if kind not in extractors:
-            extractors[kind] = runner._features(data, device)
+            extractors[kind] = runner._features(cfg, data, resolution, device)
         features.append(extractors[kind])
     return features
 

@@ -25,3 +25,13 @@ BatchSize = Annotated[int | None, typer.Option(help="training batch size (defaul
 Rank = Annotated[int | None, typer.Option(help="LoRA rank (default: the method's)")]
 GradientCheckpointing = Annotated[bool, typer.Option(help="recompute the denoiser's activations in backward: less "
                                                           "memory, slower steps")]
+Scorer = Annotated[str | None, typer.Option(help="judge (the world judge's features) or dino-clip (DINOv2 + CLIP); "
+                                                  "default: the judge for world tasks and on a backbone at the "
+                                                  "judge's 32 px, else dino-clip")]
+Dino = Annotated[str | None, typer.Option(help="DINOv2 weights for --scorer dino-clip: a local folder or cached hub "
+                                              "id (default: $DOPSD_BENCH_DINO, else facebook/dinov2-small)")]
+Clip = Annotated[str | None, typer.Option(help="CLIP weights for --scorer dino-clip, or 'none' to score without CLIP "
+                                              "(default: $DOPSD_BENCH_CLIP, else openai/clip-vit-base-patch32)")]
+TeacherModel = Annotated[str | None, typer.Option(help="the in-context teacher's vision-language model for z-image "
+                                                        "(a local folder or hub id; default: the model folder's "
+                                                        "dopsd_bench.json, else Qwen/Qwen3-VL-4B-Instruct)")]

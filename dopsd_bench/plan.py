@@ -144,14 +144,21 @@ def meta_pipeline(path: str, dtype: torch.dtype):
     return pipe_cls(**parts)
 
 
-def meta_backbone(name: str, model: str | None, dtype: str):
-    """The backbone adapter `name` over `model`'s pipeline on the meta device; (backbone, settings)."""
+def meta_backbone(name: str, model: str | None, dtype: str, teacher_model: str | None = None):
+    """The backbone adapter `name` over `model`'s pipeline on the meta device; (backbone, settings). `teacher_model`
+    replaces the in-context teacher's VL model of a backbone that has one (z-image); UserError for one without."""
     from dopsd_bench.registry import BACKBONES
     from dopsd_bench.runconfig import torch_dtype
 
     cls = BACKBONES.get(name)
     model = model or cls.default_model
     path, settings = cls.resolve(model)
+    if teacher_model is not None:
+        if "vl_model" not in settings:
+            raise UserError(f"--teacher-model names an in-context teacher's vision-language model, which {name} does "
+                            "not have (its teacher is its own transformer given reference tokens); drop it, or use "
+                            "--backbone z-image")
+        settings["vl_model"] = teacher_model
     try:
         pipe = meta_pipeline(path, torch_dtype(dtype))
     except (OSError, KeyError, ValueError, AttributeError) as e:
@@ -269,17 +276,26 @@ def _transformer_shape(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def _check_scoring(plan: Plan, sources: set[str]) -> None:
-    """How the task's data (`world` renders, image `folder`s, or both in a sequence's rounds) is scored."""
+def _check_scoring(plan: Plan, sources: set[str], scorer: str | None = None, dino: str | None = None,
+                   clip: str | None = None) -> None:
+    """How the task's data (`world` renders, image `folder`s, or both in a sequence's rounds) is scored: the
+    scorer `metrics.features.choose_scorer` picks for each source, and whether its weights are at hand."""
+    from dopsd_bench.metrics.features import choose_scorer
+
+    chosen = {source: choose_scorer(scorer, source, plan.resolution, bool(dino or clip)) for source in sorted(sources)}
     parts = []
-    if "world" in sources:
-        parts.append(_world_scoring(plan))
-    if "folder" in sources:
-        parts.append(_folder_scoring(plan))
+    if "judge" in chosen.values():
+        parts.append(_judge_scoring(plan))
+        if chosen.get("folder") == "judge":
+            plan.notes.append("image folders scored by the world judge: fidelity is the cosine to the references in "
+                              "its features; prompt alignment is not measured (the judge reads world attributes, "
+                              "which a folder's captions do not state)")
+    if "dino-clip" in chosen.values():
+        parts.append(_dino_clip_scoring(plan, dino, clip))
     plan.scoring = "; ".join(parts)
 
 
-def _world_scoring(plan: Plan) -> str:
+def _judge_scoring(plan: Plan) -> str:
     r = plan.resolution
     if r < JUDGE_RESOLUTION:
         plan.notes.append(f"the backbone samples {r} px images, smaller than the judge's {JUDGE_RESOLUTION} px: "
@@ -291,18 +307,16 @@ def _world_scoring(plan: Plan) -> str:
             f"{JUDGE_RESOLUTION} px renders are resized to {r} px for training and as references")
 
 
-def _folder_scoring(plan: Plan) -> str:
-    import os
+def _dino_clip_scoring(plan: Plan, dino: str | None, clip: str | None) -> str:
+    from dopsd_bench.metrics.features import scorer_weights
 
-    from dopsd_bench.metrics.features import DEFAULT_CLIP, DEFAULT_DINO
-
-    dino = os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
-    clip = os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
-    for what, ref, var in (("DINOv2", dino, "DOPSD_BENCH_DINO"), ("CLIP", clip, "DOPSD_BENCH_CLIP")):
-        if ref.lower() != "none" and not _local_or_cached(ref):
-            plan.problems.append(f"scoring this image-folder task needs {what} ({ref!r}), which is neither a local "
-                                 f"folder nor in the Hugging Face cache; point {var} at a saved model folder")
-    return f"DINOv2 ({dino})" + ("" if clip.lower() == "none" else f" and CLIP ({clip})")
+    dino, clip = scorer_weights(dino, clip)
+    for what, ref, flag in (("DINOv2", dino, "--dino"), ("CLIP", clip, "--clip")):
+        if ref is not None and not _local_or_cached(ref):
+            plan.problems.append(f"scoring with DINOv2 + CLIP needs {what} ({ref!r}), which is neither a local folder "
+                                 f"nor in the Hugging Face cache; pass {flag} PATH to a saved model folder"
+                                 + (" or --clip none" if flag == "--clip" else "") + ", or --scorer judge")
+    return f"DINOv2 ({dino})" + ("" if clip is None else f" and CLIP ({clip})")
 
 
 def _check_teacher(plan: Plan, settings: dict) -> None:
@@ -350,7 +364,8 @@ def _check_base_model(plan: Plan, method, backbone_name: str, transformer_config
 def make_plan(backbone: str, model: str | None, method: str, task: str, instance: str | None = None,
               dtype: str | None = None, device: str | None = None, batch_size: int | None = None,
               rank: int | None = None, overrides: dict[str, str] | None = None, activations: bool = True,
-              gradient_checkpointing: bool = False) -> Plan:
+              gradient_checkpointing: bool = False, scorer: str | None = None, dino: str | None = None,
+              clip: str | None = None, teacher_model: str | None = None) -> Plan:
     from dopsd_bench.registry import BACKBONES
     from dopsd_bench.runconfig import resolve_dtype
     from dopsd_bench.runner import build_method
@@ -365,7 +380,7 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
     model = model or BACKBONES.get(backbone).default_model
     plan = Plan(backbone=backbone, model=model, method=method, task=spec.name, instance=instance, dtype=dtype,
                 device=str(target))
-    bb, settings = meta_backbone(backbone, model, dtype)
+    bb, settings = meta_backbone(backbone, model, dtype, teacher_model)
     pipe = bb.pipe
     plan.resolution = bb.resolution
     plan.params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in COMPONENTS}
@@ -375,7 +390,7 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
                              f"{pipe.vae_scale_factor}x down-sampling times the 2x2 patches): its samples would not "
                              "have the task's size; set dopsd_bench.json's resolution to a multiple of it")
     rounds = spec.rounds(instance) if spec.family == "sequence" else []
-    _check_scoring(plan, {r.spec().source for r in rounds} if rounds else {spec.source})
+    _check_scoring(plan, {r.spec().source for r in rounds} if rounds else {spec.source}, scorer, dino, clip)
     _check_teacher(plan, settings)
     _check_base_model(plan, the_method, backbone, bb.denoiser.config)
 
@@ -410,10 +425,11 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
 
 
 def preflight(backbone: str, model: str | None, method: str, task: str, instance: str | None, dtype: str | None,
-              device: str | None, overrides: dict[str, str] | None = None) -> Plan:
+              device: str | None, overrides: dict[str, str] | None = None, scorer: str | None = None,
+              dino: str | None = None, clip: str | None = None, teacher_model: str | None = None) -> Plan:
     """The checks of `plan` without the activation count; UserError naming the first problem."""
     plan = make_plan(backbone, model, method, task, instance, dtype=dtype, device=device, overrides=overrides,
-                     activations=False)
+                     activations=False, scorer=scorer, dino=dino, clip=clip, teacher_model=teacher_model)
     if plan.problems:
         raise UserError(f"{plan.method} on {plan.task}:{plan.instance} with {plan.backbone} ({plan.model}) cannot "
                         f"finish: {plan.problems[0]}")
@@ -431,6 +447,10 @@ def plan_command(
     rank: options.Rank = None,
     device: options.Device = None,
     gradient_checkpointing: options.GradientCheckpointing = False,
+    scorer: options.Scorer = None,
+    dino: options.Dino = None,
+    clip: options.Clip = None,
+    teacher_model: options.TeacherModel = None,
 ) -> None:
     """Say what a run will cost (parameters, memory) and whether it can finish, without loading weights."""
     from dopsd_bench.registry import BACKBONES, METHODS
@@ -441,7 +461,8 @@ def plan_command(
     METHODS.get(method)
     BACKBONES.get(backbone)
     plan = make_plan(backbone, model, method, task, instance, dtype=dtype, device=device, batch_size=batch_size,
-                     rank=rank, gradient_checkpointing=gradient_checkpointing)
+                     rank=rank, gradient_checkpointing=gradient_checkpointing, scorer=scorer, dino=dino,
+                     clip=clip, teacher_model=teacher_model)
     print("\n".join(plan.lines()))
     if plan.problems:
         raise UserError(f"this run cannot finish: {plan.problems[0]}")

@@ -202,8 +202,10 @@ def report_command(
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     reference: ReferenceOption = None,
 ) -> None:
-    """Write one self-contained HTML report: leaderboard, image grids (student and in-context teacher), step curves,
-    fidelity-vs-retention, sequences' accuracy matrices and retention per round, fidelity vs cost across budgets."""
+    """Write one self-contained HTML report: leaderboard, image grids, step curves, fidelity-vs-retention.
+
+    The image grids show the in-context teacher beside the student; continual-tuning results add each method's
+    accuracy matrix and retention per round, and methods run at several budgets add fidelity against cost."""
     import shlex
     import sys
 

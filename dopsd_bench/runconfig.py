@@ -20,8 +20,10 @@ from dopsd_bench.errors import ConfigError
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # fields that change what is trained or scored but are not part of the readable directory name
-_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora", "dtype")
+_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora", "dtype",
+           "scorer", "dino", "clip", "teacher_model")
 DTYPES = ("bf16", "fp16", "fp32")
+SCORERS = ("judge", "dino-clip")  # metrics.features.SCORERS, named here so a config validates without torch
 
 
 @dataclass
@@ -48,6 +50,10 @@ class RunConfig:
     dtype: str | None = None  # frozen weights' dtype (bf16 | fp16 | fp32); None: bf16 on a GPU that has it, else fp32
     gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (memory for time)
     eval_batch_size: int | None = None  # images sampled at once when scoring; None: 16 on a GPU, all on the CPU
+    scorer: str | None = None  # judge | dino-clip; None: metrics.features.choose_scorer's default for the task
+    dino: str | None = None  # DINOv2 weights for dino-clip (None: $DOPSD_BENCH_DINO, else the hub default)
+    clip: str | None = None  # CLIP weights for dino-clip, "none" for none (None: $DOPSD_BENCH_CLIP, else the hub's)
+    teacher_model: str | None = None  # the in-context teacher's VL model (z-image); None: the model's own setting
 
     def __post_init__(self) -> None:
         # in this order, so a config with several bad fields is refused for the same one each time
@@ -63,7 +69,7 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} must be a non-empty name, got {value!r}")
-        for name in ("instance", "model", "device", "lora"):
+        for name in ("instance", "model", "device", "lora", "teacher_model"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}")
@@ -93,7 +99,8 @@ class RunConfig:
                               "--steps, --budget-flops, --budget-seconds")
 
     def _check_execution(self) -> None:
-        """How the cell runs: precision, gradient checkpointing, scoring batch size, checkpoint interval."""
+        """How the cell runs and is scored: precision, gradient checkpointing, scoring batch size and scorer,
+        checkpoint interval."""
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or unset for the device's default), "
                               f"got {self.dtype!r}")
@@ -105,6 +112,16 @@ class RunConfig:
         every = self.checkpoint_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
+        if self.scorer is not None and self.scorer not in SCORERS:
+            raise ConfigError(f"scorer must be one of {', '.join(SCORERS)} (or unset for the task's default), "
+                              f"got {self.scorer!r}")
+        for name in ("dino", "clip"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a local folder or hub id (or unset for the default), got {value!r}")
+        if self.scorer == "judge" and (self.dino or self.clip):
+            raise ConfigError("--dino/--clip choose the dino-clip scorer's weights, but the scorer is the judge: "
+                              "drop them or use --scorer dino-clip")
 
     def _check_lr(self) -> None:
         if self.lr is not None:

@@ -79,7 +79,8 @@ def _load_backbone(cfg: RunConfig, device: torch.device):
     from dopsd_bench.backbones import load_backbone
 
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
-    backbone = load_backbone(cfg.backbone, cfg.model, device=str(device), dtype=dtype)
+    teacher = {} if cfg.teacher_model is None else {"vl_model": cfg.teacher_model}  # plan checked the backbone has one
+    backbone = load_backbone(cfg.backbone, cfg.model, device=str(device), dtype=dtype, **teacher)
     if cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     return backbone
@@ -94,7 +95,8 @@ def _preflight(cfg: RunConfig, method: Method | None) -> None:
     if cfg.backbone not in BACKBONES.names():
         return
     name = cfg.method if method is not None else "base"  # an adapter to score trains nothing
-    preflight(cfg.backbone, cfg.model, name, cfg.task, cfg.instance, cfg.dtype, cfg.device, cfg.overrides)
+    preflight(cfg.backbone, cfg.model, name, cfg.task, cfg.instance, cfg.dtype, cfg.device, cfg.overrides,
+              scorer=cfg.scorer, dino=cfg.dino, clip=cfg.clip, teacher_model=cfg.teacher_model)
 
 
 def _model_identity(cfg: RunConfig) -> str:
@@ -104,10 +106,20 @@ def _model_identity(cfg: RunConfig) -> str:
     return backbone_identity(cfg.backbone, cfg.model)
 
 
-def _features(data, device: torch.device):
+def _features(cfg: RunConfig, data, resolution: int, device: torch.device):
+    """The scorer's feature extractor for `data` on a backbone sampling at `resolution` (the cell's --scorer,
+    --dino, --clip; metrics.features.choose_scorer)."""
     from dopsd_bench.metrics.evaluate import features_for_task
 
-    return features_for_task(data, device=device)
+    return features_for_task(data, scorer=cfg.scorer, resolution=resolution, dino=cfg.dino, clip=cfg.clip,
+                             device=device)
+
+
+def _scorer_record(cfg: RunConfig, data, resolution: int) -> dict:
+    """What scored the cell (metrics.features.scorer_record), as result.json records it."""
+    from dopsd_bench.metrics.features import scorer_record
+
+    return scorer_record(cfg.scorer, data.source, resolution, cfg.dino, cfg.clip)
 
 
 def _evaluate(backbone, data, method, features, cache_dir: Path, timings: dict, **kwargs) -> dict:
@@ -415,7 +427,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
         tcfg = dataclasses.replace(tcfg, precision=dtype)  # autocast to the weights' dtype; LoRA state stays fp32
     backbone = _load_backbone(cfg, device)
     data = spec.build(cfg.instance, cfg.seed, resolution=backbone.resolution)
-    features = _features(data, device)
+    features = _features(cfg, data, backbone.resolution, device)
     timings["load_s"] = time.perf_counter() - t0
     cache_dir = Path(cfg.out_dir) / ".cache"
     backbone_info = _backbone_info(cfg, backbone, lora, dtype, eval_batch_size)
@@ -452,6 +464,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     # ---- write ----------------------------------------------------------------------------------------------
     result = _result_record(cfg, label, method, tcfg, data, backbone_info, metrics, timings, train_t, device,
                             adapter_saved, t0)
+    result["scorer"] = _scorer_record(cfg, data, backbone.resolution)
     rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
     if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one

@@ -18,6 +18,8 @@ Sweep file (YAML; every key optional except methods and tasks):
     method_set: {dopsd: {teacher: ema}}         # --set for one method
     backbone: NAME, model: PATH_OR_ID, device: cpu, out: runs/grid, processes: 1, checkpoint_every: 50
     dtype: bf16, gradient_checkpointing: true, eval_batch_size: 16   # as `run`'s flags, for every cell
+    scorer: dino-clip, dino: PATH, clip: PATH_OR_none                # how every cell is scored (as `run`'s flags)
+    teacher_model: PATH_OR_ID                   # z-image's in-context teacher (VL model) for every cell
 
 Resumable: a cell whose run dir holds a complete result.json is skipped (the runner writes it atomically and last),
 and an unfinished cell is re-run with resume=True, so its training picks up from its last checkpoint. Kill the sweep
@@ -57,13 +59,15 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dopsd_bench import options, sweep_workers
 from dopsd_bench.errors import CellBusy, UserError
 from dopsd_bench.result import BUDGET_KEYS
 
 DEFAULT_RUNNER = "dopsd_bench.runner:run_cell"
 DEFAULT_OUT = "runs/sweep"
 SWEEP_KEYS = {"methods", "tasks", "seeds", "budgets", "set", "method_set", "backbone", "model", "device", "out",
-              "processes", "checkpoint_every", "dtype", "gradient_checkpointing", "eval_batch_size"}
+              "processes", "checkpoint_every", "dtype", "gradient_checkpointing", "eval_batch_size", "scorer", "dino",
+              "clip", "teacher_model"}
 LOG_FILE = "sweep.log"
 console = Console(stderr=True)
 
@@ -86,6 +90,10 @@ class SweepSpec:
     dtype: str | None = None
     gradient_checkpointing: bool | None = None
     eval_batch_size: int | None = None
+    scorer: str | None = None
+    dino: str | None = None
+    clip: str | None = None
+    teacher_model: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -181,7 +189,8 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
                         "backbone": spec.backbone, "model": spec.model, "device": spec.device,
                         "out_dir": str(spec.out), "resume": True, "checkpoint_every": spec.checkpoint_every,
                         "dtype": spec.dtype, "gradient_checkpointing": spec.gradient_checkpointing,
-                        "eval_batch_size": spec.eval_batch_size,
+                        "eval_batch_size": spec.eval_batch_size, "scorer": spec.scorer, "dino": spec.dino,
+                        "clip": spec.clip, "teacher_model": spec.teacher_model,
                         **({k: budget.get(k) for k in BUDGET_KEYS} if trains[method] else {}),
                     }
                     if overrides:
@@ -346,6 +355,10 @@ def make_spec(file: dict[str, Any], **flags: Any) -> SweepSpec:
         dtype=pick("dtype"),
         gradient_checkpointing=pick("gradient_checkpointing"),
         eval_batch_size=pick("eval_batch_size"),
+        scorer=pick("scorer"),
+        dino=pick("dino"),
+        clip=pick("clip"),
+        teacher_model=pick("teacher_model"),
     )
 
 
@@ -434,7 +447,7 @@ def _run_or_skip(cell: Cell, log: SweepLog, runner: str, processes: int, force: 
     run_dir = Path(cfg.out_dir) / cid
     model_id = expected_model(cfg) if runner == DEFAULT_RUNNER else None
     state, done = cell_state(run_dir, model_id)
-    if state == "done" and not force:
+    if state == "done" and (not force or sweep_workers.done_by_a_peer(run_dir)):
         log.write("skip", cell=cid)
         return "skipped"
     if state == "stale":
@@ -515,6 +528,12 @@ def sweep_command(
     gradient_checkpointing: Annotated[bool | None, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations in backward")] = None,
     eval_batch_size: Annotated[int | None, typer.Option(help="images sampled at once when scoring")] = None,
+    scorer: options.Scorer = None,
+    dino: options.Dino = None,
+    clip: options.Clip = None,
+    teacher_model: options.TeacherModel = None,
+    workers: Annotated[int, typer.Option(help="run N copies of this sweep side by side, each on cores/N threads, "
+                                              "taking cells first come first served (CPU machines)")] = 1,
     force: Annotated[bool, typer.Option(help="re-run cells that are already complete")] = False,
     dry_run: Annotated[bool, typer.Option(help="list the cells (and which are done) without running them")] = False,
     runner: Annotated[str, typer.Option(hidden=True, help="module:function that runs one RunConfig")] = DEFAULT_RUNNER,
@@ -526,18 +545,22 @@ def sweep_command(
             file, methods=_csv(methods), tasks=_csv(tasks), seeds=_csv(seeds),
             budgets=[parse_budget(b) for b in budget] if budget else None, out=out, backbone=backbone,
             model=model, device=device, processes=processes, checkpoint_every=checkpoint_every, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size,
-            sets=parse_sets(set_ or []),
+            gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
+            dino=dino, clip=clip, teacher_model=teacher_model, sets=parse_sets(set_ or []),
         )
         i, n = parse_shard(shard)
         all_cells = expand(spec, check_names=runner == DEFAULT_RUNNER)
         cells = shard_cells(all_cells, i, n)
+        sweep_workers.check_workers(workers, spec.processes)
     except UserError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if dry_run:
         _print_cell_states(cells, runner)
         return
+    if workers > 1 and sweep_workers.WORKER_VAR not in os.environ:
+        model_of = (lambda c: expected_model(c.run_config())) if runner == DEFAULT_RUNNER else (lambda c: None)
+        raise typer.Exit(sweep_workers.run_workers(workers, cells, spec.out, model_of, f"{i}/{n}"))
     counts = _run_shard(spec, cells, f"{i}/{n}", len(all_cells), runner, isolate, force)
     if counts["failed"]:
         raise typer.Exit(1)

@@ -212,7 +212,7 @@ def test_sweep_budget_keys_in_cost(tmp_path):
 def fakes(monkeypatch):
     monkeypatch.setattr(runner, "_load_backbone", lambda cfg, device: FakeBackbone())
     monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
-    monkeypatch.setattr(runner, "_features", lambda data, device: None)
+    monkeypatch.setattr(runner, "_features", lambda *args: None)
     monkeypatch.setattr(runner, "_evaluate", fake_evaluate([]))
 
 

@@ -106,7 +106,7 @@ def fakes(monkeypatch):
     loads: list = []
     monkeypatch.setattr(runner, "_load_backbone", lambda cfg, device: loads.append(cfg) or FakeBackbone())
     monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
-    monkeypatch.setattr(runner, "_features", lambda data, device: None)
+    monkeypatch.setattr(runner, "_features", lambda *args: None)
     evaluate = fake_evaluate(calls)
     monkeypatch.setattr(runner, "_evaluate", evaluate)
     monkeypatch.setattr(continual, "score_fidelity",

@@ -61,7 +61,7 @@ def test_a_metric_from_a_user_file_lands_in_result_json_and_the_leaderboard(plug
     task.write_text(TINY_WORLD_TASK)
     monkeypatch.setattr(runner, "_load_backbone", lambda cfg, device: FakeBackbone())
     monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
-    monkeypatch.setattr(runner, "_features", lambda data, device: JudgeFeatures(FakeJudge()))
+    monkeypatch.setattr(runner, "_features", lambda *args: JudgeFeatures(FakeJudge()))
     run_dir = runner.run_cell(cfg_for(str(task), tmp_path / "runs"))
 
     metrics = json.loads((run_dir / "result.json").read_text())["metrics"]

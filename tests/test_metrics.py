@@ -337,7 +337,7 @@ def test_dino_and_real_image_features(tmp_path):
     assert real.text_scores(images, ["a", "b", "c"]).shape == (3,)
     from dopsd_bench.errors import UserError
 
-    with pytest.raises(UserError, match="offline.*Point DOPSD_BENCH_DINO at a saved model folder"):
+    with pytest.raises(UserError, match="offline.*Pass --dino PATH \\(or set DOPSD_BENCH_DINO\\)"):
         DinoFeatures.from_pretrained(tmp_path / "missing")
 
 
@@ -356,7 +356,7 @@ def test_folder_tasks_find_their_scorers_from_the_environment(tmp_path, monkeypa
     monkeypatch.setenv("DOPSD_BENCH_CLIP", str(tmp_path / "no-clip-here"))
     from dopsd_bench.errors import UserError
 
-    with pytest.raises(UserError, match="DOPSD_BENCH_CLIP=none to score without CLIP"):
+    with pytest.raises(UserError, match="--clip none to score without CLIP"):
         features_for_task(task)
 
 

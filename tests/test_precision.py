@@ -186,7 +186,7 @@ def test_the_runner_passes_the_eval_batch_size_and_records_the_precision(tmp_pat
     fake = fake_evaluate([])
     monkeypatch.setattr(runner, "_load_backbone", lambda cfg, device: FakeBackbone())
     monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
-    monkeypatch.setattr(runner, "_features", lambda data, device: None)
+    monkeypatch.setattr(runner, "_features", lambda *args: None)
     monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: seen.append(k.get("batch_size")) or fake(*a, **k))
     run_dir = runner.run_cell(cfg_for(world_task, tmp_path / "runs", eval_batch_size=3))
     assert seen and set(seen) == {3}
@@ -293,6 +293,28 @@ def test_plan_and_run_refuse_an_impossible_combination_before_training(tmp_path,
     with pytest.raises(UserError, match="cannot finish: the in-context teacher's VL model"):
         runner.run_cell(cfg)
     assert loads == [] and not cfg.run_dir().exists()
+
+
+def test_teacher_model_points_z_image_at_its_teacher_and_is_refused_elsewhere(tmp_path, world_task):
+    from dopsd_bench.backbones.tiny import tiny_z_image_pipeline
+
+    model = _zimage_without_teacher(tmp_path)  # its dopsd_bench.json names a teacher that is not there
+    _, _, teacher = tiny_z_image_pipeline(seed=0)
+    teacher.save_pretrained(tmp_path / "my-vl")
+    cli = CliRunner()
+    args = ["plan", "--backbone", "z-image", "--model", str(model), "--method", "sft", "--task", world_task]
+    assert cli.invoke(_app(), args).exit_code == 2  # the model's own teacher is missing
+    done = cli.invoke(_app(), [*args, "--teacher-model", str(tmp_path / "my-vl")])
+    assert done.exit_code == 0, done.output
+    assert "teacher_vision" in done.output  # the given teacher's vision tower is counted
+    done = cli.invoke(_app(), ["plan", "--method", "sft", "--task", world_task, "--teacher-model", "x"])
+    assert done.exit_code == 2 and "flux2-klein does not have" in " ".join(done.output.split())
+
+    cfg = cfg_for(world_task, tmp_path / "runs", backbone="z-image", model=str(model),
+                  teacher_model=str(tmp_path / "my-vl"))
+    assert cfg.cell_id() != cfg_for(world_task, tmp_path / "runs", backbone="z-image", model=str(model)).cell_id()
+    backbone = runner._load_backbone(cfg, torch.device("cpu"))
+    assert backbone.settings["vl_model"] == str(tmp_path / "my-vl")
 
 
 def test_plan_refuses_a_base_model_of_another_shape(tmp_path, world_task):

@@ -59,7 +59,7 @@ def fakes(monkeypatch):
 
     monkeypatch.setattr(runner, "_load_backbone", load)
     monkeypatch.setattr(runner, "_model_identity", lambda cfg: FakeBackbone().model_id)
-    monkeypatch.setattr(runner, "_features", lambda data, device: None)
+    monkeypatch.setattr(runner, "_features", lambda *args: None)
     monkeypatch.setattr(runner, "_evaluate", fake_evaluate(calls))
     return {"evaluate": calls, "loads": loads}
 
@@ -343,7 +343,7 @@ def test_run_cell_end_to_end_tiny_flux2(tmp_path, world_task, monkeypatch):
                         lambda cfg, device: Flux2KleinBackbone(pipe, settings, model_id="tiny-test", device="cpu"))
     torch.manual_seed(0)
     judge = WorldJudge()  # untrained: the numbers mean nothing, the protocol is what is tested
-    monkeypatch.setattr(runner, "_features", lambda data, device: JudgeFeatures(judge, device="cpu"))
+    monkeypatch.setattr(runner, "_features", lambda *args: JudgeFeatures(judge, device="cpu"))
     cfg = cfg_for(world_task, tmp_path / "runs", backbone="flux2-klein", steps=1, batch_size=2)
     run_dir = runner.run_cell(cfg)
     result = json.loads((run_dir / "result.json").read_text())

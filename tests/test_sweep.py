@@ -22,7 +22,7 @@ from helpers_train import cell_held_elsewhere
 from synth_runs import make_result
 
 from dopsd_bench.errors import UserError
-from dopsd_bench.rundir import atomic_write_json
+from dopsd_bench.rundir import atomic_write_json, cell_lock, is_complete
 from dopsd_bench.sweep import (
     SweepSpec,
     _app,
@@ -41,21 +41,42 @@ TESTS_DIR = str(Path(__file__).parent)
 
 
 def fake_run_cell(cfg) -> None:
-    """Write a result.json the way the runner does (atomically, last); log start/done to a ledger."""
-    ledger = Path(cfg.out_dir) / "ledger.txt"
+    """Write a result.json the way the runner does (atomically, last, under the cell's lock, never over a finished
+    cell); log start/done to a ledger."""
     cid = cfg.cell_id()
+    run_dir = Path(cfg.out_dir) / cid
+    with cell_lock(run_dir):
+        if is_complete(run_dir):  # finished by another process since the sweep looked
+            return
+        _fake_cell_body(cfg, cid, run_dir)
+
+
+def _fake_cell_body(cfg, cid: str, run_dir: Path) -> None:
+    ledger = Path(cfg.out_dir) / "ledger.txt"
     with open(ledger, "a") as f:
         f.write(f"start {cid}\n")
     if cfg.method == os.environ.get("FAKE_FAIL_METHOD"):
         raise RuntimeError("this method always fails")
-    run_dir = Path(cfg.out_dir) / cid
     run_dir.mkdir(parents=True, exist_ok=True)
+    _wait_for_peer_workers(Path(cfg.out_dir) / "workers.txt", int(os.environ.get("FAKE_WAIT_WORKERS", "0")))
     time.sleep(float(os.environ.get("FAKE_CELL_SECONDS", "0")))
     result = make_result(cfg.method, cfg.task_name, cfg.resolved_instance(), cfg.seed,
                          {"fidelity": ([0.5, 0.6], None, True)})
     atomic_write_json(run_dir / "result.json", result)
     with open(ledger, "a") as f:
         f.write(f"done {cid}\n")
+
+
+def _wait_for_peer_workers(path: Path, n: int, timeout_s: float = 300) -> None:
+    """Hold a sweep worker's cell until `n` workers have each started one (so the test sees them side by side
+    whatever the machine's load does to their start-up)."""
+    if n < 2:
+        return
+    with open(path, "a") as f:
+        f.write(os.environ.get("DOPSD_BENCH_SWEEP_WORKER", "-") + "\n")
+    deadline = time.time() + timeout_s
+    while len(set(path.read_text().split())) < n and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def _ledger(out: Path) -> list[tuple[str, str]]:
@@ -250,3 +271,34 @@ def test_set_keys_are_checked_per_method_before_any_cell_runs(tmp_path):
     res = grid("--set", "dopsd:teacher=bogus")
     assert res.exit_code == 2 and "--set for method dopsd" in res.output
     assert not (tmp_path / "sweep.log").exists()
+
+
+@pytest.mark.slow  # three interpreters that import torch
+def test_workers_take_cells_side_by_side_and_run_each_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+           "FAKE_CELL_SECONDS": "0.2", "FAKE_WAIT_WORKERS": "2"}
+    cmd = [sys.executable, "-m", "dopsd_bench.sweep", "sweep", "--methods", "base,sft,dopsd", "--tasks", "concept",
+           "--seeds", "0", "--out", str(tmp_path), "--runner", RUNNER, "--workers", "2"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 of 12 cells complete with 2 workers" in " ".join(proc.stderr.split())
+    done = [c for e, c in _ledger(tmp_path) if e == "done"]
+    assert len(done) == 12 and len(set(done)) == 12  # every cell once, though both workers walk the whole grid
+    ran_by = (tmp_path / "workers.txt").read_text().split()  # the worker of each cell run, as it started
+    assert sorted(set(ran_by)) == ["0", "1"] and len(ran_by) == 12  # shared, first come first served
+    assert all("sweep 0/1:" in (tmp_path / f"sweep-worker{i}.log").read_text() for i in range(2))
+
+    (tmp_path / "workers.txt").unlink()
+    proc = subprocess.run([*cmd, "--force"], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    forced = [c for e, c in _ledger(tmp_path) if e == "done"][12:]
+    assert sorted(forced) == sorted(done)  # --force re-runs every cell once, not once per worker
+
+
+def test_workers_are_refused_beside_multi_device_cells(tmp_path):
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style", "--out", str(tmp_path),
+                                    "--runner", RUNNER, "--workers", "2", "--processes", "2"])
+    assert res.exit_code == 2 and "choose one" in res.output
+    res = CliRunner().invoke(_app, ["sweep", "--methods", "base", "--tasks", "style", "--out", str(tmp_path),
+                                    "--runner", RUNNER, "--workers", "0"])
+    assert res.exit_code == 2 and "--workers must be >= 1, got 0" in res.output

@@ -40,7 +40,7 @@ def install() -> None:
         BACKBONES.add("fake", FakeBackbone, "the tests' fake backbone")
     runner._load_backbone = lambda cfg, device: FakeBackbone()
     runner._model_identity = lambda cfg: FakeBackbone().model_id
-    runner._features = lambda data, device: None
+    runner._features = lambda *args: None
     runner._evaluate = sample_scores
     runner._preflight = lambda cfg, method: None  # plan's checks read a real backbone's configs
 

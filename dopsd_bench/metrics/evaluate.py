@@ -118,15 +118,13 @@ class _Scorer:
         return scores.reference_similarity(f.similarity[self.primary], self.refs.similarity[self.primary])
 
     def alignment(self, images: torch.Tensor, f: ImageFeatures, prompts: list[str],
-                  targets: list[dict[str, str]] | None, exclude: tuple[str, ...] = ()) -> torch.Tensor:
+                  targets: list[dict[str, str]] | None, exclude: tuple[str, ...] = ()) -> torch.Tensor | None:
+        """Judge attributes against the world's targets, else CLIP-T; None when the features have neither (the
+        judge on an image folder, DINOv2 without CLIP): alignment is then not measured."""
         if self.world and targets is not None:
             return scores.attribute_alignment(f.attributes, targets, exclude)
         stripped = [_strip_token(p, self.task.token) for p in prompts]
-        text_scores = self.features.text_scores(images, stripped, f)
-        if text_scores is None:
-            raise ValueError(f"features {self.features.name!r} give neither judge attributes nor CLIP text scores: "
-                             "prompt alignment needs one (use features_for_task, or RealImageFeatures with clip)")
-        return text_scores
+        return self.features.text_scores(images, stripped, f)
 
 
 def _check_task(task: TaskData, step_curve) -> None:
@@ -226,8 +224,10 @@ class Sampled:
         """Per-sample fidelity of an image set's features to the task's concept/style."""
         return self.scorer.fidelity(f)
 
-    def alignment(self, images, f: ImageFeatures, prompts, targets, exclude: tuple[str, ...] = ()) -> torch.Tensor:
-        """Per-sample prompt alignment: judge attributes (world, `targets`) or CLIP-T (real images)."""
+    def alignment(self, images, f: ImageFeatures, prompts, targets,
+                  exclude: tuple[str, ...] = ()) -> torch.Tensor | None:
+        """Per-sample prompt alignment: judge attributes (world, `targets`) or CLIP-T (real images); None if the
+        scorer has neither."""
         return self.scorer.alignment(images, f, prompts, targets, exclude)
 
     def _once(self, key, compute: Callable):
@@ -247,8 +247,8 @@ class Sampled:
             kernel_distance(self.real_embedding, f[self.native].embedding)
             for f in (self.f_retention, self.f_retention_untuned)))
 
-    def retention_alignment(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample alignment of the retention samples at `steps`: (tuned, untuned)."""
+    def retention_alignment(self, steps: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-sample alignment of the retention samples at `steps`: (tuned, untuned); Nones when not measured."""
         task = self.task
         return self._once(("alignment", steps), lambda: tuple(
             self.alignment(images[steps], f[steps], task.retention_prompts, task.retention_targets)

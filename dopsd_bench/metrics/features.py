@@ -11,7 +11,7 @@ A `FeatureExtractor` turns images (B, 3, H, W) in [-1, 1] into what the metrics 
 Everything runs batched under no_grad, `batch_size` images at a time, and returns float32 tensors on the CPU.
 
     from dopsd_bench.metrics.features import features_for_task
-    features = features_for_task(task)            # the judge for world tasks, DINOv2 + CLIP for folders
+    features = features_for_task(task, resolution=64)   # the judge for world tasks, DINOv2 + CLIP for folders
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopsd_bench.runconfig import SCORERS
 from dopsd_bench.taskdata import TaskData
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -266,11 +267,13 @@ def _load(cls, path_or_id: str | Path, var: str):
     except OSError as err:
         from dopsd_bench.errors import UserError
 
-        skip = " (or set DOPSD_BENCH_CLIP=none to score without CLIP)" if var == "DOPSD_BENCH_CLIP" else ""
+        flag = "--clip" if var == "DOPSD_BENCH_CLIP" else "--dino"
+        skip = " (or --clip none to score without CLIP)" if var == "DOPSD_BENCH_CLIP" else ""
         cause = " ".join(str(err).split())[:300]
         raise UserError(f"cannot load the scorer {cls.__name__} from {str(path_or_id)!r}: expected a local folder or a "
-                        f"hub id already in the Hugging Face cache (runs are offline). Point {var} at a saved model "
-                        f"folder{skip}. Cause: {cause}") from err
+                        f"hub id already in the Hugging Face cache (runs are offline). Pass {flag} PATH (or set {var}) "
+                        f"to a saved model folder{skip}, or --scorer judge to score with the world judge. "
+                        f"Cause: {cause}") from err
 
 
 def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
@@ -282,26 +285,57 @@ def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
     return WorldJudge.load(judge)  # None: the shipped judge (dopsd_bench.paths.assets_dir() / "judge")
 
 
-def features_for_task(task: TaskData, *, judge: nn.Module | str | Path | None = None,
-                      dino: str | Path | None = None, clip: str | Path | None = "",
+
+def choose_scorer(scorer: str | None, source: str, resolution: int | None, weights_given: bool = False) -> str:
+    """The scorer a task is scored by: `scorer` if given; dino-clip if its weights are (`weights_given`: --dino or
+    --clip); else the world judge for world renders and for any task on a backbone that samples at the judge's
+    resolution (the embedded world, where DINOv2 and CLIP would read 32 px images upsampled 7x, and which runs
+    offline), else DINOv2 + CLIP."""
+    if scorer is None and weights_given:
+        scorer = "dino-clip"
+    if scorer is not None:
+        if scorer not in SCORERS:
+            from dopsd_bench.errors import ConfigError
+
+            raise ConfigError(f"scorer must be one of {', '.join(SCORERS)} (or unset for the task's default), "
+                              f"got {scorer!r}")
+        return scorer
+    if source == "world" or (resolution is not None and resolution <= JUDGE_RESOLUTION):
+        return "judge"
+    return "dino-clip"
+
+
+def scorer_weights(dino: str | None = None, clip: str | None = None) -> tuple[str, str | None]:
+    """The DINOv2 and CLIP weights (local folder or hub id) a dino-clip scorer loads: the given ones, else
+    DOPSD_BENCH_DINO / DOPSD_BENCH_CLIP, else DEFAULT_DINO / DEFAULT_CLIP. CLIP "none" is None (score without it)."""
+    dino = dino or os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
+    clip = clip or os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
+    return dino, None if clip.lower() == "none" else clip
+
+
+def scorer_record(scorer: str | None, source: str, resolution: int | None, dino: str | None = None,
+                  clip: str | None = None) -> dict[str, str | None]:
+    """What scores a task, as result.json records it: {"name": "judge"} (the shipped world judge) or
+    {"name": "dino-clip", "dino": weights, "clip": weights or None}; `choose_scorer` and `scorer_weights` decide."""
+    if choose_scorer(scorer, source, resolution, bool(dino or clip)) == "judge":
+        return {"name": "judge"}
+    dino, clip = scorer_weights(dino, clip)
+    return {"name": "dino-clip", "dino": dino, "clip": clip}
+
+
+def features_for_task(task: TaskData, *, scorer: str | None = None, resolution: int | None = None,
+                      judge: nn.Module | str | Path | None = None, dino: str | None = None, clip: str | None = None,
                       device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The world judge for embedded-world tasks; DINOv2 (+ CLIP unless clip=None) for image-folder tasks. The
-    scorers' weights default to DOPSD_BENCH_DINO / DOPSD_BENCH_CLIP (a local folder or hub id; CLIP "none" skips
-    it), else the hub ids DEFAULT_DINO / DEFAULT_CLIP. DOPSD_BENCH_EXTRA_FD names further feature spaces for the
+    """The feature extractor of `scorer_record(scorer, task.source, resolution, dino, clip)`: the world judge (or
+    `judge`), or DINOv2 (+ CLIP unless it is "none"). DOPSD_BENCH_EXTRA_FD names further feature spaces for the
     retention FD/KID (metrics/imagenet.py), loaded here so a missing one fails before any training."""
-    extractor = _features_for_task(task, judge=judge, dino=dino, clip=clip, device=device)
+    chosen = scorer_record(scorer, task.source, resolution, dino, clip)
+    if chosen["name"] == "judge":
+        extractor: FeatureExtractor = JudgeFeatures(load_judge(judge), device=device)
+    else:
+        clip_features = None if chosen["clip"] is None else ClipFeatures.from_pretrained(chosen["clip"], device=device)
+        extractor = RealImageFeatures(DinoFeatures.from_pretrained(chosen["dino"], device=device), clip_features)
     from dopsd_bench.metrics.imagenet import extra_fd_features
 
     extractor.extra_fd = extra_fd_features(device=device)
     return extractor
-
-
-def _features_for_task(task: TaskData, *, judge, dino, clip, device) -> FeatureExtractor:
-    if task.source == "world":
-        return JudgeFeatures(load_judge(judge), device=device)
-    dino = dino or os.environ.get("DOPSD_BENCH_DINO") or DEFAULT_DINO
-    if clip == "":
-        clip = os.environ.get("DOPSD_BENCH_CLIP") or DEFAULT_CLIP
-        clip = None if clip.lower() == "none" else clip
-    clip_features = None if clip is None else ClipFeatures.from_pretrained(clip, device=device)
-    return RealImageFeatures(DinoFeatures.from_pretrained(dino, device=device), clip_features)

@@ -199,8 +199,9 @@ def _step_curve(s):
             curve[f"fd@{k}"] = entry(fd_t, False, per_sample=False)
             curve[f"fd_untuned@{k}"] = entry(fd_u, False, per_sample=False)
             curve[f"fd_ratio@{k}"] = entry(_ratio(fd_t, fd_u), False, per_sample=False)
-            curve[f"alignment@{k}"] = entry(al_t, True)
-            curve[f"alignment_untuned@{k}"] = entry(al_u, True)
+            if al_t is not None:  # None: the scorer measures no alignment (the judge on an image folder)
+                curve[f"alignment@{k}"] = entry(al_t, True)
+                curve[f"alignment_untuned@{k}"] = entry(al_u, True)
     return curve
 
 
