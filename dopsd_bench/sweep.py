@@ -34,6 +34,8 @@ and caches of untuned-model samples stay warm); a crash that raises is logged an
 (segfault, OOM kill) stops it and a re-run resumes. --isolate runs every cell in its own subprocess
 (`python -m dopsd_bench.sweep cell ...`); --processes N>1 always does, under
 `accelerate launch --num_processes N -m dopsd_bench.sweep cell ...` for multi-GPU data parallel training.
+--workers N runs N copies of the sweep side by side on this machine, each on its share of the CPU cores, taking
+cells through their locks (dopsd_bench/sweep_workers.py).
 Every event goes to OUT/sweep.log (one JSON object per line), including the exact command.
 """
 
