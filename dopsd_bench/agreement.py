@@ -37,15 +37,25 @@ def agreement_table(summary: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
     return pd.DataFrame(rows)
 
 
+HEADER = ["task", "space", "tau", "methods"]
+INTRO = (f"Kendall's tau between the methods' `{PRIMARY}` (world-judge features) and the same ratio in another feature "
+         "space; 95% bootstrap interval over each method's runs. 1: the same order; 0: unrelated.")
+
+
+def agreement_rows(table: pd.DataFrame) -> list[list[str]]:
+    """`agreement_table`'s rows as the leaderboard and the report print them (HEADER's columns)."""
+    rows = []
+    for _, r in table.iterrows():
+        interval = "" if np.isnan(r["lo"]) else f" [{r['lo']:.2f}, {r['hi']:.2f}]"
+        rows.append([str(r["task"]), str(r["space"]), f"{r['tau']:.2f}{interval}", str(r["n_methods"])])
+    return rows
+
+
 def agreement_markdown(table: pd.DataFrame) -> str:
     """The leaderboard's section on rank agreement, or "" when no run was scored in a further space."""
     if table.empty:
         return ""
-    intro = (f"Kendall's tau between the methods' `{PRIMARY}` (world-judge features) and the same ratio in another "
-             "feature space; 95% bootstrap interval over each method's runs. 1: the same order; 0: unrelated.")
-    lines = ["## Rank agreement of feature spaces", "", intro, "", "| task | space | tau | methods |",
+    lines = ["## Rank agreement of feature spaces", "", INTRO, "", "| " + " | ".join(HEADER) + " |",
              "|---|---|---|---|"]
-    for _, r in table.iterrows():
-        interval = "" if np.isnan(r["lo"]) else f" [{r['lo']:.2f}, {r['hi']:.2f}]"
-        lines.append(f"| {r['task']} | {r['space']} | {r['tau']:.2f}{interval} | {r['n_methods']} |")
+    lines += ["| " + " | ".join(row) + " |" for row in agreement_rows(table)]
     return "\n".join(lines) + "\n"

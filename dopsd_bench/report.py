@@ -25,6 +25,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from dopsd_bench.agreement import HEADER, INTRO, agreement_rows, agreement_table
 from dopsd_bench.leaderboard import (
     ReferenceOption,
     build_table,
@@ -161,7 +162,9 @@ def image_grids(cells: pd.DataFrame, backbone: str, task: str, budget: str, meth
 
 
 # ---- the page -----------------------------------------------------------------------------------------------
-def render_html(res: Results, table: pd.DataFrame, title: str = "dopsd-bench report", command: str = "") -> str:
+def render_html(res: Results, table: pd.DataFrame, title: str = "dopsd-bench report", command: str = "",
+                agreement: pd.DataFrame | None = None) -> str:
+    """The report page; `agreement` (agreement.agreement_table) adds the rank agreement of feature spaces."""
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
               f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>")]
     parts.append(f"<p class='note'>{len(res.cells)} runs; generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
@@ -190,6 +193,9 @@ def render_html(res: Results, table: pd.DataFrame, title: str = "dopsd-bench rep
         parts.append("<h3>Samples</h3>" + image_grids(res.cells, backbone, task, budget, methods))
         if k + 1 == len(groups) or groups[k + 1][0][:2] != (backbone, task):  # the task's last budget: its cost view
             parts.append(cost_section(res.cells, table, backbone, task, list(dict.fromkeys(table["method"])), colours))
+    if agreement is not None and not agreement.empty:
+        parts.append(f"<h2>Rank agreement of feature spaces</h2><p class='note'>{_esc(INTRO)}</p>"
+                     + html_table(HEADER, agreement_rows(agreement)))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -218,6 +224,7 @@ def report_command(
         console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
         raise typer.Exit(2)
     table = build_table(res, n_boot=n_boot, seed=seed, references=check_references(reference, res))
-    page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]))
+    page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]),
+                       agreement=agreement_table(res.summary, n_boot=n_boot, seed=seed))
     write_text_or_fail(out, page, "--out")
     console.print(f"wrote {out} ({len(page) / 1e6:.1f} MB)")

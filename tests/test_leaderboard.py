@@ -168,3 +168,17 @@ def test_outputs_that_cannot_be_written_are_one_line(results, tmp_path):
         res = CliRunner().invoke(cli_app, [command, "--results", str(results), "--n-boot", "50", *args])
         assert res.exit_code == 2 and "--out" in res.stderr and "cannot write it" in res.stderr, (command, args)
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_report_shows_the_rank_agreement_of_feature_spaces_when_given(results):
+    from dopsd_bench.report import render_html
+
+    res = load_results(results)
+    table = build_table(res, n_boot=50)
+    agreement = pd.DataFrame([{"backbone": "flux2-klein", "task": "style", "space": "effnet_lite0", "tau": 0.33,
+                               "lo": 0.1, "hi": 0.5, "n_methods": 4, "methods": "base, dopsd, icl, sft"}])
+    page = render_html(res, table, agreement=agreement)
+    section = page.split("<h2>Rank agreement of feature spaces</h2>")[1]
+    assert "effnet_lite0" in section and "0.33 [0.10, 0.50]" in section
+    assert "Rank agreement" not in render_html(res, table)  # no further feature space scored: no section
+    assert "Rank agreement" not in render_html(res, table, agreement=agreement.iloc[:0])
