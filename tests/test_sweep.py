@@ -46,7 +46,7 @@ def fake_run_cell(cfg) -> None:
     cid = cfg.cell_id()
     run_dir = Path(cfg.out_dir) / cid
     with cell_lock(run_dir):
-        if is_complete(run_dir):  # finished by another process since the sweep looked
+        if is_complete(run_dir) and not cfg.force:  # finished by another process since the sweep looked
             return
         _fake_cell_body(cfg, cid, run_dir)
 
