@@ -285,7 +285,6 @@ def load_judge(judge: nn.Module | str | Path | None = None) -> nn.Module:
     return WorldJudge.load(judge)  # None: the shipped judge (dopsd_bench.paths.assets_dir() / "judge")
 
 
-
 def choose_scorer(scorer: str | None, source: str, resolution: int | None, weights_given: bool = False) -> str:
     """The scorer a task is scored by: `scorer` if given; dino-clip if its weights are (`weights_given`: --dino or
     --clip); else the world judge for world renders and for any task on a backbone that samples at the judge's
