@@ -23,7 +23,7 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora", "dtype",
            "scorer", "dino", "clip", "teacher_model")
 DTYPES = ("bf16", "fp16", "fp32")
-SCORERS = ("judge", "dino-clip")  # metrics.features.SCORERS, named here so a config validates without torch
+SCORERS = ("judge", "dino-clip")  # the scorers a cell can name; metrics.features.choose_scorer picks the default
 
 
 @dataclass
@@ -112,9 +112,7 @@ class RunConfig:
         every = self.checkpoint_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0 = no checkpoints), got {every!r}")
-        if self.scorer is not None and self.scorer not in SCORERS:
-            raise ConfigError(f"scorer must be one of {', '.join(SCORERS)} (or unset for the task's default), "
-                              f"got {self.scorer!r}")
+        check_scorer(self.scorer)
         for name in ("dino", "clip"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -197,6 +195,13 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown RunConfig fields {unknown}; valid: {sorted(known)}")
         return cls(**data)
+
+
+def check_scorer(scorer: str | None) -> None:
+    """ConfigError unless `scorer` is one of SCORERS or None (the task's default)."""
+    if scorer is not None and scorer not in SCORERS:
+        raise ConfigError(f"scorer must be one of {', '.join(SCORERS)} (or unset for the task's default), "
+                          f"got {scorer!r}")
 
 
 def _looks_local(model: str) -> bool:

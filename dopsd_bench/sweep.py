@@ -562,7 +562,7 @@ def sweep_command(
         return
     if workers > 1 and sweep_workers.WORKER_VAR not in os.environ:
         model_of = (lambda c: expected_model(c.run_config())) if runner == DEFAULT_RUNNER else (lambda c: None)
-        raise typer.Exit(sweep_workers.run_workers(workers, cells, spec.out, model_of, f"{i}/{n}"))
+        raise typer.Exit(sweep_workers.run_workers(workers, cells, spec.out, model_of, f"{i}/{n}", force))
     counts = _run_shard(spec, cells, f"{i}/{n}", len(all_cells), runner, isolate, force)
     if counts["failed"]:
         raise typer.Exit(1)

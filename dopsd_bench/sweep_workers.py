@@ -50,14 +50,19 @@ def worker_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def finished_since(run_dir: Path, since: float) -> bool:
+    """Whether the cell's result.json was written at or after `since` (epoch seconds)."""
+    from dopsd_bench.rundir import RESULT_FILE
+
+    result = Path(run_dir) / RESULT_FILE
+    return result.exists() and result.stat().st_mtime >= since
+
+
 def done_by_a_peer(run_dir: Path) -> bool:
     """In a worker of a --force sweep: whether another worker of the same sweep finished this cell (its result.json
     is newer than the sweep), so that forcing re-runs each cell once, not once per worker."""
-    from dopsd_bench.rundir import RESULT_FILE
-
     since = os.environ.get(SINCE_VAR)
-    result = Path(run_dir) / RESULT_FILE
-    return since is not None and result.exists() and result.stat().st_mtime >= float(since)
+    return since is not None and finished_since(run_dir, float(since))
 
 
 def check_workers(workers: int, processes: int) -> None:
@@ -68,9 +73,10 @@ def check_workers(workers: int, processes: int) -> None:
                         "on N devices (accelerate): choose one")
 
 
-def run_workers(workers: int, cells: list, out: Path, model_of, label: str) -> int:
-    """Start `workers` copies of this sweep command, show the cells' progress until they exit; the worst exit code.
-    `model_of(cell)` is the model id a complete cell must record to count as done (None: any)."""
+def run_workers(workers: int, cells: list, out: Path, model_of, label: str, force: bool) -> int:
+    """Start `workers` copies of this sweep command, show the cells' progress until they exit; 1 if one failed.
+    `model_of(cell)` is the model id a complete cell must record to count as done (None: any); with `force`, only
+    results written by this sweep count."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dopsd_bench.rundir import cell_state
@@ -79,20 +85,26 @@ def run_workers(workers: int, cells: list, out: Path, model_of, label: str) -> i
     out.mkdir(parents=True, exist_ok=True)
     threads = threads_per_worker(workers)
     command = [sys.executable, "-m", "dopsd_bench", *worker_argv(sys.argv[1:])]
-    since = str(time.time())
+    since = time.time()
     procs, logs = [], []
     for i in range(workers):
         log_path = out / f"sweep-worker{i}.log"
-        env = {**os.environ, WORKER_VAR: str(i), SINCE_VAR: since, "OMP_NUM_THREADS": str(threads),
+        env = {**os.environ, WORKER_VAR: str(i), SINCE_VAR: str(since), "OMP_NUM_THREADS": str(threads),
                "MKL_NUM_THREADS": str(threads)}
         log = open(log_path, "w")  # noqa: SIM115 -- open while the worker runs, closed below
         logs.append(log)
         procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
         console.print(f"worker {i}: {threads} thread(s), log {log_path}")
-    models = {id(c): model_of(c) for c in cells}
+    models = [model_of(c) for c in cells]
+    finished: set[int] = set()
 
     def done() -> int:
-        return sum(cell_state(c.run_dir(), models[id(c)])[0] == "done" for c in cells)
+        """Cells complete so far; a cell found complete is not read again."""
+        for k, cell in enumerate(cells):
+            if k not in finished and cell_state(cell.run_dir(), models[k])[0] == "done" \
+                    and (not force or finished_since(cell.run_dir(), since)):
+                finished.add(k)
+        return len(finished)
 
     t0 = time.perf_counter()
     columns = (TextColumn(f"sweep {label} ({workers} workers)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopsd_bench.runconfig import SCORERS
+from dopsd_bench.runconfig import check_scorer
 from dopsd_bench.taskdata import TaskData
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -290,14 +290,10 @@ def choose_scorer(scorer: str | None, source: str, resolution: int | None, weigh
     --clip); else the world judge for world renders and for any task on a backbone that samples at the judge's
     resolution (the embedded world, where DINOv2 and CLIP would read 32 px images upsampled 7x, and which runs
     offline), else DINOv2 + CLIP."""
+    check_scorer(scorer)
     if scorer is None and weights_given:
         scorer = "dino-clip"
     if scorer is not None:
-        if scorer not in SCORERS:
-            from dopsd_bench.errors import ConfigError
-
-            raise ConfigError(f"scorer must be one of {', '.join(SCORERS)} (or unset for the task's default), "
-                              f"got {scorer!r}")
         return scorer
     if source == "world" or (resolution is not None and resolution <= JUDGE_RESOLUTION):
         return "judge"
