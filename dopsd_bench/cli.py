@@ -242,6 +242,9 @@ def run(
     batch_size: options.BatchSize = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default: the method's)")] = None,
     rank: options.Rank = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        help="minibatches accumulated per optimiser step (default 1): a global batch of batch-size x processes x "
+             "this, at one minibatch's memory")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="method config override key=value (repeatable), e.g. --set teacher=frozen")] = None,
     out_dir: options.Out = "runs",
@@ -266,7 +269,7 @@ def run(
     BACKBONES.get(backbone)
     cfg = RunConfig(method=method, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
                     steps=steps, budget_flops=budget_flops, budget_seconds=budget_seconds, batch_size=batch_size,
-                    lr=lr, rank=rank, overrides=overrides, out_dir=out_dir,
+                    lr=lr, rank=rank, grad_accum=grad_accum, overrides=overrides, out_dir=out_dir,
                     force=force, resume=resume, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
                     gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
                     dino=dino, clip=clip, teacher_model=teacher_model)

@@ -17,6 +17,6 @@ RESULT_KEYS = ("schema_version", "method", "task", "instance", "backbone", "mode
                "timings", "env")
 # a cell's training budget, as result.json's `budget` holds it: the same names are RunConfig's fields, the sweep's
 # budget keys and (with - for _) `dopsd-bench run`'s flags. One of steps, budget_flops, budget_seconds sets the length.
-BUDGET_KEYS = ("steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank")
+BUDGET_KEYS = ("steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "grad_accum")
 # what a cell's training spent, as result.json's `cost` holds it (and the store's columns of the same names)
 COST_KEYS = ("train_steps", "train_flops", "flops_per_step", "train_seconds")

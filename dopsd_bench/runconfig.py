@@ -20,8 +20,8 @@ from dopsd_bench.errors import ConfigError
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # fields that change what is trained or scored but are not part of the readable directory name
-_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "overrides", "lora", "dtype",
-           "scorer", "dino", "clip", "teacher_model")
+_HASHED = ("model", "steps", "budget_flops", "budget_seconds", "batch_size", "lr", "rank", "grad_accum", "overrides",
+           "lora", "dtype", "scorer", "dino", "clip", "teacher_model")
 DTYPES = ("bf16", "fp16", "fp32")
 SCORERS = ("judge", "dino-clip")  # the scorers a cell can name; metrics.features.choose_scorer picks the default
 
@@ -40,6 +40,7 @@ class RunConfig:
     batch_size: int | None = None
     lr: float | None = None
     rank: int | None = None
+    grad_accum: int | None = None  # minibatches accumulated per optimiser step (None: 1)
     overrides: dict[str, str] = field(default_factory=dict)  # method config overrides (`--set key=value`)
     out_dir: str = "runs"
     force: bool = False  # re-run even if the cell has a complete result.json
@@ -79,10 +80,12 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be an integer in [0, 2**32), as numpy's and torch's generators take it; "
                               f"got {self.seed!r}")
-        for name in ("steps", "batch_size", "rank"):
+        for name in ("steps", "batch_size", "rank", "grad_accum"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer (or unset for the default), got {value!r}")
+        if self.grad_accum == 1:
+            self.grad_accum = None  # the default: one cell, whether 1 is given or not
         for name in ("budget_flops", "budget_seconds"):
             value = getattr(self, name)
             if value is None:
@@ -166,7 +169,7 @@ class RunConfig:
     def budget(self) -> dict[str, Any]:
         """The explicitly set budget (None = the default of the method / loop)."""
         return {"steps": self.steps, "budget_flops": self.budget_flops, "budget_seconds": self.budget_seconds,
-                "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank}
+                "batch_size": self.batch_size, "lr": self.lr, "rank": self.rank, "grad_accum": self.grad_accum}
 
     def non_default(self) -> dict[str, Any]:
         """The fields that make this cell differ from the default cell of the same method/task/instance/seed."""

@@ -268,6 +268,7 @@ def env_info(device: torch.device | str) -> dict:
 
     info["dopsd_bench"] = __version__
     info["device"] = device_name(device)
+    info["processes"] = int(os.environ.get("WORLD_SIZE", "1"))  # data-parallel processes (accelerate launch, torchrun)
     info["git_sha"] = git_sha()
     info["hostname"] = socket.gethostname()
     return info

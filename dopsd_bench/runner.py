@@ -50,7 +50,7 @@ def train_config(cfg: RunConfig, method: Method) -> TrainConfig:
     """The resolved budget: the user's values, else the method's default lr, else DEFAULT_BUDGET."""
     lr = cfg.lr if cfg.lr is not None else (method.default_lr or DEFAULT_BUDGET["lr"])
     kwargs: dict[str, Any] = {"lr": lr, "seed": cfg.seed}
-    for key in ("steps", "budget_flops", "budget_seconds", "batch_size", "rank", "checkpoint_every"):
+    for key in ("steps", "budget_flops", "budget_seconds", "batch_size", "rank", "grad_accum", "checkpoint_every"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     if cfg.budget_flops is not None or cfg.budget_seconds is not None:

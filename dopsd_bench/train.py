@@ -10,8 +10,11 @@ trainable state (all LoRA weights of the denoiser, so an EMA teacher adapter is 
 lr schedule are checkpointed, so `resume=True` continues bit-exactly. A method with more state than its
 parameters may define `state_dict()` / `load_state_dict(state)`; they are checkpointed too.
 
-Multi-GPU: run under `accelerate launch`; each process draws its own minibatches, gradients are averaged across
-processes before clipping, and only the main process writes files.
+Multi-GPU: run under `accelerate launch` (on CPUs, `torchrun --nproc_per_node N`: gloo); each process draws its own
+minibatches, gradients are averaged across processes before clipping, and only the main process writes files.
+Gradient accumulation (`grad_accum` = A) runs A minibatches per process before each optimiser step, the j-th of
+process p drawn from the random streams of virtual process p * A + j: P processes with A = 1 and one process with
+A = P therefore train on the same examples and noise, and end at the same weights up to float rounding.
 
     python -c "from dopsd_bench.train import TrainConfig; print(TrainConfig(steps=2))"
 """
@@ -50,7 +53,7 @@ CHECKPOINT_DIR = "checkpoints"
 DIGEST_FILE = "digests.json"  # sha256 of each file of a checkpoint, checked when it is read
 clock = time.perf_counter  # the loop's time source for its seconds and a seconds budget (tests put a fake clock here)
 # fields that must match between a checkpoint and the config resuming from it (steps may grow)
-_RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "warmup", "seed")
+_RESUME_MUST_MATCH = ("batch_size", "lr", "rank", "grad_clip", "weight_decay", "warmup", "seed", "grad_accum")
 
 
 @dataclass
@@ -71,12 +74,14 @@ class TrainConfig:
     # wall seconds of the loop are checked after every step (steps is then not used)
     budget_flops: float | None = None
     budget_seconds: float | None = None
+    grad_accum: int = 1  # minibatches per optimiser step and process (the global batch: batch x processes x this)
 
     def __post_init__(self) -> None:
         checks = [
             ("steps", self.steps >= 0 if self.steps is not None else self.budget_flops or self.budget_seconds,
              "an integer >= 0 (None only with budget_flops or budget_seconds)"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
             ("lr", self.lr > 0, "a number > 0"),
             ("rank", self.rank >= 1, "an integer >= 1"),
             ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0 = no clipping)"),
@@ -98,8 +103,9 @@ class TrainConfig:
         """The budget as result.json records it: steps, or the FLOPs / seconds asked for (steps then None)."""
         cost = {k: v for k, v in (("budget_flops", self.budget_flops), ("budget_seconds", self.budget_seconds))
                 if v is not None}
+        accum = {"grad_accum": self.grad_accum} if self.grad_accum != 1 else {}  # labels without it stay as they were
         return {"steps": None if cost else self.steps, **cost, "batch_size": self.batch_size, "lr": self.lr,
-                "rank": self.rank}
+                "rank": self.rank, **accum}
 
 
 class MixedPrecision:
@@ -188,17 +194,19 @@ def _load_param_state(state: dict, backbone: Backbone, params: list[torch.nn.Par
             p.copy_(t)
 
 
-def _rng_state(data_gen: torch.Generator, loss_gen: torch.Generator) -> dict:
-    state = {"data": data_gen.get_state(), "loss": loss_gen.get_state(), "torch": torch.get_rng_state(),
-             "python": random.getstate()}
+def _rng_state(data_gens: list[torch.Generator], loss_gens: list[torch.Generator]) -> dict:
+    state = {"data": [g.get_state() for g in data_gens], "loss": [g.get_state() for g in loss_gens],
+             "torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict, data_gen: torch.Generator, loss_gen: torch.Generator) -> None:
-    data_gen.set_state(state["data"])
-    loss_gen.set_state(state["loss"])
+def _set_rng_state(state: dict, data_gens: list[torch.Generator], loss_gens: list[torch.Generator]) -> None:
+    for gens, key in ((data_gens, "data"), (loss_gens, "loss")):
+        saved_states = [state[key]] if isinstance(state[key], torch.Tensor) else state[key]  # one stream, as before
+        for gen, saved in zip(gens, saved_states, strict=True):
+            gen.set_state(saved)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -293,7 +301,7 @@ def _check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
     if cfg.budget_seconds is None and int(state["step"]) > cfg.steps:
         raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past --steps {cfg.steps}; "
                          "raise --steps, or --force to start over")
-    saved = state["config"]
+    saved = {"grad_accum": 1, **state["config"]}  # checkpoints from before accumulation existed
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
     if diff:
         raise ValueError(f"cannot resume from {path}: the budget changed ({diff}, as checkpoint vs now); "
@@ -390,8 +398,8 @@ class _Loop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     amp: MixedPrecision
-    data_gen: torch.Generator
-    loss_gen: torch.Generator
+    data_gens: list[torch.Generator]  # one minibatch stream per accumulated minibatch
+    loss_gens: list[torch.Generator]
     accelerator: Accelerator
 
     @property
@@ -411,10 +419,10 @@ def _start_loop(method: Method, backbone: Backbone, cfg: TrainConfig, accelerato
     # only the optimiser is prepared: a prepared scheduler steps once per process, which would shorten warm-up
     optimizer = accelerator.prepare(optimizer)
     amp = MixedPrecision(cfg.precision, backbone.device)
-    pi = accelerator.process_index
-    data_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "data", pi))
-    loss_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "loss", pi))
-    return _Loop(method, backbone, params, optimizer, scheduler, amp, data_gen, loss_gen, accelerator)
+    virtual = [accelerator.process_index * cfg.grad_accum + j for j in range(cfg.grad_accum)]
+    data_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "data", v)) for v in virtual]
+    loss_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "loss", v)) for v in virtual]
+    return _Loop(method, backbone, params, optimizer, scheduler, amp, data_gens, loss_gens, accelerator)
 
 
 def _on_device(train_batch: Batch, device: torch.device) -> Batch:
@@ -435,10 +443,11 @@ def _minibatch(train_set: Batch, batch_size: int, generator: torch.Generator) ->
 
 
 def _count_step_flops(loop: _Loop, train_set: Batch, cfg: TrainConfig) -> float:
-    """One step's FLOPs, counted once (shapes fix them): every process runs such a step, so a step costs their sum."""
+    """One step's FLOPs, counted once (shapes fix them): every process runs such a pass per accumulated minibatch,
+    so a step costs their sum."""
     count_gen = torch.Generator().manual_seed(seed_for(cfg.seed, "flops", loop.accelerator.process_index))
     batch = _minibatch(train_set, cfg.batch_size, count_gen)
-    return loop.accelerator.num_processes * step_flops(loop.method, batch, count_gen)
+    return loop.accelerator.num_processes * cfg.grad_accum * step_flops(loop.method, batch, count_gen)
 
 
 def _checkpoint_to_resume(loop: _Loop, run_dir: Path, resume: bool) -> tuple[Path | None, dict | None, dict | None]:
@@ -472,7 +481,7 @@ def _restore_or_start_over(loop: _Loop, cfg: TrainConfig, run_dir: Path, resume:
             loop.amp.scaler.load_state_dict(state["scaler"])
         if state.get("method") is not None and hasattr(loop.method, "load_state_dict"):
             loop.method.load_state_dict(state["method"])
-        _set_rng_state(rng, loop.data_gen, loop.loss_gen)
+        _set_rng_state(rng, loop.data_gens, loop.loss_gens)
         start = int(state["step"])
         record = state.get("record", {})  # what the steps before the checkpoint measured
         loss_value, earlier_loop_s = record.get("loss"), record.get("loop_s", 0.0)
@@ -493,7 +502,8 @@ def _say_start(loop: _Loop, cfg: TrainConfig, start: int, earlier_loop_s: float)
              if cfg.budget_seconds is not None else str(cfg.steps))
     accelerator.print(f"training {method.name or type(method).__name__}: {n_params:,} trainable parameters, "
                       f"steps {start}->{until}, batch {cfg.batch_size} x {accelerator.num_processes} "
-                      f"process(es), lr {cfg.lr:g}, rank {cfg.rank}")
+                      f"process(es){f' x {cfg.grad_accum} accumulated' if cfg.grad_accum > 1 else ''}, "
+                      f"lr {cfg.lr:g}, rank {cfg.rank}")
 
 
 def _run_steps(loop: _Loop, train_set: Batch, cfg: TrainConfig, run_dir: Path, start: int, loss_value: float | None,
@@ -514,7 +524,7 @@ def _run_steps(loop: _Loop, train_set: Batch, cfg: TrainConfig, run_dir: Path, s
                                 loss=float("nan"), its=0.0)
         for step in steps_ahead:
             lr = loop.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = _train_step(loop, _minibatch(train_set, cfg.batch_size, loop.data_gen), cfg, step)
+            loss, grad_norm = _train_step(loop, train_set, cfg, step)
             done = step + 1
             loop.method.after_step(done)  # the number of optimiser steps taken so far (1-based)
 
@@ -536,17 +546,24 @@ def _run_steps(loop: _Loop, train_set: Batch, cfg: TrainConfig, run_dir: Path, s
     return done, elapsed, loss_value
 
 
-def _train_step(loop: _Loop, batch: Batch, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on `batch`: the method's loss and backward, gradients averaged over processes, clipped,
-    stepped (and the lr schedule with them). Returns the loss and the gradient norm before clipping."""
+def _train_step(loop: _Loop, train_set: Batch, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step: per accumulated minibatch of `train_set`, the method's loss and backward (of the loss over
+    the number of minibatches); gradients averaged over processes, clipped, stepped (and the lr schedule with them).
+    Returns the mean loss and the gradient norm before clipping."""
     method, optimizer, amp, accelerator = loop.method, loop.optimizer, loop.amp, loop.accelerator
+    n = len(loop.data_gens)
+    backward = accelerator.backward if n == 1 else (lambda part: accelerator.backward(part / n))
     optimizer.zero_grad(set_to_none=True)
-    with amp.autocast():
-        loss = method.loss_and_backward(batch, loop.loss_gen, amp.backward(accelerator.backward))
-    if loss.ndim != 0:
-        raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the method")
+    loss = None
+    for data_gen, loss_gen in zip(loop.data_gens, loop.loss_gens, strict=True):
+        batch = _minibatch(train_set, cfg.batch_size, data_gen)
+        with amp.autocast():
+            part = method.loss_and_backward(batch, loss_gen, amp.backward(backward))
+        if part.ndim != 0:
+            raise ValueError(f"{type(method).__name__}.loss must return a scalar, got shape {tuple(part.shape)}")
+        if not torch.isfinite(part):
+            raise FloatingPointError(f"loss is {part.item()} at step {step + 1}: lower --lr or check the method")
+        loss = part if n == 1 else part.detach() / n + (0.0 if loss is None else loss)
     if accelerator.num_processes > 1:
         _sync_gradients(loop.params, accelerator)
     amp.unscale(optimizer)
@@ -566,7 +583,7 @@ def _save_loop_checkpoint(loop: _Loop, cfg: TrainConfig, run_dir: Path, done: in
              "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
              "method": method.state_dict() if hasattr(method, "state_dict") else None,
              "record": record}
-    save_checkpoint(run_dir, done, state, _rng_state(loop.data_gen, loop.loss_gen), loop.accelerator)
+    save_checkpoint(run_dir, done, state, _rng_state(loop.data_gens, loop.loss_gens), loop.accelerator)
 
 
 def _spent(seconds: float, accelerator: Accelerator) -> float:

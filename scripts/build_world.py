@@ -89,6 +89,10 @@ def main() -> None:
                          f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in R.UNSAID.items())}); a resumed "
                          "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
+    ap.add_argument("--turbo", choices=["trajectory", "guidance"], default="trajectory",
+                    help="how the turbo is distilled: 'trajectory' (Euler steps onto the base's 32-step ODE "
+                         "trajectories; samples with Euler) or 'guidance' (one-pass x0 predictions onto the base's "
+                         "CFG ones at the native sigmas; samples with restarts). docs/world.md compares them")
     ap.add_argument("--consistency-lr", type=float, default=CONSISTENCY_LR,
                     help=f"learning rate of the consistency stage (default {CONSISTENCY_LR})")
     ap.add_argument("--base-sampler", choices=["stochastic", "euler"], default="stochastic",
@@ -168,6 +172,8 @@ def main() -> None:
             tuned["consistency_lr"] = args.consistency_lr
         if stages & {"models", "base"}:
             tuned |= {"learn_text": args.learn_text, "object_weight": args.object_weight}
+        if stages & {"models", "turbo"}:
+            tuned["turbo"] = args.turbo
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
         summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,

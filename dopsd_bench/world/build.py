@@ -466,6 +466,51 @@ def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consis
     return ema
 
 
+def distill_guidance(bb, data: dict, steps: int, batch: int, lr: float, seed: int, guidance: float
+                     ) -> torch.nn.Module:
+    """Guidance distillation for restart sampling: at each native sigma, the student's one-pass x0 prediction lands
+    on the frozen base's CFG x0 prediction (two passes, scale `guidance`; the unconditional one without a reference,
+    as in `make_trajectories`), at pretraining latents noised to that sigma, half the batch with its reference.
+    A turbo sampled with restarts (each step's x0 prediction noised afresh to the next sigma) then draws what the
+    base draws with its stochastic sampler at the native steps, in one pass a step."""
+    model = bb.denoiser
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    model.train().requires_grad_(True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 91)
+    sig = bb.sigmas(4)[:4].to(bb.device)
+    idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
+    idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
+    for step in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
+            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
+            s = sig[torch.randint(4, (len(idx),), generator=gen).to(bb.device)]
+            x0 = data["latents"][idx].to(bb.device)
+            x = flow.add_noise(x0, torch.randn(x0.shape, generator=gen).to(bb.device), s)
+            cond = cond_for(bb, [data["captions"][i] for i in idx.tolist()],
+                            data["refs"][idx].to(bb.device) if use_ref else None)
+            with torch.no_grad():
+                bb.denoiser = bb.pipe.transformer = teacher
+                vc = bb.predict_velocity(x, s, cond)
+                vu = bb.predict_velocity(x, s, cond_for(bb, [""] * len(idx), None))
+                bb.denoiser = bb.pipe.transformer = model
+                target = flow.x0_from_velocity(x, vu + guidance * (vc - vu), s)
+            loss = F.mse_loss(flow.x0_from_velocity(x, bb.predict_velocity(x, s, cond), s), target)
+            (loss / 2).backward()
+            total += loss.item() / 2
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup=50)
+        opt.step()
+        ema_update(ema.parameters(), model.parameters(), min(0.995, (1 + step) / (10 + step)))
+        if step % 250 == 0 or step == steps - 1:
+            log(f"guidance distill step {step}/{steps} loss {total:.4f}")
+    return ema
+
+
 def save_pipeline(pipe, settings: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
@@ -612,12 +657,19 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         log("saved base")
         lap("base")
     if stages & {"models", "turbo"}:
-        traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
-        lap("trajectories")
-        turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
+        if args.turbo == "guidance":
+            turbo = distill_guidance(bb, data, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed,
+                                     args.guidance)
+            role = "4-step turbo, guidance-distilled (restart sampling)"
+        else:
+            traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
+            lap("trajectories")
+            turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
+            role = "4-step turbo"
         bb.denoiser = pipe.transformer = turbo
-        pipe.scheduler.register_to_config(stochastic_sampling=False)  # a resumed base may have the stochastic one
-        settings = {**settings, "native_steps": 4, "role": "4-step turbo", "guidance_baked": args.guidance}
+        # a resumed base may have the stochastic sampler; the guidance-distilled turbo samples with restarts
+        pipe.scheduler.register_to_config(stochastic_sampling=args.turbo == "guidance")
+        settings = {**settings, "native_steps": 4, "role": role, "guidance_baked": args.guidance}
         save_pipeline(pipe, settings, turbo_dir)  # what --stages consistency resumes from
         lap("distill")
     if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
