@@ -259,6 +259,7 @@ def run(
     dino: options.Dino = None,
     clip: options.Clip = None,
     teacher_model: options.TeacherModel = None,
+    extra_fd: options.ExtraFd = None,
 ) -> None:
     """Train one method on one task instance, sample at the backbone's native steps, score, and write a run dir."""
     from dopsd_bench.runconfig import RunConfig, parse_overrides
@@ -272,7 +273,7 @@ def run(
                     lr=lr, rank=rank, grad_accum=grad_accum, overrides=overrides, out_dir=out_dir,
                     force=force, resume=resume, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
                     gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
-                    dino=dino, clip=clip, teacher_model=teacher_model)
+                    dino=dino, clip=clip, teacher_model=teacher_model, extra_fd=extra_fd)
     from dopsd_bench import runner
 
     runner.run_cell(cfg)
@@ -297,6 +298,7 @@ def eval_(
     dino: options.Dino = None,
     clip: options.Clip = None,
     teacher_model: options.TeacherModel = None,
+    extra_fd: options.ExtraFd = None,
 ) -> None:
     """Score an adapter trained elsewhere with the same protocol as `run` (same prompts, seeds and metrics)."""
     from dopsd_bench.runconfig import RunConfig
@@ -307,7 +309,8 @@ def eval_(
     BACKBONES.get(backbone)
     cfg = RunConfig(method=name, task=task, instance=instance, backbone=backbone, model=model, seed=seed,
                     out_dir=out_dir, force=force, device=device, lora=str(lora.resolve()), dtype=dtype,
-                    eval_batch_size=eval_batch_size, scorer=scorer, dino=dino, clip=clip, teacher_model=teacher_model)
+                    eval_batch_size=eval_batch_size, scorer=scorer, dino=dino, clip=clip, teacher_model=teacher_model,
+                    extra_fd=extra_fd)
     from dopsd_bench import runner
 
     runner.eval_cell(cfg)

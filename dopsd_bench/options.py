@@ -32,6 +32,9 @@ Dino = Annotated[str | None, typer.Option(help="DINOv2 weights for --scorer dino
                                               "id (default: $DOPSD_BENCH_DINO, else facebook/dinov2-small)")]
 Clip = Annotated[str | None, typer.Option(help="CLIP weights for --scorer dino-clip, or 'none' to score without CLIP "
                                               "(default: $DOPSD_BENCH_CLIP, else openai/clip-vit-base-patch32)")]
+ExtraFd = Annotated[str | None, typer.Option(help="further feature spaces for the retention FD/KID, comma-separated "
+                                                  "(effnet_lite0: ImageNet features, docs/metrics.md; default: "
+                                                  "$DOPSD_BENCH_EXTRA_FD, else none)")]
 TeacherModel = Annotated[str | None, typer.Option(help="the in-context teacher's vision-language model for z-image "
                                                         "(a local folder or hub id; default: the model folder's "
                                                         "dopsd_bench.json, else Qwen/Qwen3-VL-4B-Instruct)")]

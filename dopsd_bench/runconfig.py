@@ -55,6 +55,7 @@ class RunConfig:
     dino: str | None = None  # DINOv2 weights for dino-clip (None: $DOPSD_BENCH_DINO, else the hub default)
     clip: str | None = None  # CLIP weights for dino-clip, "none" for none (None: $DOPSD_BENCH_CLIP, else the hub's)
     teacher_model: str | None = None  # the in-context teacher's VL model (z-image); None: the model's own setting
+    extra_fd: str | None = None  # further retention FD/KID spaces, e.g. "effnet_lite0"; None: $DOPSD_BENCH_EXTRA_FD
 
     def __post_init__(self) -> None:
         # in this order, so a config with several bad fields is refused for the same one each time

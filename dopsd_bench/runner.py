@@ -112,7 +112,7 @@ def _features(cfg: RunConfig, data, resolution: int, device: torch.device):
     from dopsd_bench.metrics.evaluate import features_for_task
 
     return features_for_task(data, scorer=cfg.scorer, resolution=resolution, dino=cfg.dino, clip=cfg.clip,
-                             device=device)
+                             extra_fd=cfg.extra_fd, device=device)
 
 
 def _scorer_record(cfg: RunConfig, data, resolution: int) -> dict:

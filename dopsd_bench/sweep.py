@@ -20,6 +20,7 @@ Sweep file (YAML; every key optional except methods and tasks):
     dtype: bf16, gradient_checkpointing: true, eval_batch_size: 16   # as `run`'s flags, for every cell
     scorer: dino-clip, dino: PATH, clip: PATH_OR_none                # how every cell is scored (as `run`'s flags)
     teacher_model: PATH_OR_ID                   # z-image's in-context teacher (VL model) for every cell
+    extra_fd: effnet_lite0                      # further retention FD/KID spaces (as `run --extra-fd`)
 
 Resumable: a cell whose run dir holds a complete result.json is skipped (the runner writes it atomically and last),
 and an unfinished cell is re-run with resume=True, so its training picks up from its last checkpoint. Kill the sweep
@@ -69,7 +70,7 @@ DEFAULT_RUNNER = "dopsd_bench.runner:run_cell"
 DEFAULT_OUT = "runs/sweep"
 SWEEP_KEYS = {"methods", "tasks", "seeds", "budgets", "set", "method_set", "backbone", "model", "device", "out",
               "processes", "checkpoint_every", "dtype", "gradient_checkpointing", "eval_batch_size", "scorer", "dino",
-              "clip", "teacher_model"}
+              "clip", "teacher_model", "extra_fd"}
 LOG_FILE = "sweep.log"
 console = Console(stderr=True)
 
@@ -96,6 +97,7 @@ class SweepSpec:
     dino: str | None = None
     clip: str | None = None
     teacher_model: str | None = None
+    extra_fd: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -192,7 +194,7 @@ def expand(spec: SweepSpec, check_names: bool = True) -> list[Cell]:
                         "out_dir": str(spec.out), "resume": True, "checkpoint_every": spec.checkpoint_every,
                         "dtype": spec.dtype, "gradient_checkpointing": spec.gradient_checkpointing,
                         "eval_batch_size": spec.eval_batch_size, "scorer": spec.scorer, "dino": spec.dino,
-                        "clip": spec.clip, "teacher_model": spec.teacher_model,
+                        "clip": spec.clip, "teacher_model": spec.teacher_model, "extra_fd": spec.extra_fd,
                         **({k: budget.get(k) for k in BUDGET_KEYS} if trains[method] else {}),
                     }
                     if overrides:
@@ -361,6 +363,7 @@ def make_spec(file: dict[str, Any], **flags: Any) -> SweepSpec:
         dino=pick("dino"),
         clip=pick("clip"),
         teacher_model=pick("teacher_model"),
+        extra_fd=pick("extra_fd"),
     )
 
 
@@ -534,6 +537,7 @@ def sweep_command(
     dino: options.Dino = None,
     clip: options.Clip = None,
     teacher_model: options.TeacherModel = None,
+    extra_fd: options.ExtraFd = None,
     workers: Annotated[int, typer.Option(help="run N copies of this sweep side by side, each on cores/N threads, "
                                               "taking cells first come first served (CPU machines)")] = 1,
     force: Annotated[bool, typer.Option(help="re-run cells that are already complete")] = False,
@@ -548,7 +552,7 @@ def sweep_command(
             budgets=[parse_budget(b) for b in budget] if budget else None, out=out, backbone=backbone,
             model=model, device=device, processes=processes, checkpoint_every=checkpoint_every, dtype=dtype,
             gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
-            dino=dino, clip=clip, teacher_model=teacher_model, sets=parse_sets(set_ or []),
+            dino=dino, clip=clip, teacher_model=teacher_model, extra_fd=extra_fd, sets=parse_sets(set_ or []),
         )
         i, n = parse_shard(shard)
         all_cells = expand(spec, check_names=runner == DEFAULT_RUNNER)

@@ -93,3 +93,15 @@ def test_features_for_task_loads_the_named_space_before_any_scoring(monkeypatch)
     monkeypatch.setenv(EXTRA_FD_VAR, "nope")
     with pytest.raises(UserError, match="nope"):
         features_for_task(task, judge=FakeJudge())
+    # the flag (`--extra-fd`, a sweep file's `extra_fd`) wins over the environment, "none" included
+    assert list(features_for_task(task, judge=FakeJudge(), extra_fd="effnet_lite0").extra_fd) == ["effnet_lite0"]
+    assert features_for_task(task, judge=FakeJudge(), extra_fd="none").extra_fd == {}
+
+
+def test_a_sweep_files_extra_fd_reaches_every_cell(tmp_path):
+    from dopsd_bench.sweep import expand, make_spec
+
+    spec = make_spec({"methods": ["base", "sft"], "tasks": ["style:dotted"], "extra_fd": "effnet_lite0"},
+                     out=str(tmp_path))
+    cells = expand(spec)
+    assert cells and all(c.run_config().extra_fd == "effnet_lite0" for c in cells)

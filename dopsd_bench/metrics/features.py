@@ -320,10 +320,11 @@ def scorer_record(scorer: str | None, source: str, resolution: int | None, dino:
 
 def features_for_task(task: TaskData, *, scorer: str | None = None, resolution: int | None = None,
                       judge: nn.Module | str | Path | None = None, dino: str | None = None, clip: str | None = None,
-                      device: str | torch.device = "cpu") -> FeatureExtractor:
+                      extra_fd: str | None = None, device: str | torch.device = "cpu") -> FeatureExtractor:
     """The feature extractor of `scorer_record(scorer, task.source, resolution, dino, clip)`: the world judge (or
-    `judge`), or DINOv2 (+ CLIP unless it is "none"). DOPSD_BENCH_EXTRA_FD names further feature spaces for the
-    retention FD/KID (metrics/imagenet.py), loaded here so a missing one fails before any training."""
+    `judge`), or DINOv2 (+ CLIP unless it is "none"). `extra_fd` (default: $DOPSD_BENCH_EXTRA_FD) names further
+    feature spaces for the retention FD/KID (metrics/imagenet.py), loaded here so a missing one fails before any
+    training."""
     chosen = scorer_record(scorer, task.source, resolution, dino, clip)
     if chosen["name"] == "judge":
         extractor: FeatureExtractor = JudgeFeatures(load_judge(judge), device=device)
@@ -332,5 +333,5 @@ def features_for_task(task: TaskData, *, scorer: str | None = None, resolution: 
         extractor = RealImageFeatures(DinoFeatures.from_pretrained(chosen["dino"], device=device), clip_features)
     from dopsd_bench.metrics.imagenet import extra_fd_features
 
-    extractor.extra_fd = extra_fd_features(device=device)
+    extractor.extra_fd = extra_fd_features(extra_fd, device=device)
     return extractor

@@ -76,6 +76,6 @@ def extra_fd_features(spec: str | None = None, device: str | torch.device = "cpu
     names = [n.strip() for n in spec.split(",") if n.strip() and n.strip().lower() != "none"]
     unknown = [n for n in names if n not in EXTRA_FD_NAMES]
     if unknown:
-        raise UserError(f"unknown extra feature space {unknown[0]!r} in {EXTRA_FD_VAR}: expected a comma-separated "
-                        f"list of {list(EXTRA_FD_NAMES)}, or 'none'")
+        raise UserError(f"unknown extra feature space {unknown[0]!r} in --extra-fd (or ${EXTRA_FD_VAR}): expected a "
+                        f"comma-separated list of {list(EXTRA_FD_NAMES)}, or 'none'")
     return {n: EfficientNetLiteFeatures.from_package(device=device) for n in dict.fromkeys(names)}

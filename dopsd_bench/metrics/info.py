@@ -280,7 +280,7 @@ METRIC_INFO = {m.name: m for m in [
     # an optional second feature space (DOPSD_BENCH_EXTRA_FD=effnet_lite0, metrics/imagenet.py): ImageNet
     # EfficientNet-Lite0 pooled features, which owe nothing to the world judge
     *[MetricSpec(f"retention_{part}_{space}{suffix}", f"retention_{part}{suffix} in ImageNet EfficientNet-Lite0 "
-                 f"features (optional: DOPSD_BENCH_EXTRA_FD={space})", False, False, _extra_fd(space, part + suffix))
+                 f"features (optional: --extra-fd {space})", False, False, _extra_fd(space, part + suffix))
       for space in EXTRA_FD_SPACES
       for part, suffix in (("fd", ""), ("fd", "_untuned"), ("fd_ratio", ""), ("kid", ""), ("kid", "_untuned"))],
     MetricSpec("step_curve", "retention FD, FD ratio and alignment at 1, 2, 4, 8 steps (entries 'fd@K', "
