@@ -89,6 +89,15 @@ class Method:
         estimate): the batch, for a method with one forward per step."""
         return batch_size
 
+    def teacher_rows(self, batch_size: int, native_steps: int) -> int:
+        """Rows of the largest no-grad forward with the teacher's (reference) conditioning one training step runs
+        while no graph is alive (`plan`'s memory estimate counts its transient peak); 0 for none."""
+        return 0
+
+    def teacher_pass_folded(self) -> bool:
+        """Whether that pass runs with its adapter folded into the weights (no LoRA branch in the forward)."""
+        return False
+
     def after_step(self, step: int) -> None:
         pass
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Plan:
     trainable: int = 0
     graph_rows: int = 0
     activation_bytes: int | None = None
+    teacher_rows: int = 0  # rows of the step's no-grad teacher forward (0: the method runs none)
+    teacher_bytes: int | None = None  # that forward's transient peak, while no graph is alive
     gradient_checkpointing: bool = False
     scoring: str = ""
     problems: list[str] = field(default_factory=list)  # each would stop the run (after training, without plan)
@@ -66,7 +69,8 @@ class Plan:
     def peak_bytes(self) -> int | None:
         if self.activation_bytes is None:
             return None
-        return self.weight_bytes + self.trainable_bytes + self.activation_bytes
+        # the teacher's forward runs before the student's graph exists: the larger of the two is the step's peak
+        return self.weight_bytes + self.trainable_bytes + max(self.activation_bytes, self.teacher_bytes or 0)
 
     def lines(self) -> list[str]:
         out = [(f"{self.method} on {self.task}:{self.instance}, {self.backbone} ({self.model}), {self.dtype} on "
@@ -80,8 +84,12 @@ class Plan:
             how = ", gradient checkpointing" if self.gradient_checkpointing else ""
             out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens at {self.resolution} px"
                        f"{how}: {_gib(self.activation_bytes)}")
+            if self.teacher_bytes is not None:
+                out.append(f"  {'teacher pass':<14} {self.teacher_rows} rows, no gradient, with the reference: "
+                           f"{_gib(self.teacher_bytes)} at its peak")
             out.append(f"  {'peak (est.)':<14} {_gib(self.peak_bytes)} for one training step (estimate: weights + "
-                       "trainable state + saved activations; allocator slack not included)")
+                       "trainable state + the larger of saved activations and the teacher pass; allocator slack not "
+                       "included)")
         out.append(f"  scoring: {self.scoring}")
         out += [f"  note: {n}" for n in self.notes]
         out += [f"  problem: {p}" for p in self.problems]
@@ -259,6 +267,57 @@ def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False) -> 
     return total - inside + sum(inputs for inputs, _ in blocks) + max(saved for _, saved in blocks)
 
 
+def teacher_forward_bytes(backbone, rows: int) -> int:
+    """Peak bytes of the tensors alive during one no-grad `predict_velocity` of `rows` rows with the teacher's
+    conditioning (`blank_teacher_cond`), above its inputs: a forward that keeps no graph still holds its largest
+    block's intermediates (fused projections, attention output, MLP) at once. Each storage an op creates counts from
+    then until the last tensor on it is dropped; views and in-place results are not new memory; attention counts as
+    a fused kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        """Bytes of the storages that tensors made inside the mode hold, each storage once (views share theirs)."""
+
+        def __init__(self):
+            super().__init__()
+            self.refs: dict[int, int] = {}  # storage -> tensors made here that hold it
+            self.live = self.peak = 0
+
+        def _drop(self, key: int, n: int) -> None:
+            self.refs[key] -= 1
+            if not self.refs[key]:
+                del self.refs[key]
+                self.live -= n
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key, n = storage._cdata, storage.nbytes()
+                if key in given and key not in self.refs:
+                    continue  # an input's memory (in place, or a view of it)
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._drop, key, n)
+            return out
+
+    device = backbone.device
+    x = torch.zeros((rows, *backbone.latent_shape()), device=device)
+    sigma = torch.full((rows,), 0.5, device=device)
+    cond = backbone.blank_teacher_cond(rows)
+    tracker = LiveBytes()
+    with torch.no_grad(), _fused_attention(), _all_true_masks(), tracker:
+        backbone.predict_velocity(x, sigma, cond)
+    return tracker.peak
+
+
 # ---- checks --------------------------------------------------------------------------------------------------
 def _local_or_cached(path_or_id: str) -> bool:
     """A local folder, or a hub id whose config is in the Hugging Face cache (runs are offline)."""
@@ -411,6 +470,15 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
             plan.tokens = int(h * w // (4 if backbone == "z-image" else 1)) + int(settings["max_sequence_length"])
             plan.activation_bytes = saved_activation_bytes(bb, rows, gradient_checkpointing)
             plan.gradient_checkpointing = gradient_checkpointing
+            plan.teacher_rows = the_method.teacher_rows(batch_size or int(DEFAULT_BUDGET["batch_size"]),
+                                                        bb.native_steps)
+            if plan.teacher_rows:
+                lora = the_method.adapter is not None
+                if lora and the_method.teacher_pass_folded():
+                    bb.set_adapter(None)  # folded into the weights: no LoRA branch in that forward
+                plan.teacher_bytes = teacher_forward_bytes(bb, plan.teacher_rows)
+                if lora:
+                    bb.set_adapter("plan")
     if target.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(target).total_memory
         if plan.weight_bytes > total:

@@ -222,6 +222,14 @@ class DOPSD(Method):
             return batch_size
         return batch_size * min(self.config.chunk or states, states)
 
+    def teacher_rows(self, batch_size: int, native_steps: int) -> int:
+        """Sequential: the teacher sees one state's batch; batched: all trained states at once (`_batched`)."""
+        states = self.config.state_subset or self.config.k or native_steps
+        return batch_size if self.config.schedule == "sequential" else batch_size * states
+
+    def teacher_pass_folded(self) -> bool:
+        return self.config.schedule == "batched"  # `_batched` folds; `_sequential` switches adapters
+
     def loss_and_backward(self, batch: Batch, generator: torch.Generator,
                           backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         backward = backward or torch.Tensor.backward

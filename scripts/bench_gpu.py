@@ -29,7 +29,7 @@ warm-up step, one step whose memory is measured, then `--repeats` timed steps (s
   against tensors of known size in tests/test_scripts.py. peak_total_mib (cuda) is the absolute allocator peak.
 - estimate_mib: `dopsd-bench plan`'s peak for the same model (the pipeline's configs, written to a temporary folder
   and read by dopsd_bench.plan.make_plan), method, batch, rank, dtype, resolution and checkpointing; estimate_ratio =
-  estimate / measured; estimate_parts_mib: its weights, trainable state and saved activations.
+  estimate / measured; estimate_parts_mib: its weights, trainable state, saved activations and the teacher pass's peak.
 - ratios: D-OPSD over SFT, of step time and of FLOPs, per checkpointing setting.
 The last printed line is a JSON object with everything (`--out` also writes it). An architecture that fails is
 recorded with its error and the other still runs; the exit status is then 1.
@@ -275,7 +275,8 @@ def bench_arch(arch: str, args, device: torch.device, dtype_name: str, overrides
                 row["estimate_ratio"] = round(plan.peak_bytes / MiB / row["measured_mib"], 3)
                 row["estimate_parts_mib"] = {"weights": round(plan.weight_bytes / MiB, 1),
                                              "trainable": round(plan.trainable_bytes / MiB, 1),
-                                             "activations": round(plan.activation_bytes / MiB, 1)}
+                                             "activations": round(plan.activation_bytes / MiB, 1),
+                                             "teacher_pass": round((plan.teacher_bytes or 0) / MiB, 1)}
                 rows[name] = row
                 gc.collect()
                 if device.type == "cuda":

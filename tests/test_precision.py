@@ -251,6 +251,30 @@ def _saved_bytes_under_real_checkpointing(backbone, rows: int) -> int:
     return sum(seen.values())
 
 
+def test_plan_counts_the_teacher_pass_that_runs_while_no_graph_is_alive(model_dir, world_task):
+    """D-OPSD's no-grad teacher forward (all K states at once in the batched schedule, one state's batch in the
+    sequential one) is counted on the meta device as on real tensors, and the step's peak is the larger of it and
+    the student's saved activations; SFT runs no such pass."""
+    from dopsd_bench.plan import make_plan, teacher_forward_bytes
+
+    name, path = model_dir
+    sft = make_plan(name, str(path), "sft", world_task, batch_size=2, rank=4)
+    assert sft.teacher_rows == 0 and sft.teacher_bytes is None
+    batched = make_plan(name, str(path), "dopsd", world_task, batch_size=2, rank=4)
+    sequential = make_plan(name, str(path), "dopsd", world_task, batch_size=2, rank=4,
+                           overrides={"schedule": "sequential"})
+    real = _load(model_dir)
+    k = real.native_steps
+    assert (batched.teacher_rows, sequential.teacher_rows) == (2 * k, 2)
+    assert batched.teacher_bytes == pytest.approx(teacher_forward_bytes(real, 2 * k), rel=0.01)
+    assert batched.teacher_bytes > sequential.teacher_bytes  # K states at once against one
+    for plan in (batched, sequential):
+        assert plan.peak_bytes == plan.weight_bytes + plan.trainable * 16 + max(plan.activation_bytes,
+                                                                                 plan.teacher_bytes)
+    shown = "rows, no gradient, with the reference"
+    assert shown in "\n".join(batched.lines()) and shown not in "\n".join(sft.lines())
+
+
 def test_plan_prints_the_figures(world_task):
     cli = CliRunner()
     done = cli.invoke(_app(), ["plan", "--method", "dopsd", "--task", world_task, "--batch-size", "2"])

@@ -101,6 +101,11 @@ class Backbone(ABC):
         meta device): the shapes a training forward sees, for `plan`'s memory estimate."""
         raise NotImplementedError(f"{type(self).__name__} has no blank_cond: `plan` cannot estimate its activations")
 
+    def blank_teacher_cond(self, rows: int) -> Cond:
+        """`blank_cond` for the teacher's view (prompt and reference): the shapes its forward sees. By default the
+        text conditioning's; a backbone whose teacher reads more tokens says so."""
+        return self.blank_cond(rows)
+
     @abstractmethod
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
         """Multimodal conditioning: prompt + reference image(s) (B, 3, H, W) in [-1, 1] (the teacher's view)."""

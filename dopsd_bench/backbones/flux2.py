@@ -107,6 +107,10 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
                              dtype=module_dtype(self.pipe.transformer))
         return self.text_cond(embeds)
 
+    def blank_teacher_cond(self, rows: int) -> Cond:
+        refs = torch.zeros((rows, *self.latent_shape()), device=self.device, dtype=module_dtype(self.pipe.transformer))
+        return self.with_references(self.blank_cond(rows), refs)  # the reference image's tokens beside the noisy ones
+
     @torch.no_grad()
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:
         return self.teacher_cond(prompts, self.encode_images(images))

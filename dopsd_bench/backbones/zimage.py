@@ -210,9 +210,15 @@ class ZImageBackbone(DiffusersLora, Backbone):
         return self._pad([self._text_cache[p] for p in prompts])
 
     def blank_cond(self, rows: int) -> Cond:
+        return self._blank(rows, self.max_sequence_length)
+
+    def blank_teacher_cond(self, rows: int) -> Cond:
+        return self._blank(rows, self.teacher_max_length)  # the VL teacher's hidden states of prompt and image
+
+    def _blank(self, rows: int, length: int) -> Cond:
         # unpadded (every position real): on the meta device a mask's selection cannot count its True entries
         width = self.pipe.transformer.config.cap_feat_dim
-        shape = (rows, self.max_sequence_length)
+        shape = (rows, length)
         return {"prompt_embeds": torch.zeros(*shape, width, device=self.device, dtype=module_dtype(self.denoiser)),
                 "prompt_mask": torch.ones(shape, dtype=torch.bool, device=self.device)}
 
