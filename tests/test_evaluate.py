@@ -108,6 +108,10 @@ def test_base_scores_every_key_and_keeps_retention_ratio_one(task, features, tmp
     assert m["retention_alignment"]["per_sample"] == m["retention_alignment_untuned"]["per_sample"]
     assert m["teacher_fidelity_before"] == m["teacher_fidelity_after"]
     assert m["teacher_student_divergence"] == m["teacher_student_divergence_untuned"]
+    for figure in ("scale", "offset"):  # one reconstruction per training image; untuned = tuned for `base`
+        before, after = m[f"teacher_{figure}_drift_before"], m[f"teacher_{figure}_drift_after"]
+        assert len(before["per_sample"]) == len(task.train_images) and before == after
+    assert "signed_mean" in m["teacher_scale_drift_before"]
     assert m["retention_kid"]["mean"] == m["retention_kid_untuned"]["mean"]
     assert 0 <= m["fidelity"]["mean"] <= 1 and 0 <= m["alignment"]["mean"] <= 1
     assert timings["cache_misses"] > 0 and list(tmp_path.glob("*.safetensors"))
@@ -131,6 +135,8 @@ def test_tuned_model_moves_retention_and_reuses_the_untuned_cache(task, features
     assert m["teacher_fidelity_before"] == base["teacher_fidelity_before"]
     assert m["teacher_fidelity_after"]["per_sample"] != m["teacher_fidelity_before"]["per_sample"]
     assert m["teacher_student_divergence"]["per_sample"] != m["teacher_student_divergence_untuned"]["per_sample"]
+    assert m["teacher_scale_drift_before"] == base["teacher_scale_drift_before"]
+    assert m["teacher_scale_drift_after"]["per_sample"] != m["teacher_scale_drift_before"]["per_sample"]
 
 
 def test_full_fine_tune_needs_the_untuned_outputs_cached_first(task, features, tmp_path):

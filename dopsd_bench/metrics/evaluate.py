@@ -36,6 +36,7 @@ __all__ = ["METRIC_INFO", "MetricSpec", "Sampled", "compute_metrics", "evaluate"
            "prepare_untuned", "sample_everything"]
 
 STEP_CURVE = (1, 2, 4, 8)
+RECONSTRUCTION_SEED = 50_000  # the teacher's reconstructions of the training images: seeds 50000, 50001, ...
 REFERENCE_SEED_OFFSET = 1_000_000  # folder tasks: FD reference = untuned samples on these shifted seeds
 
 
@@ -184,6 +185,10 @@ class Sampled:
     teacher_after: torch.Tensor  # the tuned in-context teacher, same prompts and references
     divergence: torch.Tensor  # teacher-student divergence per evaluation prompt, tuned
     divergence_untuned: torch.Tensor
+    # the in-context teacher given each training image as reference and its own caption (what it should reproduce),
+    # untuned and tuned: the geometry-drift figures compare them with the training images
+    reconstruction_before: torch.Tensor
+    reconstruction_after: torch.Tensor
     _memo: dict = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -235,6 +240,14 @@ class Sampled:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def geometry_drift(self, when: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per training image, (log2 scale, centroid offset) of the teacher's reconstruction `when` ("before":
+        untuned, "after": tuned) against the image (metrics.geometry.drift)."""
+        from dopsd_bench.metrics.geometry import drift
+
+        images = self.reconstruction_before if when == "before" else self.reconstruction_after
+        return self._once(("drift", when), lambda: drift(images, self.task.train_images.cpu()))
+
     def fd(self, steps: int) -> tuple[float, float]:
         """Retention Fréchet distance to `real` at `steps`: (tuned, untuned)."""
         return self._once(("fd", steps), lambda: tuple(
@@ -279,24 +292,33 @@ def _sample_tuned(method, task: TaskData, steps: list[int], native: int, batch_s
     return images, retention
 
 
-def _sample_teacher(backbone, method, task: TaskData, untuned: _Untuned, references: torch.Tensor,
-                    batch_size: int | None):
-    """The tuned in-context teacher's samples and the teacher-student divergence on the evaluation prompts."""
-    native, prompts, seeds = backbone.native_steps, task.eval_prompts, task.eval_seeds
-    student, teacher = student_adapter(method), teacher_adapter(method, backbone)
+def _tuned_teacher_samples(backbone, method, untuned: _Untuned, prompts: list[str], seeds: list[int],
+                           references: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """The tuned in-context teacher's samples of `prompts` with `references`, at native steps."""
+    native, teacher = backbone.native_steps, teacher_adapter(method, backbone)
     if teacher is None and not untuned.weights_changed:  # the tuned teacher is the untuned one: reuse the cache
-        return (untuned.sample(prompts, seeds, native, references),
-                untuned.divergence(prompts, seeds, references, native))
+        return untuned.sample(prompts, seeds, native, references)
 
     def teacher_sample(p, s, r):
         backbone.set_adapter(teacher)
         return backbone.sample(p, s, native, references=r)
 
+    return _in_batches(teacher_sample, prompts, seeds, references, batch_size)
+
+
+def _sample_teacher(backbone, method, task: TaskData, untuned: _Untuned, references: torch.Tensor,
+                    batch_size: int | None):
+    """The tuned in-context teacher's samples and the teacher-student divergence on the evaluation prompts."""
+    native, prompts, seeds = backbone.native_steps, task.eval_prompts, task.eval_seeds
+    student, teacher = student_adapter(method), teacher_adapter(method, backbone)
+    samples = _tuned_teacher_samples(backbone, method, untuned, prompts, seeds, references, batch_size)
+    if teacher is None and not untuned.weights_changed:
+        return samples, untuned.divergence(prompts, seeds, references, native)
+
     def diverge(p, s, r):
         return teacher_student_divergence(backbone, p, s, r, student=student, teacher=teacher, steps=native)
 
-    return (_in_batches(teacher_sample, prompts, seeds, references, batch_size),
-            _in_batches(diverge, prompts, seeds, references, batch_size))
+    return samples, _in_batches(diverge, prompts, seeds, references, batch_size)
 
 
 def sample_everything(backbone, task: TaskData, method, *, features: FeatureExtractor, cache_dir: str | Path | None,
@@ -321,6 +343,10 @@ def sample_everything(backbone, task: TaskData, method, *, features: FeatureExtr
     t = time.perf_counter()
     progress("sampling the in-context teacher")
     teacher_after, divergence = _sample_teacher(backbone, method, task, untuned, references, batch_size)
+    recon_prompts = list(task.train_captions)
+    recon_seeds = list(range(RECONSTRUCTION_SEED, RECONSTRUCTION_SEED + len(recon_prompts)))
+    reconstruction_after = _tuned_teacher_samples(backbone, method, untuned, recon_prompts, recon_seeds,
+                                                  task.train_images, batch_size)
     timings["teacher_tuned"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -329,12 +355,14 @@ def sample_everything(backbone, task: TaskData, method, *, features: FeatureExtr
     retention_untuned = {k: untuned.sample(task.retention_prompts, task.retention_seeds, k) for k in steps}
     teacher_before = untuned.sample(prompts, seeds, native, references)
     divergence_untuned = untuned.divergence(prompts, seeds, references, native)
+    reconstruction_before = untuned.sample(recon_prompts, recon_seeds, native, task.train_images)
     real = _retention_reference(task, untuned, native)
     backbone.set_adapter(student_adapter(method))
     timings["untuned"] = time.perf_counter() - t
     timings["cache_hits"], timings["cache_misses"] = float(cache.hits), float(cache.misses)
     return Sampled(task, features, native, steps, tuple(step_curve), images, retention, retention_untuned, real,
-                   teacher_before, teacher_after, divergence, divergence_untuned)
+                   teacher_before, teacher_after, divergence, divergence_untuned, reconstruction_before,
+                   reconstruction_after)
 
 
 def compute_metrics(sampled: Sampled, specs: list[MetricSpec] | None = None) -> dict[str, dict]:

@@ -303,7 +303,21 @@ METRIC_INFO = {m.name: m for m in [
                lambda s: s.divergence),
     MetricSpec("teacher_student_divergence_untuned", "teacher_student_divergence of the untuned model", False, True,
                lambda s: s.divergence_untuned),
+    *(spec for when, who in (("before", "the untuned"), ("after", "the tuned")) for spec in (
+        MetricSpec(f"teacher_scale_drift_{when}", f"|log2| of the object's size in {who} in-context teacher's "
+                   "reconstruction of each training image (its caption + itself as reference) over the image's "
+                   "(image moments, metrics/geometry.py); signed_mean > 0: drawn larger (zoom-in)", False, True,
+                   lambda s, when=when: _scale_drift(s, when)),
+        MetricSpec(f"teacher_offset_drift_{when}", f"distance between the object's centre in {who} in-context "
+                   "teacher's reconstruction of each training image and in the image, in fractions of its width",
+                   False, True, lambda s, when=when: s.geometry_drift(when)[1]),
+    )),
 ]}
+
+
+def _scale_drift(s, when: str) -> Score:
+    scale = s.geometry_drift(when)[0]
+    return Score(scale.abs(), {"signed_mean": float(scale.mean())})
 
 
 for _spec in METRIC_INFO.values():
