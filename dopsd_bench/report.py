@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 
 from dopsd_bench.agreement import HEADER, INTRO, agreement_rows, agreement_table
+from dopsd_bench.errors import UserError
 from dopsd_bench.leaderboard import (
     ReferenceOption,
     build_table,
@@ -218,11 +219,9 @@ def report_command(
     try:
         res = load_results(results)
     except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise UserError(str(e)) from None
     if res.empty:
-        console.print(f"[red]error:[/red] no complete result.json under {results}; run a sweep first")
-        raise typer.Exit(2)
+        raise UserError(f"no complete result.json under {results}; run a sweep first")
     table = build_table(res, n_boot=n_boot, seed=seed, references=check_references(reference, res))
     page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]),
                        agreement=agreement_table(res.summary, n_boot=n_boot, seed=seed))

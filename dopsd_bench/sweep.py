@@ -63,6 +63,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dopsd_bench import options, sweep_workers
+from dopsd_bench.cli import user_errors
 from dopsd_bench.errors import CellBusy, UserError
 from dopsd_bench.result import BUDGET_KEYS
 
@@ -545,22 +546,18 @@ def sweep_command(
     runner: Annotated[str, typer.Option(hidden=True, help="module:function that runs one RunConfig")] = DEFAULT_RUNNER,
 ) -> None:
     """Run a matched grid of methods x tasks x seeds x budgets; resumable and shardable."""
-    try:
-        file = load_sweep_file(config) if config else {}
-        spec = make_spec(
-            file, methods=_csv(methods), tasks=_csv(tasks), seeds=_csv(seeds),
-            budgets=[parse_budget(b) for b in budget] if budget else None, out=out, backbone=backbone,
-            model=model, device=device, processes=processes, checkpoint_every=checkpoint_every, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
-            dino=dino, clip=clip, teacher_model=teacher_model, extra_fd=extra_fd, sets=parse_sets(set_ or []),
-        )
-        i, n = parse_shard(shard)
-        all_cells = expand(spec, check_names=runner == DEFAULT_RUNNER)
-        cells = shard_cells(all_cells, i, n)
-        sweep_workers.check_workers(workers, spec.processes)
-    except UserError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    file = load_sweep_file(config) if config else {}
+    spec = make_spec(
+        file, methods=_csv(methods), tasks=_csv(tasks), seeds=_csv(seeds),
+        budgets=[parse_budget(b) for b in budget] if budget else None, out=out, backbone=backbone,
+        model=model, device=device, processes=processes, checkpoint_every=checkpoint_every, dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size, scorer=scorer,
+        dino=dino, clip=clip, teacher_model=teacher_model, extra_fd=extra_fd, sets=parse_sets(set_ or []),
+    )
+    i, n = parse_shard(shard)
+    all_cells = expand(spec, check_names=runner == DEFAULT_RUNNER)
+    cells = shard_cells(all_cells, i, n)
+    sweep_workers.check_workers(workers, spec.processes)
     if dry_run:
         _print_cell_states(cells, runner)
         return
@@ -608,7 +605,7 @@ def _cell_entry(
 
 
 _app = typer.Typer(add_completion=False, no_args_is_help=True)
-_app.command("sweep")(sweep_command)
+_app.command("sweep")(user_errors(sweep_command))  # `python -m dopsd_bench.sweep`: bad input is one line, exit 2
 _app.command("cell", hidden=True)(_cell_entry)
 
 if __name__ == "__main__":
