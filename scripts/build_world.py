@@ -175,9 +175,12 @@ def main() -> None:
         if stages & {"models", "turbo"}:
             tuned["turbo"] = args.turbo
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]
+        stage_walls = {**earlier.get("stage_wall_s", {}), **walls}
+        if stages & {"models", "turbo"} and args.turbo == "guidance":
+            stage_walls.pop("trajectories", None)  # an earlier turbo's: this one is distilled without them
         summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
-                             "stage_wall_s": {**earlier.get("stage_wall_s", {}), **walls},
+                             "stage_wall_s": stage_walls,
                              "invocations": invocations, "wall_s": round(earlier.get("wall_s", 0.0) + wall, 1)}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))

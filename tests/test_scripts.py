@@ -5,6 +5,7 @@ Most are slow (about a minute each on 2 cores)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,17 @@ def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
     again = _script("build_world.py", "--stages", "consistency", "--consistency-steps", "1000", "--out",
                     str(tmp_path), *SMOKE)
     assert again.returncode != 0 and "samples with restarts already" in again.stderr
+
+    # the guidance-distilled turbo: from the saved base, no trajectories, sampled with restarts
+    guided = _script("build_world.py", "--stages", "turbo", "--turbo", "guidance", "--out", str(tmp_path), *SMOKE)
+    assert guided.returncode == 0, guided.stderr[-2000:]
+    assert "guidance distill step" in guided.stdout and not re.search(r"trajectories \d+/\d+", guided.stdout)
+    summary = json.loads((tmp_path / "build_summary.json").read_text())
+    assert summary["models"]["recipe"]["turbo"] == "guidance"
+    assert "trajectories" not in summary["models"]["stage_wall_s"]  # that turbo had none
+    bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
+    assert bb.native_steps == 4 and bb.stochastic_sampling
+    assert "guidance" in json.loads((tmp_path / "glyphworld-turbo" / "dopsd_bench.json").read_text())["role"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The embedded world's build recipe: every stage that `scripts/build_world.py` runs (world judge, VAE, dataset, base
-flow matching, trajectories, trajectory and consistency distillation), its recipe constants, and the orchestration
-of the model stages (`build_models`). The script is its command line; `scripts/tune_base.py` reuses the stages.
+flow matching, trajectories, trajectory, guidance and consistency distillation), its recipe constants, and the
+orchestration of the model stages (`build_models`). The script is its command line; `scripts/tune_base.py` reuses
+the stages.
 
     from dopsd_bench.world import build
     judge, accuracy = build.train_judge(steps=100, seed=0, device=torch.device("cpu"))
@@ -426,34 +427,21 @@ def restart_rollouts(bb, data: dict, n: int, seed: int, batch: int = 256) -> dic
             "sigmas": sig[:4].cpu()}
 
 
-def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consistency: bool = False) -> torch.nn.Module:
-    """Trajectory distillation: at each native sigma, the student's Euler step lands on the teacher's next state.
-    With `consistency` (`traj` from restart_rollouts), its x0 prediction lands on the endpoint of the teacher's
-    remaining steps instead: one step does what they did, and the student samples with restarts."""
+def _distill_loop(bb, steps: int, batch: int, lr: float, gen: torch.Generator, has_ref: torch.Tensor, label: str,
+                  loss_of) -> torch.nn.Module:
+    """The distillation stages' loop: each step draws half its batch from the text-only examples and half from the
+    referenced ones (`loss_of(idx, use_ref)` -> that half's loss), then AdamW with clipping, a cosine lr and an EMA
+    (0.995) of the denoiser, which it returns."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + 71)
-    sig = traj["sigmas"].to(bb.device)
-    idx_text = torch.nonzero(~traj["has_ref"]).squeeze(1)
-    idx_ref = torch.nonzero(traj["has_ref"]).squeeze(1)
+    pools = ((torch.nonzero(~has_ref).squeeze(1), False), (torch.nonzero(has_ref).squeeze(1), True))
     for step in range(steps):
         opt.zero_grad()
         total = 0.0
-        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
-            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
-            k = torch.randint(4, (len(idx),), generator=gen)
-            x, s = traj["states"][idx, k].to(bb.device), sig[k.to(bb.device)]
-            cond = cond_for(bb, [traj["captions"][i] for i in idx.tolist()],
-                            traj["refs"][idx].to(bb.device) if use_ref else None)
-            if consistency:  # an x0 loss: each step's x0 prediction is the sample the restart noises afresh
-                v = bb.predict_velocity(x, s, cond)
-                loss = F.mse_loss(flow.x0_from_velocity(x, v, s), traj["ends"][idx, k].to(bb.device))
-            else:
-                x_next, s_next = traj["states"][idx, k + 1].to(bb.device), sig[(k + 1).to(bb.device)]
-                target = (x_next - x) / (s_next - s).view(-1, 1, 1, 1)
-                loss = F.mse_loss(bb.predict_velocity(x, s, cond), target)
+        for pool, use_ref in pools:
+            loss = loss_of(pool[torch.randint(len(pool), (batch // 2,), generator=gen)], use_ref)
             (loss / 2).backward()
             total += loss.item() / 2
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -462,8 +450,30 @@ def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consis
         opt.step()
         ema_update(ema.parameters(), model.parameters(), min(0.995, (1 + step) / (10 + step)))
         if step % 250 == 0 or step == steps - 1:
-            log(f"distill step {step}/{steps} loss {total:.4f}")
+            log(f"{label} step {step}/{steps} loss {total:.4f}")
     return ema
+
+
+def distill(bb, traj: dict, steps: int, batch: int, lr: float, seed: int, consistency: bool = False) -> torch.nn.Module:
+    """Trajectory distillation: at each native sigma, the student's Euler step lands on the teacher's next state.
+    With `consistency` (`traj` from restart_rollouts), its x0 prediction lands on the endpoint of the teacher's
+    remaining steps instead: one step does what they did, and the student samples with restarts."""
+    gen = torch.Generator().manual_seed(seed + 71)
+    sig = traj["sigmas"].to(bb.device)
+
+    def loss_of(idx: torch.Tensor, use_ref: bool) -> torch.Tensor:
+        k = torch.randint(4, (len(idx),), generator=gen)
+        x, s = traj["states"][idx, k].to(bb.device), sig[k.to(bb.device)]
+        cond = cond_for(bb, [traj["captions"][i] for i in idx.tolist()],
+                        traj["refs"][idx].to(bb.device) if use_ref else None)
+        if consistency:  # an x0 loss: each step's x0 prediction is the sample the restart noises afresh
+            v = bb.predict_velocity(x, s, cond)
+            return F.mse_loss(flow.x0_from_velocity(x, v, s), traj["ends"][idx, k].to(bb.device))
+        x_next, s_next = traj["states"][idx, k + 1].to(bb.device), sig[(k + 1).to(bb.device)]
+        target = (x_next - x) / (s_next - s).view(-1, 1, 1, 1)
+        return F.mse_loss(bb.predict_velocity(x, s, cond), target)
+
+    return _distill_loop(bb, steps, batch, lr, gen, traj["has_ref"], "distill", loss_of)
 
 
 def distill_guidance(bb, data: dict, steps: int, batch: int, lr: float, seed: int, guidance: float
@@ -473,42 +483,26 @@ def distill_guidance(bb, data: dict, steps: int, batch: int, lr: float, seed: in
     as in `make_trajectories`), at pretraining latents noised to that sigma, half the batch with its reference.
     A turbo sampled with restarts (each step's x0 prediction noised afresh to the next sigma) then draws what the
     base draws with its stochastic sampler at the native steps, in one pass a step."""
-    model = bb.denoiser
-    teacher = copy.deepcopy(model).requires_grad_(False).eval()
-    model.train().requires_grad_(True)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    student = bb.denoiser
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(seed + 91)
     sig = bb.sigmas(4)[:4].to(bb.device)
-    idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
-    idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
-    for step in range(steps):
-        opt.zero_grad()
-        total = 0.0
-        for pool, use_ref in ((idx_text, False), (idx_ref, True)):
-            idx = pool[torch.randint(len(pool), (batch // 2,), generator=gen)]
-            s = sig[torch.randint(4, (len(idx),), generator=gen).to(bb.device)]
-            x0 = data["latents"][idx].to(bb.device)
-            x = flow.add_noise(x0, torch.randn(x0.shape, generator=gen).to(bb.device), s)
-            cond = cond_for(bb, [data["captions"][i] for i in idx.tolist()],
-                            data["refs"][idx].to(bb.device) if use_ref else None)
-            with torch.no_grad():
-                bb.denoiser = bb.pipe.transformer = teacher
-                vc = bb.predict_velocity(x, s, cond)
-                vu = bb.predict_velocity(x, s, cond_for(bb, [""] * len(idx), None))
-                bb.denoiser = bb.pipe.transformer = model
-                target = flow.x0_from_velocity(x, vu + guidance * (vc - vu), s)
-            loss = F.mse_loss(flow.x0_from_velocity(x, bb.predict_velocity(x, s, cond), s), target)
-            (loss / 2).backward()
-            total += loss.item() / 2
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=50)
-        opt.step()
-        ema_update(ema.parameters(), model.parameters(), min(0.995, (1 + step) / (10 + step)))
-        if step % 250 == 0 or step == steps - 1:
-            log(f"guidance distill step {step}/{steps} loss {total:.4f}")
-    return ema
+
+    def loss_of(idx: torch.Tensor, use_ref: bool) -> torch.Tensor:
+        s = sig[torch.randint(4, (len(idx),), generator=gen).to(bb.device)]
+        x0 = data["latents"][idx].to(bb.device)
+        x = flow.add_noise(x0, torch.randn(x0.shape, generator=gen).to(bb.device), s)
+        cond = cond_for(bb, [data["captions"][i] for i in idx.tolist()],
+                        data["refs"][idx].to(bb.device) if use_ref else None)
+        with torch.no_grad():
+            bb.denoiser = bb.pipe.transformer = teacher
+            vc = bb.predict_velocity(x, s, cond)
+            vu = bb.predict_velocity(x, s, cond_for(bb, [""] * len(idx), None))
+            bb.denoiser = bb.pipe.transformer = student
+            target = flow.x0_from_velocity(x, vu + guidance * (vc - vu), s)
+        return F.mse_loss(flow.x0_from_velocity(x, bb.predict_velocity(x, s, cond), s), target)
+
+    return _distill_loop(bb, steps, batch, lr, gen, data["has_ref"], "guidance distill", loss_of)
 
 
 def save_pipeline(pipe, settings: dict, out: Path) -> None:
