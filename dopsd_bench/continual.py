@@ -39,7 +39,7 @@ import torch
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch, Method, MethodConfig, config_from_overrides, has_adapter
-from dopsd_bench.result import COST_KEYS
+from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE
 from dopsd_bench.runconfig import RunConfig, default_eval_batch_size, resolve_dtype
 from dopsd_bench.tasks import Round, SequenceSpec
 from dopsd_bench.train import CHECKPOINT_DIR, TrainConfig, seed_for, train
@@ -372,7 +372,7 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
     result = _result(cfg, label, method, tcfg, records, options, rounds, backbone, device, timings, t0)
     # one per round: a sequence may mix world and folder rounds
     result["scorer"] = [runner._scorer_record(cfg, data, backbone.resolution) for data in datas]
-    _write_final_grid(cfg, method_overrides, run_dir, backbone, options, datas)
+    _write_final_grid(cfg, method_overrides, run_dir, backbone, options, datas, cache_dir)
     if options.carry == "continue" and result["adapter"]:
         shutil.copytree(run_dir / ROUNDS_DIR / round_dir_name(len(rounds) - 1, rounds[-1]) / rundir.ADAPTER_DIR,
                         run_dir / rundir.ADAPTER_DIR, dirs_exist_ok=True)
@@ -416,11 +416,17 @@ def _round_training_set(datas: list, k: int, replay: bool) -> Batch:
 
 
 def _write_final_grid(cfg: RunConfig, method_overrides: dict[str, str], run_dir: Path, backbone,
-                      options: SequenceOptions, datas: list) -> None:
+                      options: SequenceOptions, datas: list, cache_dir: Path) -> None:
+    """samples.png, and teacher.png (as a single cell's) on the last round's instance: its references, the untuned
+    in-context teacher and the teacher the whole sequence left."""
     final = runner.build_method(cfg.method, method_overrides)  # samples through the adapters the rounds left
     final.backbone = backbone
     with torch.no_grad():
         _write_grid(run_dir, backbone, final, options, datas)
+        if datas[-1].train_images.shape[0]:
+            merged = options.carry == "merge" and final.trains  # the untuned rows come from the cache
+            rows = runner._teacher_rows(final, backbone, datas[-1], cache_dir, merged)
+            rundir.atomic_write_bytes(run_dir / TEACHER_SAMPLES_FILE, runner.samples_grid(rows))
 
 
 def _say_done(console, result: dict, final_dir: Path, n_rounds: int) -> None:

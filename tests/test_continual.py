@@ -170,6 +170,7 @@ def test_a_sequence_run_scores_every_learned_instance_after_every_round(tmp_path
     assert result["metrics"]["retention_fd_ratio"]["mean"] == 1.0  # the last round's drift, at the top
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").exists()
     assert (run_dir / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "teacher.png").read_bytes()[:4] == b"\x89PNG"  # the last round's references and teachers
     out = " ".join(capsys.readouterr().out.split())
     assert "fidelity on instance j after round i" in out and "j=4" in out
     assert "ACC" in out and "BWT" in out and "forgetting" in out
@@ -209,6 +210,7 @@ def test_merge_equals_continue_in_the_first_round(tmp_path, sequence_task, fakes
     for carry in ("continue", "merge"):
         run_dir = runner.run_cell(seq_cfg(sequence_task, tmp_path / carry, overrides={"carry": carry}))
         results[carry] = without_timings(json.loads((run_dir / "result.json").read_text()))
+        assert (run_dir / "teacher.png").read_bytes()[:4] == b"\x89PNG", carry
     first = [{k: v for k, v in r["rounds"][0].items() if k not in ("carry", "adapter")} for r in results.values()]
     assert first[0] == first[1]
     matrices = [r["sequence"]["accuracy_matrix"] for r in results.values()]
