@@ -30,8 +30,9 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
 
 
-def backbone_identity(backbone) -> str:
-    """name + model_id; without a model_id, a fingerprint of the denoiser's base (non-LoRA) weights."""
+def cache_identity(backbone) -> str:
+    """The sample cache's key for a backbone: name + model_id (+ the weights' dtype unless fp32); without a model_id,
+    a fingerprint of the denoiser's base (non-LoRA) weights."""
     name = getattr(backbone, "name", "") or type(backbone).__name__
     model_id = getattr(backbone, "model_id", None)
     if model_id:
@@ -65,7 +66,7 @@ class SampleCache:
 
     def __init__(self, root: str | Path | None, backbone):
         self.root = Path(root) if root is not None else None
-        self.identity = backbone_identity(backbone)
+        self.identity = cache_identity(backbone)
         self.resolution = getattr(backbone, "resolution", None)
         self._memory: dict[str, torch.Tensor] = {}
         self.hits = 0
