@@ -454,31 +454,9 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
     _check_base_model(plan, the_method, backbone, bb.denoiser.config)
 
     if the_method.trains:
-        rows = the_method.graph_rows(batch_size or int(DEFAULT_BUDGET["batch_size"]), bb.native_steps)
-        plan.graph_rows = rows
-        if the_method.adapter is None:  # a full fine-tune trains the denoiser itself
-            plan.trainable = sum(p.numel() for p in bb.denoiser.parameters())
-            plan.notes.append("a full fine-tune: the denoiser's own weights train, in the run's dtype")
-        else:
-            bb.add_lora("plan", rank=rank or int(DEFAULT_BUDGET["rank"]))
-            plan.trainable = sum(p.numel() for p in bb.lora_parameters("plan"))
-        if getattr(the_method, "teacher_adapter", None):
-            plan.notes.append("the method keeps a second adapter (its teacher): its weights count once more, "
-                              "without gradient or optimiser state")
-        if activations and plan.problems == []:
-            h, w = bb.latent_shape()[1:]
-            plan.tokens = int(h * w // (4 if backbone == "z-image" else 1)) + int(settings["max_sequence_length"])
-            plan.activation_bytes = saved_activation_bytes(bb, rows, gradient_checkpointing)
-            plan.gradient_checkpointing = gradient_checkpointing
-            plan.teacher_rows = the_method.teacher_rows(batch_size or int(DEFAULT_BUDGET["batch_size"]),
-                                                        bb.native_steps)
-            if plan.teacher_rows:
-                lora = the_method.adapter is not None
-                if lora and the_method.teacher_pass_folded():
-                    bb.set_adapter(None)  # folded into the weights: no LoRA branch in that forward
-                plan.teacher_bytes = teacher_forward_bytes(bb, plan.teacher_rows)
-                if lora:
-                    bb.set_adapter("plan")
+        _count_training(plan, bb, the_method, int(settings["max_sequence_length"]),
+                        batch_size or int(DEFAULT_BUDGET["batch_size"]), rank or int(DEFAULT_BUDGET["rank"]),
+                        activations and plan.problems == [], gradient_checkpointing)
     if target.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(target).total_memory
         if plan.weight_bytes > total:
@@ -490,6 +468,36 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
     if plan.activation_bytes is not None and not gradient_checkpointing:
         plan.notes.append("with --gradient-checkpointing: `dopsd-bench plan ... --gradient-checkpointing`")
     return plan
+
+
+def _count_training(plan: Plan, bb, method, text_tokens: int, batch_size: int, rank: int, activations: bool,
+                    gradient_checkpointing: bool) -> None:
+    """The trainable state of `method` on the meta backbone `bb` and, with `activations`, one step's saved
+    activations and its teacher pass, into `plan`."""
+    plan.graph_rows = method.graph_rows(batch_size, bb.native_steps)
+    lora = method.adapter is not None
+    if lora:
+        bb.add_lora("plan", rank=rank)
+        plan.trainable = sum(p.numel() for p in bb.lora_parameters("plan"))
+    else:  # a full fine-tune trains the denoiser itself
+        plan.trainable = sum(p.numel() for p in bb.denoiser.parameters())
+        plan.notes.append("a full fine-tune: the denoiser's own weights train, in the run's dtype")
+    if getattr(method, "teacher_adapter", None):
+        plan.notes.append("the method keeps a second adapter (its teacher): its weights count once more, "
+                          "without gradient or optimiser state")
+    if not activations:
+        return
+    h, w = bb.latent_shape()[1:]
+    plan.tokens = int(h * w // (4 if plan.backbone == "z-image" else 1)) + text_tokens
+    plan.activation_bytes = saved_activation_bytes(bb, plan.graph_rows, gradient_checkpointing)
+    plan.gradient_checkpointing = gradient_checkpointing
+    plan.teacher_rows = method.teacher_rows(batch_size, bb.native_steps)
+    if plan.teacher_rows:
+        if lora and method.teacher_pass_folded():
+            bb.set_adapter(None)  # folded into the weights: no LoRA branch in that forward
+        plan.teacher_bytes = teacher_forward_bytes(bb, plan.teacher_rows)
+        if lora:
+            bb.set_adapter("plan")
 
 
 def preflight(backbone: str, model: str | None, method: str, task: str, instance: str | None, dtype: str | None,
