@@ -28,7 +28,7 @@ from rich.table import Table
 
 from dopsd_bench.errors import UserError
 from dopsd_bench.leaderboard import BASELINE_SCHEMA, build_table, fmt
-from dopsd_bench.store import load_results
+from dopsd_bench.store import require_results
 
 KEYS = ["backbone", "task", "budget", "method", "metric"]
 console = Console()
@@ -118,11 +118,10 @@ def check_command(
         raise UserError(f"--tolerance must be >= 0, got {tolerance}")
     try:
         base = load_baseline(baseline)
-        res = load_results(results)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    if res.empty:  # nothing to compare: say so, rather than list every baseline entry as missing
-        raise UserError(f"no complete result.json under {results}; run the sweep the baseline was saved from first")
+    # nothing to compare: say so, rather than list every baseline entry as missing
+    res = require_results(results, "run the sweep the baseline was saved from first")
     table = build_table(res, n_boot=int(base.get("n_boot", 2000)), unit=str(base.get("unit", "run")))
     changed = model_mismatch(table, base)
     if changed:

@@ -29,7 +29,7 @@ from dopsd_bench.agreement import agreement_markdown, agreement_table
 from dopsd_bench.errors import UnknownNameError, UserError
 from dopsd_bench.metrics.info import key_metrics
 from dopsd_bench.stats import REFERENCES, compare
-from dopsd_bench.store import NO_BUDGET, Results, load_results, models_of
+from dopsd_bench.store import NO_BUDGET, Results, models_of, require_results
 
 METHOD_ORDER = ("base", "sft")
 BASELINE_SCHEMA = 1
@@ -272,12 +272,7 @@ def leaderboard_command(
         raise UserError(f"--unit must be run or sample, got {unit!r}")
     if n_boot < 1:
         raise UserError(f"--n-boot must be at least 1 resample (the default is 2000), got {n_boot}")
-    try:
-        res = load_results(results)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    if res.empty:
-        raise UserError(f"no complete result.json under {results}; run a sweep first")
+    res = require_results(results)
     references = check_references(reference, res)
     table = build_table(res, n_boot=n_boot, seed=seed, unit=unit, references=references)
     wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None

@@ -26,7 +26,6 @@ import typer
 from rich.console import Console
 
 from dopsd_bench.agreement import HEADER, INTRO, agreement_rows, agreement_table
-from dopsd_bench.errors import UserError
 from dopsd_bench.leaderboard import (
     ReferenceOption,
     build_table,
@@ -39,7 +38,7 @@ from dopsd_bench.report_charts import esc as _esc
 from dopsd_bench.report_charts import method_colours, svg_chart
 from dopsd_bench.report_views import cost_section, sequence_section
 from dopsd_bench.result import TEACHER_SAMPLES_ROWS
-from dopsd_bench.store import NO_BUDGET, Results, load_results
+from dopsd_bench.store import NO_BUDGET, Results, require_results
 
 STEP_RE = re.compile(r"^step_curve\.(?P<series>.+)@(?P<steps>\d+)$")
 console = Console(stderr=True)
@@ -216,12 +215,7 @@ def report_command(
     import shlex
     import sys
 
-    try:
-        res = load_results(results)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    if res.empty:
-        raise UserError(f"no complete result.json under {results}; run a sweep first")
+    res = require_results(results)
     table = build_table(res, n_boot=n_boot, seed=seed, references=check_references(reference, res))
     page = render_html(res, table, title=title, command=shlex.join(["dopsd-bench", *sys.argv[1:]]),
                        agreement=agreement_table(res.summary, n_boot=n_boot, seed=seed))

@@ -115,6 +115,20 @@ def _number(x: Any) -> float:
     return float(x)
 
 
+def require_results(results: str | Path, hint: str = "run a sweep first") -> Results:
+    """`load_results` for a command that needs at least one complete cell: UserError (with `hint`, what to run)
+    when the folder is missing or holds none."""
+    from dopsd_bench.errors import UserError
+
+    try:
+        res = load_results(results)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if res.empty:
+        raise UserError(f"no complete result.json under {results}; {hint}")
+    return res
+
+
 def load_results(root: str | Path, pattern: str = f"**/{RESULT_FILE}") -> Results:
     """Load every result.json under `root`. Files that cannot be used are listed in `skipped` and warned about."""
     root = Path(root)

@@ -274,21 +274,56 @@ class BaseProbe:
         return {"alignment": round(alignment, 4), "fd32": round(fd, 1), **accuracy}
 
 
+class _WallBudget:
+    """train_base's wall-time budget: after PLAN_AFTER steps the step count becomes what the measured rate allows
+    (so that the cosine schedule still ends), and training stops once the budget is spent."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.t_start, self.t_rate = budget_s, time.time(), time.time()
+
+    def fitted(self, step: int, steps: int) -> int:
+        if step == PLAN_AFTER // 5:
+            self.t_rate = time.time()  # the rate is measured after the first steps' warm-up
+        if step != PLAN_AFTER:
+            return steps
+        rate = (time.time() - self.t_rate) / (PLAN_AFTER - PLAN_AFTER // 5)
+        elapsed = time.time() - self.t_start
+        steps = min(steps, max(PLAN_AFTER + 1, int(PLAN_AFTER + (self.budget_s - elapsed) / rate)))
+        log(f"base: {rate * 1000:.0f} ms/step, {steps} steps fit the budget of {self.budget_s:g} s")
+        return steps
+
+    def spent(self, step: int, steps: int) -> bool:
+        if time.time() - self.t_start <= self.budget_s:
+            return False
+        log(f"base: budget of {self.budget_s:g} s spent at step {step} of {steps}")
+        return True
+
+
+def _flow_matching_loss(bb, data: dict, idx: torch.Tensor, use_ref: bool, gen: torch.Generator,
+                        text: LearnedText | None, sigma_loc: float, object_weight: float) -> torch.Tensor:
+    """The base's loss on examples `idx` of `data` (10% of captions dropped, for CFG), with their references when
+    `use_ref`; each latent cell weighted by 1 + object_weight x its objectness."""
+    x0 = data["latents"][idx].to(bb.device)
+    caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
+    refs = data["refs"][idx].to(bb.device) if use_ref else None
+    cond = text.cond(caps, refs) if text is not None else cond_for(bb, caps, refs)
+    eps = torch.randn(x0.shape, generator=gen).to(bb.device)
+    sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
+    v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
+    weight = 1 + object_weight * data["objects"][idx].to(bb.device, torch.float32)
+    return ((v - flow.velocity_target(x0, eps)).pow(2) * weight).mean() / weight.mean()
+
+
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
                object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None,
                learn_text: bool = False, probe: BaseProbe | None = None, probe_every: int = 0
                ) -> tuple[torch.nn.Module, int]:
     """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
-    squared error by 1 + object_weight x its objectness (`object_map`), so that the object's outline and fill, a
-    small part of the image, count for more than the unsaid background.
-
-    With `budget_s`, the schedule is fitted to a wall-time budget (a device call has a time limit): after
-    PLAN_AFTER steps the step count becomes what the measured rate allows (at most `steps`), so that the cosine
-    schedule still ends, and training stops at the budget whatever the rate does later.
-
-    With `learn_text`, the text encoder's token embeddings train too (LearnedText) and their EMA is kept. With
-    `probe`, every `probe_every` steps and at the end the EMA model is measured (BaseProbe) and the figures logged."""
+    squared error by 1 + object_weight x its objectness (`object_map`): the object, a small part of the image,
+    counts for more than the unsaid background. `budget_s`: a wall-time budget (`_WallBudget`). `learn_text`: the
+    text encoder's token embeddings train too (LearnedText, with an EMA). `probe`: every `probe_every` steps and at
+    the end the EMA model is measured (BaseProbe) and the figures logged."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -302,18 +337,12 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     idx_text = torch.nonzero(~data["has_ref"]).squeeze(1)
     idx_ref = torch.nonzero(data["has_ref"]).squeeze(1)
     n_text = round(batch * text_frac)
-    t_start, step = time.time(), 0
+    wall = _WallBudget(budget_s) if budget_s is not None else None
+    step = 0
     while step < steps:
-        if budget_s is not None:
-            elapsed = time.time() - t_start
-            if step == PLAN_AFTER // 5:
-                t_rate = time.time()  # the rate is measured after the first steps' warm-up
-            if step == PLAN_AFTER:
-                rate = (time.time() - t_rate) / (PLAN_AFTER - PLAN_AFTER // 5)
-                steps = min(steps, max(PLAN_AFTER + 1, int(PLAN_AFTER + (budget_s - elapsed) / rate)))
-                log(f"base: {rate * 1000:.0f} ms/step, {steps} steps fit the budget of {budget_s:g} s")
-            if elapsed > budget_s:
-                log(f"base: budget of {budget_s:g} s spent at step {step} of {steps}")
+        if wall is not None:
+            steps = wall.fitted(step, steps)
+            if wall.spent(step, steps):
                 break
         loss_total = 0.0
         opt.zero_grad()
@@ -321,15 +350,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
             if n == 0:
                 continue
             idx = pool[torch.randint(len(pool), (n,), generator=gen)]
-            x0 = data["latents"][idx].to(bb.device)
-            caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
-            refs = data["refs"][idx].to(bb.device) if use_ref else None
-            cond = text.cond(caps, refs) if text is not None else cond_for(bb, caps, refs)
-            eps = torch.randn(x0.shape, generator=gen).to(bb.device)
-            sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
-            v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
-            weight = 1 + object_weight * data["objects"][idx].to(bb.device, torch.float32)
-            loss = ((v - flow.velocity_target(x0, eps)).pow(2) * weight).mean() / weight.mean()
+            loss = _flow_matching_loss(bb, data, idx, use_ref, gen, text, sigma_loc, object_weight)
             (loss * n / batch).backward()
             loss_total += loss.item() * n / batch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -572,60 +593,29 @@ def load_saved(model_dir: Path):
     return pipe, {k: v for k, v in saved.items() if k not in drop} | {"native_steps": 4}
 
 
+class _Laps:
+    """Each stage's wall time, from the end of the one before; a stage's end is logged."""
+
+    def __init__(self):
+        self.walls: dict[str, float] = {}
+        self.t = time.time()
+
+    def __call__(self, stage: str) -> None:
+        self.walls[stage] = round(time.time() - self.t, 1)
+        self.t = time.time()
+        log(f"{stage} done in {self.walls[stage]} s")
+
+
 def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str]) -> dict[str, float]:
     """VAE -> base -> trajectories -> turbo -> consistency turbo, saving base and turbo under args.out; stage 'turbo'
     alone resumes from a saved base (same seed and recipe: the dataset is re-made, deterministically), stage
     'consistency' alone from a saved Euler turbo. Returns each stage's wall time."""
     from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 
-    walls, t = {}, time.time()
+    lap = _Laps()
     train_new_base = bool(stages & {"models", "base"})  # else resume from the saved base (or turbo)
     turbo_dir = args.out / "glyphworld-turbo"
-
-    def lap(stage: str) -> None:
-        nonlocal t
-        walls[stage] = round(time.time() - t, 1)
-        t = time.time()
-        log(f"{stage} done in {walls[stage]} s")
-
-    if train_new_base and args.init_from:
-        # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
-        # and rebuilds of the DiT alone skip the VAE stage; --keep-dit keeps its DiT too
-        pipe, settings = load_saved(args.init_from)
-        torch.manual_seed(args.seed)
-        if args.keep_dit:
-            log(f"continuing the DiT of {args.init_from}")
-        else:
-            pipe.transformer = new_dit_like(pipe.transformer, args.width, args.blocks)
-            log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of "
-                f"{args.init_from}")
-    elif train_new_base:
-        # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
-        # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
-        pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32),
-                                                   dit_layers=args.blocks)
-        judge_dir = args.out / "judge" if (args.out / "judge").exists() else assets_dir() / "judge"
-        judge = WorldJudge.load(judge_dir).to(device).eval() if judge_dir.exists() else None
-        train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,
-                  judge=judge)
-        set_latent_stats(pipe, args.seed, device)
-    elif not stages & {"turbo"}:  # --stages consistency
-        if not (turbo_dir / "model_index.json").exists():
-            raise SystemExit(f"--stages consistency re-distils a saved turbo, but {turbo_dir} has none: build it "
-                             "first (--stages turbo) or use --stages models")
-        pipe, settings = load_saved(turbo_dir)
-        settings["guidance_baked"] = json.loads((turbo_dir / "dopsd_bench.json").read_text())["guidance_baked"]
-        if pipe.scheduler.config.get("stochastic_sampling"):
-            raise SystemExit(f"{turbo_dir} samples with restarts already (its scheduler's stochastic_sampling): it "
-                             "is a consistency turbo. The stage starts from the Euler turbo of --stages turbo")
-        log(f"resuming from the turbo in {turbo_dir}")
-    else:
-        base_dir = args.out / "glyphworld-base"
-        if not (base_dir / "model_index.json").exists():
-            raise SystemExit(f"--stages turbo resumes from a saved base, but {base_dir} has none: build it first "
-                             "(--stages base) or use --stages models")
-        pipe, settings = load_saved(base_dir)
-        log(f"resuming from the base in {base_dir}")
+    pipe, settings = _starting_pipeline(args, recipe, device, stages, turbo_dir)
     bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
     lap("vae" if train_new_base and not args.init_from else "load")
 
@@ -636,35 +626,10 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     log(f"dataset: {len(data['captions'])} examples, {int(data['has_ref'].sum())} with a reference")
     lap("dataset")
     if train_new_base:
-        if not args.keep_dit:
-            bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
-                                                        args.seed, args.sigma_loc, object_weight=args.object_weight,
-                                                        learn_text=args.learn_text, probe_every=args.probe_every,
-                                                        probe=BaseProbe(args.probe_prompts, args.guidance)
-                                                        if args.probe_every else None)[0]
-        if recipe["tune_steps"]:
-            bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
-                                                  args.tune_object_weight, args.tune_text_frac)[0]
-        base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
-        pipe.scheduler.register_to_config(stochastic_sampling=args.base_sampler == "stochastic")
-        save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
-        log("saved base")
+        _base_stage(bb, pipe, settings, data, recipe, args)
         lap("base")
     if stages & {"models", "turbo"}:
-        if args.turbo == "guidance":
-            turbo = distill_guidance(bb, data, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed,
-                                     args.guidance)
-            role = "4-step turbo, guidance-distilled (restart sampling)"
-        else:
-            traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
-            lap("trajectories")
-            turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
-            role = "4-step turbo"
-        bb.denoiser = pipe.transformer = turbo
-        # a resumed base may have the stochastic sampler; the guidance-distilled turbo samples with restarts
-        pipe.scheduler.register_to_config(stochastic_sampling=args.turbo == "guidance")
-        settings = {**settings, "native_steps": 4, "role": role, "guidance_baked": args.guidance}
-        save_pipeline(pipe, settings, turbo_dir)  # what --stages consistency resumes from
+        settings = _turbo_stage(bb, pipe, settings, data, recipe, args, turbo_dir, lap)
         lap("distill")
     if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
         bb.stochastic_sampling, bb.guidance_scale = False, 1.0  # the turbo's Euler steps, guidance baked in
@@ -676,6 +641,89 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         pipe.scheduler.register_to_config(stochastic_sampling=True)
         save_pipeline(pipe, {**settings, "role": "4-step turbo, consistency-distilled (restart sampling)"}, turbo_dir)
         lap("consistency")
-    return walls
+    return lap.walls
+
+
+def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str],
+                       turbo_dir: Path):
+    """The pipeline and adapter settings the stages start from: a new one (its VAE trained here), a saved one's
+    VAE and text encoder under a new DiT (--init-from), or a saved base (--stages turbo) or turbo (consistency)."""
+    if stages & {"models", "base"} and args.init_from:
+        # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
+        # and rebuilds of the DiT alone skip the VAE stage; --keep-dit keeps its DiT too
+        pipe, settings = load_saved(args.init_from)
+        torch.manual_seed(args.seed)
+        if args.keep_dit:
+            log(f"continuing the DiT of {args.init_from}")
+        else:
+            pipe.transformer = new_dit_like(pipe.transformer, args.width, args.blocks)
+            log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of "
+                f"{args.init_from}")
+        return pipe, settings
+    if stages & {"models", "base"}:
+        # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
+        # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
+        pipe, settings = tiny_flux2_klein_pipeline(seed=args.seed, width=args.width, vae_channels=(16, 32),
+                                                   dit_layers=args.blocks)
+        judge_dir = args.out / "judge" if (args.out / "judge").exists() else assets_dir() / "judge"
+        judge = WorldJudge.load(judge_dir).to(device).eval() if judge_dir.exists() else None
+        train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,
+                  judge=judge)
+        set_latent_stats(pipe, args.seed, device)
+        return pipe, settings
+    if not stages & {"turbo"}:  # --stages consistency
+        if not (turbo_dir / "model_index.json").exists():
+            raise SystemExit(f"--stages consistency re-distils a saved turbo, but {turbo_dir} has none: build it "
+                             "first (--stages turbo) or use --stages models")
+        pipe, settings = load_saved(turbo_dir)
+        settings["guidance_baked"] = json.loads((turbo_dir / "dopsd_bench.json").read_text())["guidance_baked"]
+        if pipe.scheduler.config.get("stochastic_sampling"):
+            raise SystemExit(f"{turbo_dir} samples with restarts already (its scheduler's stochastic_sampling): it "
+                             "is a consistency or guidance turbo. The stage starts from the Euler turbo of --stages "
+                             "turbo")
+        log(f"resuming from the turbo in {turbo_dir}")
+        return pipe, settings
+    base_dir = args.out / "glyphworld-base"
+    if not (base_dir / "model_index.json").exists():
+        raise SystemExit(f"--stages turbo resumes from a saved base, but {base_dir} has none: build it first "
+                         "(--stages base) or use --stages models")
+    log(f"resuming from the base in {base_dir}")
+    return load_saved(base_dir)
+
+
+def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argparse.Namespace) -> None:
+    """The base: flow matching (unless --keep-dit), an optional second phase, saved with its sampler."""
+    if not args.keep_dit:
+        bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
+                                                    args.seed, args.sigma_loc, object_weight=args.object_weight,
+                                                    learn_text=args.learn_text, probe_every=args.probe_every,
+                                                    probe=BaseProbe(args.probe_prompts, args.guidance)
+                                                    if args.probe_every else None)[0]
+    if recipe["tune_steps"]:
+        bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
+                                              args.tune_object_weight, args.tune_text_frac)[0]
+    base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
+    pipe.scheduler.register_to_config(stochastic_sampling=args.base_sampler == "stochastic")
+    save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
+    log("saved base")
+
+
+def _turbo_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argparse.Namespace, turbo_dir: Path,
+                 lap: _Laps) -> dict:
+    """The 4-step turbo from the base in `bb` (--turbo trajectory or guidance), saved; returns its settings."""
+    if args.turbo == "guidance":
+        turbo = distill_guidance(bb, data, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed, args.guidance)
+        role = "4-step turbo, guidance-distilled (restart sampling)"
+    else:
+        traj = make_trajectories(bb, data, max(256, recipe["trajectories"]), args.guidance, args.seed)
+        lap("trajectories")
+        turbo = distill(bb, traj, recipe["distill_steps"], recipe["batch"], 3e-4, args.seed)
+        role = "4-step turbo"
+    bb.denoiser = pipe.transformer = turbo
+    # a resumed base may have the stochastic sampler; the guidance-distilled turbo samples with restarts
+    pipe.scheduler.register_to_config(stochastic_sampling=args.turbo == "guidance")
+    settings = {**settings, "native_steps": 4, "role": role, "guidance_baked": args.guidance}
+    save_pipeline(pipe, settings, turbo_dir)  # what --stages consistency resumes from
+    return settings
 
 
