@@ -85,6 +85,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def remove_dead_writers_temps(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary files and dirs that writers killed mid-write left under `run_dir` (atomic_write_*'s and
+    atomic_dir's `.<name>.<random>.tmp`, a checkpoint's `.tmp_step_N`): a SIGKILL leaves no chance to clean up. Call
+    it only while holding the cell's lock, so that no live writer owns them. Returns what was removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    dead = [q for q in run_dir.rglob(".*") if q.name.endswith(".tmp") or q.name.startswith(".tmp_step_")]
+    for q in sorted(dead, key=lambda q: len(q.parts), reverse=True):  # inner ones first
+        if q.is_dir():
+            shutil.rmtree(q, ignore_errors=True)
+        else:
+            q.unlink(missing_ok=True)
+    return dead
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -397,6 +397,7 @@ def _run(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None, spec, 
             return run_dir
         staging = _staging_dir(run_dir)
         existed = run_dir.exists()
+        rundir.remove_dead_writers_temps(run_dir)  # ours under the lock: only a killed run can have left them
         try:
             return body(cfg, method, tcfg, spec, label, lora, accelerator, console, t0)
         except BaseException as e:

@@ -81,6 +81,23 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_a_killed_writers_temporary_files_are_removed_and_nothing_else(tmp_path):
+    """What a SIGKILL between an atomic write's temporary file and its rename leaves, in a run dir and below it."""
+    run_dir = tmp_path / "cell"
+    (run_dir / "checkpoints" / ".tmp_step_000050").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp_step_000050" / "state.pt").write_bytes(b"half")
+    (run_dir / ".teacher.png.ab12cd.tmp").write_bytes(b"half a png")
+    (run_dir / ".adapter.xy.tmp").mkdir()
+    kept = [run_dir / "result.json", run_dir / "train_log.jsonl", run_dir / ".hidden_but_ours"]
+    for path in kept:
+        path.write_text("{}")
+    removed = rundir.remove_dead_writers_temps(run_dir)
+    assert len(removed) == 3
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == \
+        [".hidden_but_ours", "checkpoints", "result.json", "train_log.jsonl"]
+    assert rundir.remove_dead_writers_temps(tmp_path / "missing") == []
+
+
 def test_atomic_dir_replaces_old_contents(tmp_path):
     target = tmp_path / "adapter"
     with rundir.atomic_dir(target) as d:
