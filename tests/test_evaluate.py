@@ -146,13 +146,14 @@ def test_full_fine_tune_needs_the_untuned_outputs_cached_first(task, features, t
     method.backbone = bb
     with pytest.raises(RuntimeError, match="prepare_untuned"):
         evaluate(bb, task, method, features=features, cache_dir=tmp_path / "empty", step_curve=STEPS)
-    prepare_untuned(bb, task, cache_dir=tmp_path, step_curve=STEPS)
-    ref = evaluate(bb, task, _base(bb), features=features, cache_dir=tmp_path, step_curve=STEPS)
+    ref = evaluate(bb, task, _base(bb), features=features, cache_dir=tmp_path / "ref", step_curve=STEPS)
+    prepare_untuned(bb, task, cache_dir=tmp_path, step_curve=STEPS)  # alone: every untuned output evaluate reads
     with torch.no_grad():  # "train": change the base weights
         bb.denoiser.fc2.bias.add_(0.3)
     m = evaluate(bb, task, method, features=features, cache_dir=tmp_path, step_curve=STEPS)
     assert m["retention_fd_untuned"] == ref["retention_fd_untuned"]
     assert m["teacher_fidelity_before"] == ref["teacher_fidelity_before"]
+    assert m["teacher_scale_drift_before"] == ref["teacher_scale_drift_before"]
     assert m["retention_fd_ratio"]["mean"] != 1.0
     assert m["teacher_fidelity_after"]["per_sample"] != ref["teacher_fidelity_after"]["per_sample"]
 

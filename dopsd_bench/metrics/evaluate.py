@@ -36,7 +36,7 @@ __all__ = ["METRIC_INFO", "MetricSpec", "Sampled", "compute_metrics", "evaluate"
            "prepare_untuned", "sample_everything"]
 
 STEP_CURVE = (1, 2, 4, 8)
-RECONSTRUCTION_SEED = 50_000  # the teacher's reconstructions of the training images: seeds 50000, 50001, ...
+RECONSTRUCTION_SEED = 50_000  # the teacher's reconstructions of the training images (reconstruction_prompts)
 REFERENCE_SEED_OFFSET = 1_000_000  # folder tasks: FD reference = untuned samples on these shifted seeds
 
 
@@ -161,7 +161,14 @@ def prepare_untuned(backbone, task: TaskData, *, cache_dir: str | Path | None,
     refs = references_for(task.train_images, len(task.eval_prompts))
     untuned.sample(task.eval_prompts, task.eval_seeds, native, refs)
     untuned.divergence(task.eval_prompts, task.eval_seeds, refs, native)
+    untuned.sample(*reconstruction_prompts(task), native, task.train_images)
     return cache
+
+
+def reconstruction_prompts(task: TaskData) -> tuple[list[str], list[int]]:
+    """The teacher's reconstructions of the training images: their own captions, on seeds 50000, 50001, ..."""
+    captions = list(task.train_captions)
+    return captions, list(range(RECONSTRUCTION_SEED, RECONSTRUCTION_SEED + len(captions)))
 
 
 @dataclass
@@ -343,8 +350,7 @@ def sample_everything(backbone, task: TaskData, method, *, features: FeatureExtr
     t = time.perf_counter()
     progress("sampling the in-context teacher")
     teacher_after, divergence = _sample_teacher(backbone, method, task, untuned, references, batch_size)
-    recon_prompts = list(task.train_captions)
-    recon_seeds = list(range(RECONSTRUCTION_SEED, RECONSTRUCTION_SEED + len(recon_prompts)))
+    recon_prompts, recon_seeds = reconstruction_prompts(task)
     reconstruction_after = _tuned_teacher_samples(backbone, method, untuned, recon_prompts, recon_seeds,
                                                   task.train_images, batch_size)
     timings["teacher_tuned"] = time.perf_counter() - t
