@@ -538,17 +538,16 @@ def _teacher_rows(method: Method, backbone, data, cache_dir: Path, weights_chang
     reference) of the untuned model and of the tuned one, on the evaluation prompts and seeds with the references
     scoring gave them. The untuned row comes from the sample cache scoring filled; the tuned row is drawn for the
     grid's prompts only, through the adapter scoring used as the tuned teacher."""
-    from dopsd_bench.metrics.evaluate import student_adapter, teacher_adapter
+    from dopsd_bench.metrics.evaluate import student_adapter, teacher_adapter, teacher_is_untuned
     from dopsd_bench.metrics.teacher import references_for
 
     native, n = backbone.native_steps, GRID_COLUMNS
     refs = references_for(data.train_images, len(data.eval_prompts))
     before = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native,
                                                                          references=refs)
-    teacher = teacher_adapter(method, backbone)
-    if teacher is None and not weights_changed:  # nothing was tuned: the tuned teacher is the untuned one
+    if teacher_is_untuned(method, backbone, weights_changed):
         return [refs, before, before]
-    backbone.set_adapter(teacher)
+    backbone.set_adapter(teacher_adapter(method, backbone))
     after = backbone.sample(data.eval_prompts[:n], data.eval_seeds[:n], native, references=refs[:n])
     backbone.set_adapter(student_adapter(method))
     return [refs, before, after]

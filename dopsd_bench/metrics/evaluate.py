@@ -69,6 +69,12 @@ def teacher_adapter(method, backbone) -> str | None:
     return student_adapter(method)
 
 
+def teacher_is_untuned(method, backbone, weights_changed: bool) -> bool:
+    """Whether the tuned in-context teacher is the untuned model (no adapter serves as the teacher and the base
+    weights are unchanged), so that its outputs come from the untuned model's cache."""
+    return teacher_adapter(method, backbone) is None and not weights_changed
+
+
 class _Untuned:
     """The untuned model's outputs, through the cache; refuses to recompute after a full fine-tune."""
 
@@ -303,7 +309,7 @@ def _tuned_teacher_samples(backbone, method, untuned: _Untuned, prompts: list[st
                            references: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """The tuned in-context teacher's samples of `prompts` with `references`, at native steps."""
     native, teacher = backbone.native_steps, teacher_adapter(method, backbone)
-    if teacher is None and not untuned.weights_changed:  # the tuned teacher is the untuned one: reuse the cache
+    if teacher_is_untuned(method, backbone, untuned.weights_changed):
         return untuned.sample(prompts, seeds, native, references)
 
     def teacher_sample(p, s, r):
@@ -319,7 +325,7 @@ def _sample_teacher(backbone, method, task: TaskData, untuned: _Untuned, referen
     native, prompts, seeds = backbone.native_steps, task.eval_prompts, task.eval_seeds
     student, teacher = student_adapter(method), teacher_adapter(method, backbone)
     samples = _tuned_teacher_samples(backbone, method, untuned, prompts, seeds, references, batch_size)
-    if teacher is None and not untuned.weights_changed:
+    if teacher_is_untuned(method, backbone, untuned.weights_changed):
         return samples, untuned.divergence(prompts, seeds, references, native)
 
     def diverge(p, s, r):
