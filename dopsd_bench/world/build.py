@@ -681,7 +681,7 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
         if pipe.scheduler.config.get("stochastic_sampling"):
             raise SystemExit(f"{turbo_dir} samples with restarts already (its scheduler's stochastic_sampling): it "
                              "is a consistency or guidance turbo. The stage starts from the Euler turbo of --stages "
-                             "turbo")
+                             "turbo --turbo trajectory")
         log(f"resuming from the turbo in {turbo_dir}")
         return pipe, settings
     base_dir = args.out / "glyphworld-base"
