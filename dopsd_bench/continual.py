@@ -39,7 +39,7 @@ import torch
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError
 from dopsd_bench.method import Batch, Method, MethodConfig, config_from_overrides, has_adapter
-from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE
+from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE, Result, no_budget
 from dopsd_bench.runconfig import RunConfig, default_eval_batch_size, resolve_dtype
 from dopsd_bench.tasks import Round, SequenceSpec
 from dopsd_bench.train import CHECKPOINT_DIR, TrainConfig, seed_for, train
@@ -369,9 +369,9 @@ def _run_rounds(cfg: RunConfig, method: Method, tcfg: TrainConfig, spec: Sequenc
         _carry_over(backbone, m, options)
     if not main:
         return final_dir
-    result = _result(cfg, label, method, tcfg, records, options, rounds, backbone, device, timings, t0)
-    # one per round: a sequence may mix world and folder rounds
-    result["scorer"] = [runner._scorer_record(cfg, data, backbone.resolution) for data in datas]
+    # scored once per round: a sequence may mix world and folder rounds
+    scorers = [runner._scorer_record(cfg, data, backbone.resolution) for data in datas]
+    result = _result(cfg, label, method, tcfg, records, options, rounds, backbone, device, timings, scorers).to_json()
     _write_final_grid(cfg, method_overrides, run_dir, backbone, options, datas, cache_dir)
     if options.carry == "continue" and result["adapter"]:
         shutil.copytree(run_dir / ROUNDS_DIR / round_dir_name(len(rounds) - 1, rounds[-1]) / rundir.ADAPTER_DIR,
@@ -482,7 +482,9 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
 
 
 def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, records: list[dict],
-            options: SequenceOptions, rounds: list[Round], backbone, device, timings: dict, t0: float) -> dict:
+            options: SequenceOptions, rounds: list[Round], backbone, device, timings: dict,
+            scorers: list[dict]) -> Result:
+    """result.json of a sequence (its total time is added when it is written)."""
     matrix = accuracy_matrix(records)
     per_round = summary(records)
     last = per_round[-1]
@@ -494,24 +496,23 @@ def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, recor
         **{k: final[k] for k in FINAL_RETENTION if k in final},
     }
     trained = method.trains
-    budget = tcfg.budget() if trained else {key: None for key in tcfg.budget()}
-    return {
-        "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": cfg.task_name, "instance": cfg.instance,
-        "family": "sequence", "backbone": cfg.backbone, "model": getattr(backbone, "model_id", cfg.model),
-        "seed": cfg.seed, "budget": budget, "cost": _total_cost(records) if trained else None, "metrics": metrics,
-        "timings": {**timings, "train_s": last["cumulative_train_s"],
-                    "sample_s": sum(r["timings"]["sample_s"] for r in records),
-                    "score_s": sum(r["timings"]["score_s"] + r["timings"]["earlier_instances_s"] for r in records)},
-        "training": {"rounds": len(records), "steps_per_round": tcfg.steps if trained else 0,
-                     "final_loss": records[-1]["training"].get("final_loss")},
-        "env": rundir.env_info(device), "samples": rundir.SAMPLES_FILE,
-        "adapter": rundir.ADAPTER_DIR if options.carry == "continue" and records[-1]["adapter"] else None,
-        "samples_rows": [f"final model on {r.label} (eval prompts, native steps)" for r in rounds],
-        "rounds": records,
-        "sequence": {"name": cfg.instance, "carry": options.carry, "replay": options.replay,
-                     "rounds": [r.label for r in rounds], "accuracy_matrix": matrix, "acc": last["acc"],
-                     "bwt": last["bwt"], "forgetting": last["forgetting"], "per_round": per_round},
-    }
+    return Result(
+        method=label, task=cfg.task_name, instance=cfg.instance, family="sequence", backbone=cfg.backbone,
+        model=getattr(backbone, "model_id", cfg.model), seed=cfg.seed,
+        budget=tcfg.budget() if trained else no_budget(), cost=_total_cost(records) if trained else None,
+        metrics=metrics,
+        timings={**timings, "train_s": last["cumulative_train_s"],
+                 "sample_s": sum(r["timings"]["sample_s"] for r in records),
+                 "score_s": sum(r["timings"]["score_s"] + r["timings"]["earlier_instances_s"] for r in records)},
+        training={"rounds": len(records), "steps_per_round": tcfg.steps if trained else 0,
+                  "final_loss": records[-1]["training"].get("final_loss")},
+        env=rundir.env_info(device), scorer=scorers,
+        samples_rows=[f"final model on {r.label} (eval prompts, native steps)" for r in rounds],
+        adapter=rundir.ADAPTER_DIR if options.carry == "continue" and records[-1]["adapter"] else None,
+        rounds=records,
+        sequence={"name": cfg.instance, "carry": options.carry, "replay": options.replay,
+                  "rounds": [r.label for r in rounds], "accuracy_matrix": matrix, "acc": last["acc"],
+                  "bwt": last["bwt"], "forgetting": last["forgetting"], "per_round": per_round})
 
 
 def _total_cost(records: list[dict]) -> dict:

@@ -6,7 +6,8 @@ config: no weights are read), wrapped in its adapter, and given the method's LoR
 - parameters per component, and the weights' memory at the run's dtype (every component stays on the device);
 - trainable parameters and their state (fp32 weight, gradient and AdamW's two moments: 16 bytes each);
 - activations of the training step: the tensors one denoiser forward saves for backward, counted on the meta
-  device at the method's graph rows (`Method.graph_rows`), the backbone's resolution and its longest prompt, with
+  device at the method's graph rows (`Method.graph_rows`), the backbone's resolution and the task's longest caption
+  as the model reads it (Z-Image: its real length; FLUX.2: padded to the maximum), with
   attention counted as a fused kernel keeps it (q, k, v, output and the log-sum-exp; no score matrix);
 - whether the task can be scored on this backbone, and every check that would otherwise fail after training.
 
@@ -46,6 +47,7 @@ class Plan:
     device: str
     resolution: int = 0
     tokens: int = 0  # image tokens + text tokens of one training forward row
+    text_tokens: int = 0  # of those, the text: the task's longest training caption as the model reads it
     params: dict[str, int] = field(default_factory=dict)  # component -> parameters
     trainable: int = 0
     graph_rows: int = 0
@@ -82,7 +84,8 @@ class Plan:
                    "(fp32 weight, gradient, AdamW moments)")
         if self.activation_bytes is not None:
             how = ", gradient checkpointing" if self.gradient_checkpointing else ""
-            out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens at {self.resolution} px"
+            out.append(f"  {'activations':<14} {self.graph_rows} rows x {self.tokens} tokens ({self.text_tokens} "
+                       f"of text) at {self.resolution} px"
                        f"{how}: {_gib(self.activation_bytes)}")
             if self.teacher_bytes is not None:
                 out.append(f"  {'teacher pass':<14} {self.teacher_rows} rows, no gradient, with the reference: "
@@ -130,8 +133,8 @@ def _meta_module(path: str, name: str, library: str, class_name: str, dtype: tor
 
 
 def meta_pipeline(path: str, dtype: torch.dtype):
-    """The diffusers pipeline at `path` (a local folder or hub id) with its models on the meta device and no tokenizer:
-    configs only, no weights."""
+    """The diffusers pipeline at `path` (a local folder or hub id) with its models on the meta device (configs only,
+    no weights) and its tokenizer (small files: it sizes the prompts; None where it cannot be read)."""
     import diffusers
 
     index_file = Path(path) / "model_index.json"
@@ -147,9 +150,20 @@ def meta_pipeline(path: str, dtype: torch.dtype):
             parts[name] = _meta_module(path, name, library, class_name, dtype)
         elif name == "scheduler":
             parts[name] = getattr(diffusers, class_name).from_pretrained(path, subfolder=name)
+        elif name == "tokenizer":
+            parts[name] = _tokenizer(path, library, class_name)
         else:
-            parts[name] = None  # tokenizers and processors: not needed for shapes
+            parts[name] = None  # processors: not needed for shapes
     return pipe_cls(**parts)
+
+
+def _tokenizer(path: str, library: str, class_name: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(library), class_name).from_pretrained(path, subfolder="tokenizer")
+    except (OSError, ValueError, AttributeError, ImportError):  # not local nor cached: prompts count at their maximum
+        return None
 
 
 def meta_backbone(name: str, model: str | None, dtype: str, teacher_model: str | None = None):
@@ -221,9 +235,10 @@ def _all_true_masks():
         _config.meta_nonzero_assume_all_nonzero = before
 
 
-def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False) -> int:
-    """Bytes of the tensors one `predict_velocity` of `rows` rows saves for backward, each tensor once (the weights
-    and the inputs it is given are not counted); they are in the weights' dtype where the weights compute.
+def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False, text_tokens: int | None = None) -> int:
+    """Bytes of the tensors one `predict_velocity` of `rows` rows (prompts of `text_tokens` tokens; default: the
+    longest the model reads) saves for backward, each tensor once (the weights and the inputs it is given are not
+    counted); they are in the weights' dtype where the weights compute.
 
     With `checkpointing`, what a step holds under diffusers' gradient checkpointing: what the forward saves outside the
     checkpointed blocks, plus each block's inputs (kept for the recomputation), plus the largest block's own saved
@@ -252,7 +267,7 @@ def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False) -> 
     device = backbone.device
     x = torch.zeros((rows, *backbone.latent_shape()), device=device)
     sigma = torch.full((rows,), 0.5, device=device)
-    cond = backbone.blank_cond(rows)
+    cond = backbone.blank_cond(rows, text_tokens)
     denoiser.gradient_checkpointing, denoiser._gradient_checkpointing_func = True, run_block
     try:
         with torch.enable_grad(), _fused_attention(), _all_true_masks(), \
@@ -267,7 +282,7 @@ def saved_activation_bytes(backbone, rows: int, checkpointing: bool = False) -> 
     return total - inside + sum(inputs for inputs, _ in blocks) + max(saved for _, saved in blocks)
 
 
-def teacher_forward_bytes(backbone, rows: int) -> int:
+def teacher_forward_bytes(backbone, rows: int, text_tokens: int | None = None) -> int:
     """Peak bytes of the tensors alive during one no-grad `predict_velocity` of `rows` rows with the teacher's
     conditioning (`blank_teacher_cond`), above its inputs: a forward that keeps no graph still holds its largest
     block's intermediates (fused projections, attention output, MLP) at once. Each storage an op creates counts from
@@ -311,7 +326,7 @@ def teacher_forward_bytes(backbone, rows: int) -> int:
     device = backbone.device
     x = torch.zeros((rows, *backbone.latent_shape()), device=device)
     sigma = torch.full((rows,), 0.5, device=device)
-    cond = backbone.blank_teacher_cond(rows)
+    cond = backbone.blank_teacher_cond(rows, text_tokens)
     tracker = LiveBytes()
     with torch.no_grad(), _fused_attention(), _all_true_masks(), tracker:
         backbone.predict_velocity(x, sigma, cond)
@@ -454,9 +469,11 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
     _check_base_model(plan, the_method, backbone, bb.denoiser.config)
 
     if the_method.trains:
-        _count_training(plan, bb, the_method, int(settings["max_sequence_length"]),
+        activations = activations and not plan.problems
+        text_tokens = bb.text_tokens(_training_captions(spec, instance, rounds)) if activations else 0
+        _count_training(plan, bb, the_method, text_tokens,
                         batch_size or int(DEFAULT_BUDGET["batch_size"]), rank or int(DEFAULT_BUDGET["rank"]),
-                        activations and plan.problems == [], gradient_checkpointing)
+                        activations, gradient_checkpointing)
     if target.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(target).total_memory
         if plan.weight_bytes > total:
@@ -468,6 +485,13 @@ def make_plan(backbone: str, model: str | None, method: str, task: str, instance
     if plan.activation_bytes is not None and not gradient_checkpointing:
         plan.notes.append("with --gradient-checkpointing: `dopsd-bench plan ... --gradient-checkpointing`")
     return plan
+
+
+def _training_captions(spec, instance: str, rounds: list) -> list[str]:
+    """Every caption the run trains on: the instance's, or each round's of a sequence."""
+    if rounds:
+        return [c for r in rounds for c in r.spec().training_captions(r.instance)]
+    return spec.training_captions(instance)
 
 
 def _count_training(plan: Plan, bb, method, text_tokens: int, batch_size: int, rank: int, activations: bool,
@@ -488,14 +512,15 @@ def _count_training(plan: Plan, bb, method, text_tokens: int, batch_size: int, r
     if not activations:
         return
     h, w = bb.latent_shape()[1:]
+    plan.text_tokens = text_tokens
     plan.tokens = int(h * w // (4 if plan.backbone == "z-image" else 1)) + text_tokens
-    plan.activation_bytes = saved_activation_bytes(bb, plan.graph_rows, gradient_checkpointing)
+    plan.activation_bytes = saved_activation_bytes(bb, plan.graph_rows, gradient_checkpointing, text_tokens)
     plan.gradient_checkpointing = gradient_checkpointing
     plan.teacher_rows = method.teacher_rows(batch_size, bb.native_steps)
     if plan.teacher_rows:
         if lora and method.teacher_pass_folded():
             bb.set_adapter(None)  # folded into the weights: no LoRA branch in that forward
-        plan.teacher_bytes = teacher_forward_bytes(bb, plan.teacher_rows)
+        plan.teacher_bytes = teacher_forward_bytes(bb, plan.teacher_rows, text_tokens)
         if lora:
             bb.set_adapter("plan")
 

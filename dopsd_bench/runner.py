@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dopsd_bench import rundir
 from dopsd_bench.errors import ConfigError, UserError
 from dopsd_bench.method import Batch, Method, config_from_overrides
-from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE
+from dopsd_bench.result import COST_KEYS, TEACHER_SAMPLES_FILE, Result, no_budget
 from dopsd_bench.runconfig import RunConfig, check_device, default_eval_batch_size, resolve_dtype, torch_dtype
 from dopsd_bench.train import CHECKPOINT_DIR, DEFAULT_BUDGET, TrainConfig, checkpoint_dirs, make_accelerator, train
 
@@ -464,8 +464,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
 
     # ---- write ----------------------------------------------------------------------------------------------
     result = _result_record(cfg, label, method, tcfg, data, backbone_info, metrics, timings, train_t, device,
-                            adapter_saved, t0)
-    result["scorer"] = _scorer_record(cfg, data, backbone.resolution)
+                            adapter_saved, t0).to_json()
     rundir.atomic_write_json(run_dir / rundir.RESULT_FILE, result)  # last: its presence means the cell is complete
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the adapter is saved; resume state is not needed
     if run_dir != final_dir:  # a forced run: its complete dir replaces the finished one
@@ -554,23 +553,21 @@ def _teacher_rows(method: Method, backbone, data, cache_dir: Path, weights_chang
 
 
 def _result_record(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig | None, data, backbone_info: dict,
-                   metrics: dict, timings: dict, train_t: dict, device, adapter_saved: bool, t0: float) -> dict:
+                   metrics: dict, timings: dict, train_t: dict, device, adapter_saved: bool, t0: float) -> Result:
     """result.json's content (its total time is taken now)."""
-    # a method that trains nothing (base, icl) has no budget (store.NO_BUDGET), so its rows pair with every budget
+    # a method that trains nothing (base, icl) has no budget, so its rows pair with every budget
     trained = tcfg is not None and getattr(method, "trains", False)
-    budget = tcfg.budget() if trained else {"steps": None, "batch_size": None, "lr": None, "rank": None}
-    # what the training spent, whatever unit its budget was in (none for a method that trains nothing)
-    cost = {k: train_t.get(k) for k in COST_KEYS} if trained else None
-    training = {k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")}
     timings["total_s"] = time.perf_counter() - t0
-    return {
-        "schema_version": rundir.SCHEMA_VERSION, "method": label, "task": data.task, "instance": data.instance,
-        "family": data.family, "backbone": cfg.backbone, "model": backbone_info["backbone"]["model"],
-        "seed": cfg.seed, "budget": budget, "cost": cost, "metrics": metrics, "timings": timings, "training": training,
-        "env": rundir.env_info(device), "precision": backbone_info["precision"], "samples": rundir.SAMPLES_FILE,
-        "adapter": rundir.ADAPTER_DIR if adapter_saved else None,
-        "samples_rows": ["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
-    }
+    return Result(
+        method=label, task=data.task, instance=data.instance, family=data.family, backbone=cfg.backbone,
+        model=backbone_info["backbone"]["model"], seed=cfg.seed, budget=tcfg.budget() if trained else no_budget(),
+        # what the training spent, whatever unit its budget was in
+        cost={k: train_t.get(k) for k in COST_KEYS} if trained else None,
+        metrics=metrics, timings=timings,
+        training={k: train_t.get(k) for k in ("steps_run", "start_step", "final_loss")},
+        env=rundir.env_info(device), scorer=_scorer_record(cfg, data, backbone_info["backbone"]["resolution"]),
+        samples_rows=["tuned (eval prompts, native steps)", "untuned (same prompts and seeds)", "training images"],
+        adapter=rundir.ADAPTER_DIR if adapter_saved else None, precision=backbone_info["precision"])
 
 
 def _say_done(console, result: dict, base: dict | None, base_source: str, final_dir: Path) -> None:

@@ -192,6 +192,16 @@ class TaskSpec:
             return self._build_world(inst, seed, resolution)
         return self._build_folder(inst, resolution or self.resolution)
 
+    def training_captions(self, instance: str | None = None, seed: int = 0) -> list[str]:
+        """The captions an instance trains on, without reading its images (a world task renders its few tiny
+        training scenes): what `plan` tokenizes to size a training step's text."""
+        inst = self.instance(instance)
+        if self.source == "world":
+            from dopsd_bench.world import datasets
+
+            return datasets.training_set(self.family, inst.name, self.n_train, seed=_train_seed(self, inst, seed))[1]
+        return [caption for _, caption in self._folder_items(inst)]
+
     def _build_world(self, inst: InstanceSpec, seed: int, resolution: int | None) -> TaskData:
         from dopsd_bench.taskdata import TaskData
         from dopsd_bench.world import datasets

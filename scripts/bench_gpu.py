@@ -73,7 +73,7 @@ MiB = 2**20
 
 def save_configs(pipe, settings: dict, folder: Path, teacher=None) -> None:
     """`pipe`'s configs without its weights, laid out as a model folder that `dopsd-bench plan` reads: model_index.json,
-    each component's config, the adapter's sidecar and (z-image) the VL teacher's config."""
+    each component's config, the tokenizer, the adapter's sidecar and (z-image) the VL teacher's config."""
     from diffusers.configuration_utils import ConfigMixin
 
     pipe.save_config(folder)
@@ -82,6 +82,8 @@ def save_configs(pipe, settings: dict, folder: Path, teacher=None) -> None:
             module.save_config(folder / name)
         elif hasattr(module, "config") and hasattr(module.config, "save_pretrained"):  # transformers models
             module.config.save_pretrained(folder / name)
+        elif name == "tokenizer":  # the plan sizes the task's captions with it
+            module.save_pretrained(folder / name)
     if teacher is not None:
         teacher.model.config.save_pretrained(folder / settings["vl_model"])
     (folder / "dopsd_bench.json").write_text(json.dumps(settings))

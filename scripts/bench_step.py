@@ -59,13 +59,13 @@ def load(model: str, width: int):
 
 
 def make_batch(n: int, resolution: int) -> Batch:
-    from dopsd_bench.world import render
+    """n random images under the `style` task's training captions (what `plan --task style` sizes the text by)."""
+    from dopsd_bench.tasks import load_task
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1
-    shapes = list(getattr(render, "SHAPES", ["circle", "square"]))
-    captions = [f"a {shapes[i % len(shapes)]} number {i}" for i in range(n)]
-    return Batch(images=images, captions=captions, token="")
+    captions = load_task("style").training_captions()
+    return Batch(images=images, captions=[captions[i % len(captions)] for i in range(n)], token="")
 
 
 def make_method(name: str, factory, batch: Batch, rank: int, overrides: dict[str, str]) -> Method:

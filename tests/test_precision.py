@@ -214,7 +214,8 @@ def test_plan_counts_the_real_modules_parameters_from_configs_alone(model_dir, w
     # the activation count on the meta device is what the real tensors' forward saves (to a few views' aliasing)
     real_bf16 = _load(model_dir, "bf16")
     real_bf16.add_lora("plan", rank=4)
-    assert plan.activation_bytes == pytest.approx(saved_activation_bytes(real_bf16, 2), rel=0.01)
+    assert plan.activation_bytes == pytest.approx(saved_activation_bytes(real_bf16, 2, text_tokens=plan.text_tokens),
+                                                  rel=0.01)
     assert plan.peak_bytes == plan.weight_bytes + plan.trainable * 16 + plan.activation_bytes
 
 
@@ -230,13 +231,34 @@ def test_the_checkpointed_estimate_keeps_block_inputs_and_one_block(model_dir, w
     real = _load(model_dir)
     real.add_lora("plan", rank=4)
     real.enable_gradient_checkpointing()
-    kept = _saved_bytes_under_real_checkpointing(real, 2)
+    kept = _saved_bytes_under_real_checkpointing(real, 2, plain.text_tokens)
     assert kept < checkpointed.activation_bytes
     assert checkpointed.activation_bytes - kept < plain.activation_bytes / 2  # about one block's worth on top
-    assert saved_activation_bytes(real, 2) == pytest.approx(plain.activation_bytes, rel=0.01)
+    assert saved_activation_bytes(real, 2, text_tokens=plain.text_tokens) == pytest.approx(plain.activation_bytes,
+                                                                                          rel=0.01)
 
 
-def _saved_bytes_under_real_checkpointing(backbone, rows: int) -> int:
+def test_plan_reads_the_task_captions_as_long_as_the_model_reads_them(model_dir, world_task):
+    """The text part of a training forward is the task's longest caption as the backbone encodes it: Z-Image cuts
+    each prompt to its real length, FLUX.2 pads every prompt to its maximum."""
+    from dopsd_bench.plan import make_plan
+    from dopsd_bench.tasks import load_task
+
+    name, path = model_dir
+    plan = make_plan(name, str(path), "sft", world_task, batch_size=2, rank=4)
+    real = _load(model_dir)
+    captions = load_task(world_task).training_captions()
+    encoded = [real.encode_prompts([c]) for c in captions]
+    lengths = [int(c["prompt_mask"].sum()) if "prompt_mask" in c else c["prompt_embeds"].shape[1] for c in encoded]
+    assert plan.text_tokens == max(lengths) == real.text_tokens(captions)
+    if name == "z-image":  # so that the count is the captions', not the maximum's
+        assert plan.text_tokens < real.text_tokens()
+    else:
+        assert plan.text_tokens == real.text_tokens()
+    assert f"({plan.text_tokens} of text)" in "\n".join(plan.lines())
+
+
+def _saved_bytes_under_real_checkpointing(backbone, rows: int, text_tokens: int | None = None) -> int:
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -246,7 +268,7 @@ def _saved_bytes_under_real_checkpointing(backbone, rows: int) -> int:
 
     x = torch.zeros((rows, *backbone.latent_shape()))
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = backbone.predict_velocity(x, torch.full((rows,), 0.5), backbone.blank_cond(rows))
+        out = backbone.predict_velocity(x, torch.full((rows,), 0.5), backbone.blank_cond(rows, text_tokens))
     del out
     return sum(seen.values())
 
@@ -266,7 +288,7 @@ def test_plan_counts_the_teacher_pass_that_runs_while_no_graph_is_alive(model_di
     real = _load(model_dir)
     k = real.native_steps
     assert (batched.teacher_rows, sequential.teacher_rows) == (2 * k, 2)
-    assert batched.teacher_bytes == pytest.approx(teacher_forward_bytes(real, 2 * k), rel=0.01)
+    assert batched.teacher_bytes == pytest.approx(teacher_forward_bytes(real, 2 * k, batched.text_tokens), rel=0.01)
     assert batched.teacher_bytes > sequential.teacher_bytes  # K states at once against one
     for plan in (batched, sequential):
         assert plan.peak_bytes == plan.weight_bytes + plan.trainable * 16 + max(plan.activation_bytes,

@@ -19,6 +19,7 @@ from helpers_train import TINY_WORLD_TASK, FakeBackbone, cell_held_elsewhere
 
 from dopsd_bench import rundir, runner
 from dopsd_bench.errors import ConfigError, TaskError, UnknownNameError, UserError
+from dopsd_bench.result import BUDGET_KEYS
 from dopsd_bench.runconfig import RunConfig
 from dopsd_bench.train import DEFAULT_BUDGET
 
@@ -167,6 +168,8 @@ def test_run_cell_writes_a_complete_run_dir(tmp_path, world_task, fakes, capsys)
     assert all(isinstance(v, float) for v in result["timings"].values())
     assert result["metrics"]["fidelity"]["per_sample"] and result["adapter"] == "adapter"
     assert {"torch", "diffusers", "git_sha", "device"} <= set(result["env"])
+    assert "rounds" not in result and "sequence" not in result  # a sequence's parts only
+    assert result["precision"]["dtype"] == "fp32" and result["scorer"] == {"name": "judge"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["method"] == "sft" and config["train"]["steps"] == 2
     assert config["method"]["config"]["weighting_scheme"] == "none"
@@ -280,7 +283,7 @@ def test_method_without_training_has_no_adapter(tmp_path, world_task, fakes):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["adapter"] is None and not (run_dir / "adapter").exists()
     # no budget either, so the leaderboard shows the row in every budget's section rather than in the default's
-    assert result["budget"] == {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    assert result["budget"] == dict.fromkeys(BUDGET_KEYS)
     assert len(fakes["evaluate"]) == 1  # base is its own comparison row
 
 
@@ -298,7 +301,7 @@ def test_eval_cell_scores_a_saved_adapter_like_the_run(tmp_path, world_task, fak
     eval_dir = runner.eval_cell(cfg_for(world_task, out, method="eval", lora=str(run_dir / "adapter")))
     scored = json.loads((eval_dir / "result.json").read_text())
     assert scored["method"] == "eval:adapter" and "eval-adapter" in str(eval_dir)
-    assert scored["budget"] == {"steps": None, "batch_size": None, "lr": None, "rank": None}
+    assert scored["budget"] == dict.fromkeys(BUDGET_KEYS)
     assert scored["adapter"] is None  # nothing new was trained
     per = scored["metrics"]["fidelity"]["per_sample"]
     assert per == pytest.approx(trained["metrics"]["fidelity"]["per_sample"])

@@ -54,6 +54,8 @@ def test_world_eval_data_is_fixed_and_train_set_follows_the_seed():
     assert torch.equal(a.retention_real, b.retention_real)
     assert not torch.equal(a.train_images, b.train_images)  # the run seed draws the training renders
     assert torch.equal(a.train_images, spec.build("zorb", seed=0).train_images)
+    # what `plan` sizes the text by: the captions the run trains on, without building the rest
+    assert spec.training_captions("zorb", seed=1) == b.train_captions != a.train_captions
 
 
 def test_world_build_resizes():
@@ -164,6 +166,7 @@ def test_imagefolder_with_metadata(tmp_path):
     text = FOLDER.replace('        prompt: "a photo of {token} {class}"\n', "")
     data = load_task(write_yaml(tmp_path / "dog.yaml", text)).build(resolution=8)
     assert data.train_captions == ["sks dog asleep", "sks dog running"]  # sorted by file name
+    assert load_task(tmp_path / "dog.yaml").training_captions() == data.train_captions
     assert data.train_images.shape == (2, 3, 8, 8)
 
 

@@ -96,15 +96,20 @@ class Backbone(ABC):
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Text-only conditioning (the student's view)."""
 
-    def blank_cond(self, rows: int) -> Cond:
-        """A text conditioning of the longest prompt the model reads, all zeros, on `device` (which may be the
-        meta device): the shapes a training forward sees, for `plan`'s memory estimate."""
+    def text_tokens(self, prompts: list[str] | None = None) -> int:
+        """How many text tokens a forward on these prompts reads (the longest of them; None: the longest prompt
+        the model reads), counted from the tokenizer alone, so that it works on the meta device."""
+        raise NotImplementedError(f"{type(self).__name__} has no text_tokens: `plan` cannot estimate its activations")
+
+    def blank_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
+        """A text conditioning of `text_tokens` tokens (default: the longest prompt the model reads), all zeros, on
+        `device` (which may be the meta device): the shapes a training forward sees, for `plan`'s memory estimate."""
         raise NotImplementedError(f"{type(self).__name__} has no blank_cond: `plan` cannot estimate its activations")
 
-    def blank_teacher_cond(self, rows: int) -> Cond:
+    def blank_teacher_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
         """`blank_cond` for the teacher's view (prompt and reference): the shapes its forward sees. By default the
         text conditioning's; a backbone whose teacher reads more tokens says so."""
-        return self.blank_cond(rows)
+        return self.blank_cond(rows, text_tokens)
 
     @abstractmethod
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:

@@ -101,15 +101,19 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         """The text conditioning from prompt embeddings (B, L, D) as the text encoder gives them."""
         return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
 
-    def blank_cond(self, rows: int) -> Cond:
+    def text_tokens(self, prompts: list[str] | None = None) -> int:
+        return int(self.settings["max_sequence_length"])  # every prompt is padded to it
+
+    def blank_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
         width = self.pipe.transformer.config.joint_attention_dim
-        embeds = torch.zeros(rows, int(self.settings["max_sequence_length"]), width, device=self.device,
+        embeds = torch.zeros(rows, text_tokens or self.text_tokens(), width, device=self.device,
                              dtype=module_dtype(self.pipe.transformer))
         return self.text_cond(embeds)
 
-    def blank_teacher_cond(self, rows: int) -> Cond:
+    def blank_teacher_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
         refs = torch.zeros((rows, *self.latent_shape()), device=self.device, dtype=module_dtype(self.pipe.transformer))
-        return self.with_references(self.blank_cond(rows), refs)  # the reference image's tokens beside the noisy ones
+        # the reference image's tokens beside the noisy ones
+        return self.with_references(self.blank_cond(rows, text_tokens), refs)
 
     @torch.no_grad()
     def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Cond:

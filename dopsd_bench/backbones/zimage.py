@@ -209,11 +209,23 @@ class ZImageBackbone(DiffusersLora, Backbone):
             self._text_cache.update(zip(missing, embeds))
         return self._pad([self._text_cache[p] for p in prompts])
 
-    def blank_cond(self, rows: int) -> Cond:
-        return self._blank(rows, self.max_sequence_length)
+    def text_tokens(self, prompts: list[str] | None = None) -> int:
+        if not prompts or getattr(self.pipe.tokenizer, "chat_template", None) is None:  # `plan` without it: the maximum
+            return self.max_sequence_length
+        # as the pipeline's _encode_prompt tokenizes (chat template, cut at max_sequence_length); the embeddings
+        # are cut to each prompt's real length, so a forward reads its batch's longest prompt, not the maximum
+        tokenizer = self.pipe.tokenizer
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True) for p in prompts]
+        longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+        return min(longest, self.max_sequence_length)
 
-    def blank_teacher_cond(self, rows: int) -> Cond:
-        return self._blank(rows, self.teacher_max_length)  # the VL teacher's hidden states of prompt and image
+    def blank_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
+        return self._blank(rows, text_tokens or self.max_sequence_length)
+
+    def blank_teacher_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
+        # the VL teacher's hidden states of prompt and image: its image tokens dominate, so the maximum
+        return self._blank(rows, self.teacher_max_length)
 
     def _blank(self, rows: int, length: int) -> Cond:
         # unpadded (every position real): on the meta device a mask's selection cannot count its True entries
