@@ -277,19 +277,18 @@ def parse_budget(text: str) -> dict[str, Any]:
 
 
 def parse_sets(items: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """['k=v', 'dopsd:k=v'] -> ({'k': 'v'}, {'dopsd': {'k': 'v'}})."""
-    common: dict[str, str] = {}
-    per_method: dict[str, dict[str, str]] = {}
+    """['k=v', 'dopsd:k=v'] -> ({'k': 'v'}, {'dopsd': {'k': 'v'}}); each part checked as `run --set` checks it."""
+    from dopsd_bench.runconfig import parse_overrides
+
+    common: list[str] = []
+    per_method: dict[str, list[str]] = {}
     for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value or method:key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        if ":" in key:
-            method, key = key.split(":", 1)
-            per_method.setdefault(method, {})[key] = value
+        method, colon, _ = item.partition("=")[0].partition(":")
+        if colon:
+            per_method.setdefault(method.strip(), []).append(item.split(":", 1)[1])
         else:
-            common[key] = value
-    return common, per_method
+            common.append(item)
+    return parse_overrides(common), {method: parse_overrides(sets) for method, sets in per_method.items()}
 
 
 def _csv(text: str | None) -> list[str] | None:

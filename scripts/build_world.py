@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dopsd_bench.paths import assets_dir
-from dopsd_bench.world import render as R
+from dopsd_bench.world import render
 from dopsd_bench.world.build import (
     CONSISTENCY_LR,
     RECIPE,
@@ -88,7 +88,7 @@ def main() -> None:
                          "(repeated builds on one machine skip re-rendering)")
     ap.add_argument("--unsaid", default="",
                     help="narrow the world's unsaid spread for every stage this invocation runs, e.g. angle=0,scale=0 "
-                         f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in R.UNSAID.items())}); a resumed "
+                         f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in render.UNSAID.items())}); a resumed "
                          "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
     ap.add_argument("--turbo", choices=["trajectory", "guidance"], default="guidance",
@@ -110,9 +110,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render worker processes")
     args = ap.parse_args()
     try:
-        R.UNSAID.update(parse_unsaid(args.unsaid))  # scenes are jittered in this process, never in the workers
+        render.UNSAID.update(parse_unsaid(args.unsaid))  # scenes are jittered in this process, never in the workers
     except ValueError as e:
-        ap.error(f"--unsaid {args.unsaid!r}: {e} is not KEY=VALUE with a key of {list(R.UNSAID)} and a value >= 0")
+        ap.error(f"--unsaid {args.unsaid!r}: {e} is not KEY=VALUE with a key of {list(render.UNSAID)} and a value >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     start_render_pool(args.workers)
@@ -184,7 +184,7 @@ def main() -> None:
         stage_walls = {**earlier.get("stage_wall_s", {}), **walls}
         if stages & {"models", "turbo"} and args.turbo == "guidance":
             stage_walls.pop("trajectories", None)  # an earlier turbo's: this one is distilled without them
-        summary["models"] = {**earlier, **where, **reused, "unsaid": dict(R.UNSAID),
+        summary["models"] = {**earlier, **where, **reused, "unsaid": dict(render.UNSAID),
                              "recipe": recorded_recipe(recipe, earlier.get("recipe", {}), stages) | tuned,
                              "stage_wall_s": stage_walls,
                              "invocations": invocations, "wall_s": round(earlier.get("wall_s", 0.0) + wall, 1)}

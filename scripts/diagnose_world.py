@@ -50,8 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
-from dopsd_bench.world import datasets as D
-from dopsd_bench.world import render as R
+from dopsd_bench.world import datasets, render
 from dopsd_bench.world.check import judge_all, retention_scores, retention_setup
 from dopsd_bench.world.judge import WorldJudge
 
@@ -105,7 +104,7 @@ def confusion(judge, images, targets, attrs: tuple[str, ...] = ("shape", "style"
     for attr in attrs:
         rows: dict[str, Counter] = {}
         for target, label in zip(targets, probs[attr].argmax(1).tolist(), strict=True):
-            rows.setdefault(target[attr], Counter())[R.ATTRIBUTES[attr][label]] += 1
+            rows.setdefault(target[attr], Counter())[render.ATTRIBUTES[attr][label]] += 1
         out[attr] = {want: {got: round(c / sum(row.values()), 2) for got, c in row.most_common()
                             if c / sum(row.values()) >= 0.05} for want, row in sorted(rows.items())}
     return out
@@ -123,11 +122,11 @@ def word_signal_in_renders(n: int = 1000) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    probe = R.Scene("circle", "red", "large", "top", "solid", "dark")
-    assert R.caption(probe) == PROBE_CAPTION
+    probe = render.Scene("circle", "red", "large", "top", "solid", "dark")
+    assert render.caption(probe) == PROBE_CAPTION
 
-    def renders(scene: R.Scene) -> np.ndarray:
-        return np.stack([R.render(scene.jitter(rng)) for _ in range(n)])
+    def renders(scene: render.Scene) -> np.ndarray:
+        return np.stack([render.render(scene.jitter(rng)) for _ in range(n)])
 
     ref = renders(probe)
     mean = ref.mean(0)
@@ -144,14 +143,16 @@ def sample_grid(bb, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    scenes = [R.Scene(shape, "red", "large", "left", style, "light") for shape in R.SHAPES for style in R.STYLES]
-    samples = bb.sample([R.caption(s) for s in scenes], list(range(len(scenes))), 32)
+    scenes = [render.Scene(shape, "red", "large", "left", style, "light")
+              for shape in render.SHAPES for style in render.STYLES]
+    samples = bb.sample([render.caption(s) for s in scenes], list(range(len(scenes))), 32)
     rng = np.random.default_rng(0)
-    renders = R.to_tensor_batch([R.render(s.jitter(rng)) for s in scenes])
+    renders = render.to_tensor_batch([render.render(s.jitter(rng)) for s in scenes])
 
     def block(images: torch.Tensor) -> np.ndarray:
         pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        rows = [np.concatenate(list(pixels[i:i + len(R.STYLES)]), 1) for i in range(0, len(pixels), len(R.STYLES))]
+        width = len(render.STYLES)
+        rows = [np.concatenate(list(pixels[i:i + width]), 1) for i in range(0, len(pixels), width)]
         return np.concatenate(rows, 0)
 
     left, right = block(samples), block(renders)
@@ -180,7 +181,7 @@ def main() -> None:
             return
     judge = WorldJudge.load()
     prompts, targets, real_feats, seeds = retention_setup(judge, args.n)
-    latents = bb.encode_images(D.true_renders(targets, 7))
+    latents = bb.encode_images(datasets.true_renders(targets, 7))
     out: dict = {"model": args.model, "n": args.n, "guidance_scale": bb.guidance_scale,
                  "dit_parameters": sum(p.numel() for p in bb.denoiser.parameters())}
 

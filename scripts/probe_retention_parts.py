@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dopsd_bench.metrics import retention as RT
+from dopsd_bench.metrics import retention
 from dopsd_bench.metrics.features import JudgeFeatures, load_judge
 from dopsd_bench.metrics.frechet import frechet_distance, kernel_distance
 from dopsd_bench.metrics.imagenet import extra_fd_features
 from dopsd_bench.metrics.scores import label_index
-from dopsd_bench.world import datasets as D
-from dopsd_bench.world import render as R
+from dopsd_bench.world import datasets, render
 from dopsd_bench.world.render import HELD_OUT_STYLES
 
 LEAK_SHARES = (0.0, 0.05, 0.1, 0.25, 0.5)
@@ -34,7 +33,7 @@ BLUR_SIGMAS = (0.5, 0.7, 1.0)
 
 def renders(targets: list[dict[str, str]], seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    return R.to_tensor_batch([R.render(R.Scene(**t).jitter(rng)) for t in targets])
+    return render.to_tensor_batch([render.render(render.Scene(**t).jitter(rng)) for t in targets])
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float, radius: int = 3) -> torch.Tensor:
@@ -46,7 +45,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float, radius: int = 3) -> torch.
 
 
 def main(n: int, fill: str, seed: int, extra_fd: str = "") -> list[dict[str, float | str]]:
-    _, targets, _ = D.retention_prompts(n, seed=seed)
+    _, targets, _ = datasets.retention_prompts(n, seed=seed)
     judge = JudgeFeatures(load_judge())
     spaces = extra_fd_features(extra_fd)
     label = label_index("style", fill)
@@ -54,14 +53,15 @@ def main(n: int, fill: str, seed: int, extra_fd: str = "") -> list[dict[str, flo
     real = judge.embed(real_images)
     real_extra = {name: space.embed(real_images) for name, space in spaces.items()}
     clean = renders(targets, seed + 2)
-    clean_energy = RT.laplacian_energy(clean)
+    clean_energy = retention.laplacian_energy(clean)
 
     def row(name: str, images: torch.Tensor) -> dict[str, float | str]:
         f = judge.extract(images)
         out = {"case": name, "fd": frechet_distance(real, f.embedding),
                "kid": kernel_distance(real, f.embedding)[0],
-               "p_fill": float(RT.label_probability(f.attributes["style"], label).mean()),
-               "sharpness": float(RT.relative_to_reference(RT.laplacian_energy(images), clean_energy).mean())}
+               "p_fill": float(retention.label_probability(f.attributes["style"], label).mean()),
+               "sharpness": float(retention.relative_to_reference(retention.laplacian_energy(images),
+                                                                  clean_energy).mean())}
         for space_name, space in spaces.items():
             emb = space.embed(images)
             out[f"fd_{space_name}"] = frechet_distance(real_extra[space_name], emb)

@@ -30,7 +30,7 @@ import torch
 from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
 from dopsd_bench.paths import assets_dir
 from dopsd_bench.world import build as W  # the build's own stages, so an arm is what the build would make
-from dopsd_bench.world import render as R
+from dopsd_bench.world import render
 from dopsd_bench.world.check import retention_figures, retention_setup
 from dopsd_bench.world.judge import WorldJudge
 
@@ -86,9 +86,9 @@ def main() -> None:
         ap.error(f"--arms {args.arms!r}: expected WEIGHT:TEXT_FRAC pairs such as 0:0.5,8:0.75 (weight >= 0, "
                  "fraction in [0, 1])")
     try:
-        R.UNSAID.update(W.parse_unsaid(args.unsaid))
+        render.UNSAID.update(W.parse_unsaid(args.unsaid))
     except ValueError:
-        ap.error(f"--unsaid {args.unsaid!r}: expected KEY=VALUE pairs with keys {list(R.UNSAID)} and values >= 0")
+        ap.error(f"--unsaid {args.unsaid!r}: expected KEY=VALUE pairs with keys {list(render.UNSAID)} and values >= 0")
     if args.width != 128 and not args.fresh:
         ap.error(f"--width {args.width}: a width is for a new DiT; add --fresh (without it, arms continue --base's)")
     if args.width % 32 or args.width <= 0 or (args.budget_s is not None and args.budget_s <= 0):
@@ -151,12 +151,12 @@ def main() -> None:
                    "tune_text_frac": frac, "tune_lr": W.TUNE_LR})
         summary = {"seed": args.seed, "models": {
             ("init_from" if args.fresh else "first_phase_from"): str(args.base),
-            "stage_wall_s": invocation["stage_wall_s"], "unsaid": dict(R.UNSAID), "recipe": recipe,
+            "stage_wall_s": invocation["stage_wall_s"], "unsaid": dict(render.UNSAID), "recipe": recipe,
             "invocations": [invocation], "wall_s": invocation["wall_s"]}}
         (args.out / name / "build_summary.json").write_text(json.dumps(summary, indent=1))
         # after every arm, so that a run stopped by a time limit keeps the arms it finished
         best = max((n for n in results if n != "start"), key=lambda n: results[n]["alignment_32"])
-        (args.out / "arms.json").write_text(json.dumps({"best": best, "unsaid": R.UNSAID, "arms": results},
+        (args.out / "arms.json").write_text(json.dumps({"best": best, "unsaid": render.UNSAID, "arms": results},
                                                        indent=1))
     print(f"{'arm':<40}{'steps':>6}{'align@32':>9}{'shape@32':>9}{'fill@32':>8}{'FD@32':>8}{'FD@4':>8}{'4/32':>6}")
     for name, r in results.items():

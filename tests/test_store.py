@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_runs import make_result, write_run
 
-from dopsd_bench.store import budget_label, load_results
+from dopsd_bench.store import NO_BUDGET, budget_label, load_results
 
 
 def test_tidy_rows_per_sample_and_set_level(tmp_path):
@@ -71,4 +71,7 @@ def test_empty_dir_gives_empty_frames_and_missing_dir_errors(tmp_path):
 
 def test_budget_label():
     assert budget_label({}) == "none" and budget_label({"steps": None}) == "none"
+    from dopsd_bench.result import no_budget
+
+    assert budget_label(no_budget()) == NO_BUDGET  # what a cell that trains nothing writes
     assert budget_label({"lr": 1e-3, "steps": 5, "rank": None}) == "steps=5,lr=0.001"

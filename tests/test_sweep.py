@@ -125,6 +125,12 @@ def test_flag_parsing_and_file_merge():
     with pytest.raises(UserError, match="allowed"):
         parse_budget("epochs=3")
     assert parse_sets(["a=1", "dopsd:teacher=ema"]) == ({"a": "1"}, {"dopsd": {"teacher": "ema"}})
+    assert parse_sets(["url=a:b"]) == ({"url": "a:b"}, {})  # a colon in the value names no method
+    # each part is checked as `run --set` checks it
+    for bad, error in ((["dopsd:teacher"], "expects key=value"), (["dopsd:bad key=1"], "not a config field"),
+                       (["dopsd:k=1", "dopsd:k=2"], "given twice")):
+        with pytest.raises(UserError, match=error):
+            parse_sets(bad)
     spec = make_spec({"methods": ["base", "dopsd"], "tasks": ["style"], "seeds": [0, 1, 2],
                       "budgets": [{"steps": 10}], "method_set": {"dopsd": {"teacher": "frozen"}}},
                      seeds=["4"], sets=({}, {"dopsd": {"decay": "0.9"}}))

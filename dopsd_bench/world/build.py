@@ -28,8 +28,7 @@ from dopsd_bench import flow
 from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline, tiny_flux2_transformer
 from dopsd_bench.losses import ema_update
 from dopsd_bench.paths import assets_dir
-from dopsd_bench.world import datasets as D
-from dopsd_bench.world import render as R
+from dopsd_bench.world import datasets, render
 from dopsd_bench.world.check import judge_accuracy, target_accuracy
 from dopsd_bench.world.judge import WorldJudge
 from dopsd_bench.world.mixtures import judge_scene, pretrain_example
@@ -47,11 +46,11 @@ def log(msg: str) -> None:
 RENDER_POOL: ProcessPoolExecutor | None = None  # set by start_render_pool (workers > 1)
 
 
-def batch_tensor(scenes: list[R.Scene]) -> torch.Tensor:
+def batch_tensor(scenes: list[render.Scene]) -> torch.Tensor:
     """Render scenes to a (N, 3, 32, 32) tensor in [-1, 1]; large batches go to the worker processes."""
     if RENDER_POOL is None or len(scenes) < 512:
-        return R.to_tensor_batch([R.render(s) for s in scenes])
-    return R.to_tensor_batch(list(RENDER_POOL.map(R.render, scenes, chunksize=256)))
+        return render.to_tensor_batch([render.render(s) for s in scenes])
+    return render.to_tensor_batch(list(RENDER_POOL.map(render.render, scenes, chunksize=256)))
 
 
 def start_render_pool(workers: int) -> None:
@@ -114,8 +113,8 @@ def train_vae(vae, steps: int, batch: int, pool_size: int, seed: int, device: to
     pool = batch_tensor([judge_scene(rng) for _ in range(pool_size)])
     log(f"vae pool: {pool_size} renders")
     probe = batch_tensor([judge_scene(np.random.default_rng(seed + 22)) for _ in range(64)]).to(device)
-    fills = {style: D.training_set("style", style, 64, seed + j)[0].to(device)  # as `world check` reads them
-             for j, style in enumerate(R.HELD_OUT_STYLES)}
+    fills = {style: datasets.training_set("style", style, 64, seed + j)[0].to(device)  # as `world check` reads them
+             for j, style in enumerate(render.HELD_OUT_STYLES)}
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 23)
@@ -172,7 +171,7 @@ def object_map(images: torch.Tensor, grid: int) -> torch.Tensor:
 def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
     """Pre-render and pre-encode n pretraining examples: target latents, object maps, captions, reference latents.
     With `cache`, a dataset saved there for the same seed and size is loaded instead (and a new one is saved)."""
-    key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(R.UNSAID)}
+    key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(render.UNSAID)}
     if cache is not None and cache.exists():
         data = torch.load(cache, weights_only=False)
         if data.get("key") == key:
@@ -568,7 +567,7 @@ def parse_unsaid(text: str) -> dict[str, float]:
             out[key] = float(value)
         except ValueError:
             raise ValueError(item) from None
-        if key not in R.UNSAID or out[key] < 0:
+        if key not in render.UNSAID or out[key] < 0:
             raise ValueError(item)
     return out
 
