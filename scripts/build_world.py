@@ -103,7 +103,7 @@ def main() -> None:
                          "them). --turbo trajectory's trajectories always follow the ODE (Euler)")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
-                         "'turbo' (trajectories and turbo from the saved base), or 'consistency' (re-distil a saved "
+                         "'turbo' (the turbo from the saved base), or 'consistency' (re-distil a saved "
                          "Euler turbo into the restart-sampled one); the judge is independent")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
