@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+from dopsd_bench.backbones import load_backbone
 from dopsd_bench.errors import UserError
 from dopsd_bench.metrics.frechet import frechet_distance
 from dopsd_bench.metrics.scores import attribute_accuracy, attribute_alignment, label_index
@@ -289,10 +289,10 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
         out[f"{name}_alignment{suffix}"], out[f"{name}_fd{suffix}"] = float(r.alignment.mean()), r.fd
         out[f"{name}_attribute_accuracy{suffix}"] = r.accuracy
 
-    turbo = Flux2KleinBackbone.from_pretrained(turbo_name)
+    turbo = load_backbone("flux2-klein", turbo_name)
     out["turbo_native_steps"] = turbo.native_steps
     measure("turbo", "", turbo)
-    base = Flux2KleinBackbone.from_pretrained(base_name)
+    base = load_backbone("flux2-klein", base_name)
     measure("base", "_32", base, 32)
     measure("base", "_native", base, turbo.native_steps)
     del base
@@ -305,7 +305,7 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
     # R4 at the default budget: on the concept (the goal's figure) and on the style, where the fill is learnt
     for family, instance in (("concept", "zorb"), ("style", "dotted")):
-        fresh = Flux2KleinBackbone.from_pretrained(turbo_name)  # each run starts from the untuned turbo
+        fresh = load_backbone("flux2-klein", turbo_name)  # each run starts from the untuned turbo
         figures, retention["sft" if family == "concept" else "sft_style"] = sft_retention_ratio(
             fresh, judge, texts, targets, real_feats, seeds, 20 if quick else None, out["turbo_fd"], family,
             instance)
