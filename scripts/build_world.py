@@ -12,13 +12,15 @@ renders are drawn in parallel worker processes (--workers), the networks train o
 
 Stages: judge -> VAE -> base (flow matching, with in-context examples: references of random glyphs/styles with
 made-up names, half the time the target itself, through the pipeline's reference tokens), optionally continued by
-a second phase under another loss setting (--tune-steps; scripts/tune_base.py compares settings) -> trajectories of
-the base (32 Euler steps, CFG baked in) -> turbo (trajectory distillation to the 4 native steps) -> optionally
-(--consistency-steps N; 0 in the shipped recipe) a consistency turbo, re-distilled from the Euler turbo's restart
-roll-outs and sampled with restarts. The base is saved with the stochastic sampler (--base-sampler), the better of
-its two (docs/world.md); the turbo with Euler, or with restarts after the consistency stage.
+a second phase under another loss setting (--tune-steps; scripts/tune_base.py compares settings) -> the 4-step
+turbo: by default (--turbo guidance) its one-pass x0 prediction at each of the 4 native sigmas is
+distilled onto the base's CFG prediction, and it samples with restarts; --turbo trajectory distils 32-step Euler
+trajectories of the base instead (samples with Euler), which a consistency stage can then re-distil
+(--consistency-steps N; 0 in the shipped recipe). The base is saved with the stochastic sampler (--base-sampler), the
+better of its two (docs/world.md).
 
-    python scripts/build_world.py --stages consistency --consistency-steps 1000 --out DIR   # DIR holds a build
+    python scripts/build_world.py --stages turbo --turbo trajectory --out DIR   # DIR holds a base
+    python scripts/build_world.py --stages consistency --consistency-steps 1000 --out DIR   # then its Euler turbo
 """
 
 from __future__ import annotations
@@ -89,19 +91,19 @@ def main() -> None:
                          f"(render.UNSAID: {', '.join(f'{k}={v:g}' for k, v in render.UNSAID.items())}); a resumed "
                          "--stages turbo needs the same value as its base")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale baked into the turbo")
-    ap.add_argument("--turbo", choices=["trajectory", "guidance"], default="trajectory",
+    ap.add_argument("--turbo", choices=["trajectory", "guidance"], default="guidance",
                     help="how the turbo is distilled: 'trajectory' (Euler steps onto the base's 32-step ODE "
                          "trajectories; samples with Euler) or 'guidance' (one-pass x0 predictions onto the base's "
-                         "CFG ones at the native sigmas; samples with restarts). docs/world.md compares them")
+                         "CFG ones at the native sigmas; samples with restarts; the shipped turbo). docs/world.md "
+                         "compares them")
     ap.add_argument("--consistency-lr", type=float, default=CONSISTENCY_LR,
                     help=f"learning rate of the consistency stage (default {CONSISTENCY_LR})")
     ap.add_argument("--base-sampler", choices=["stochastic", "euler"], default="stochastic",
                     help="the saved base's sampler (its scheduler's stochastic_sampling; docs/world.md compares "
-                         "them). Trajectories for the turbo always follow the ODE (Euler), and the turbo samples "
-                         "with Euler steps")
+                         "them). --turbo trajectory's trajectories always follow the ODE (Euler)")
     ap.add_argument("--stages", default="judge,models",
                     help="comma-separated: 'judge', 'models' (VAE, base, turbo), or 'base' (VAE and base) then "
-                         "'turbo' (trajectories and turbo from the saved base), or 'consistency' (re-distil a saved "
+                         "'turbo' (the turbo from the saved base), or 'consistency' (re-distil a saved "
                          "Euler turbo into the restart-sampled one); the judge is independent")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch default; 1 is fastest on a loaded machine)")
@@ -127,6 +129,10 @@ def main() -> None:
     if "base" in stages and "consistency" in stages and not stages & {"models", "turbo"}:
         ap.error("--stages base,consistency: the consistency stage starts from the turbo, which --stages base does "
                  "not make: add turbo (--stages base,turbo with --consistency-steps N) or use --stages models")
+    if recipe["consistency_steps"] and stages & {"models", "turbo"} and args.turbo == "guidance":
+        ap.error(f"--consistency-steps {recipe['consistency_steps']}: the consistency stage re-distils a trajectory "
+                 "turbo (sampled with Euler), and this invocation builds a guidance-distilled one: add --turbo "
+                 "trajectory")
     if "consistency" in stages and not recipe["consistency_steps"]:
         ap.error("--stages consistency trains for --consistency-steps steps, 0 in the shipped recipe: give "
                  "--consistency-steps N (e.g. 1000)")

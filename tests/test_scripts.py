@@ -36,10 +36,10 @@ def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
     # the base samples with its better sampler (docs/world.md), the turbo with the Euler steps it was distilled for
     assert Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-base"), device="cpu").stochastic_sampling
 
-    turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
+    turbo = _script("build_world.py", "--stages", "turbo", "--turbo", "trajectory", "--out", str(tmp_path), *SMOKE)
     assert turbo.returncode == 0, turbo.stderr[-2000:]
     assert "resuming from the base" in turbo.stdout
-    # the shipped recipe's turbo: trajectory-distilled, sampled with the Euler steps it was distilled for
+    # the trajectory-distilled turbo samples with the Euler steps it was distilled for
     bb = Flux2KleinBackbone.from_pretrained(str(tmp_path / "glyphworld-turbo"), device="cpu")
     assert bb.native_steps == 4 and not bb.stochastic_sampling
 
@@ -49,7 +49,7 @@ def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
     assert "resuming from the turbo" in consistency.stdout
     summary = json.loads((tmp_path / "build_summary.json").read_text())
     recipe = summary["models"]["recipe"]
-    assert recipe["distill_steps"] == 4  # 2000 x 0.002
+    assert recipe["distill_steps"] == 3  # 1500 x 0.002
     assert recipe["consistency_steps"] == 2 and recipe["consistency_lr"] == 3e-4
     # the resumed runs keep the base's record: all three invocations, every stage
     assert [set(i["stage_wall_s"]) for i in summary["models"]["invocations"]] == [
@@ -71,8 +71,8 @@ def test_build_world_smoke_base_then_resumed_turbo_then_consistency(tmp_path):
                     str(tmp_path), *SMOKE)
     assert again.returncode != 0 and "samples with restarts already" in again.stderr
 
-    # the guidance-distilled turbo: from the saved base, no trajectories, sampled with restarts
-    guided = _script("build_world.py", "--stages", "turbo", "--turbo", "guidance", "--out", str(tmp_path), *SMOKE)
+    # the guidance-distilled turbo (the default): from the saved base, no trajectories, sampled with restarts
+    guided = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
     assert guided.returncode == 0, guided.stderr[-2000:]
     assert "guidance distill step" in guided.stdout and not re.search(r"trajectories \d+/\d+", guided.stdout)
     summary = json.loads((tmp_path / "build_summary.json").read_text())
@@ -120,6 +120,8 @@ def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
     no_turbo = _script("build_world.py", "--stages", "base,consistency", "--consistency-steps", "9", "--out",
                        str(tmp_path))
     assert no_turbo.returncode == 2 and "starts from the turbo" in no_turbo.stderr
+    guided = _script("build_world.py", "--stages", "models", "--consistency-steps", "9", "--out", str(tmp_path))
+    assert guided.returncode == 2 and "add --turbo trajectory" in guided.stderr
 
 
 @pytest.mark.slow

@@ -534,8 +534,9 @@ def save_pipeline(pipe, settings: dict, out: Path) -> None:
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
     "judge_steps": 6000, "vae_steps": 10_000, "vae_batch": 64, "vae_pool": 65_536,
     "examples": 65_536, "base_steps": 10_000, "tune_steps": 0, "batch": 64, "trajectories": 4096,
-    "distill_steps": 2000, "consistency_examples": 8192, "consistency_steps": 0, "consistency_batch": 64,
-}  # consistency_steps 0: the shipped turbo is the Euler one; docs/world.md, "Restart sampling", has the 1000s tried
+    "distill_steps": 1500, "consistency_examples": 8192, "consistency_steps": 0, "consistency_batch": 64,
+}  # distill_steps: the shipped guidance turbo's (the trajectory turbo before it had 2000); consistency_steps 0: no
+# consistency turbo ships (docs/world.md, "Restart sampling", has the 1000s tried)
 BASE_LR = 1e-3  # the base stage's learning rate (a second phase uses TUNE_LR)
 TUNE_LR = 3e-4
 CONSISTENCY_LR = 3e-4  # a fine-tune of the trajectory-distilled turbo (1e-4 gained less in 1000 steps)
@@ -679,7 +680,7 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
         if pipe.scheduler.config.get("stochastic_sampling"):
             raise SystemExit(f"{turbo_dir} samples with restarts already (its scheduler's stochastic_sampling): it "
                              "is a consistency or guidance turbo. The stage starts from the Euler turbo of --stages "
-                             "turbo")
+                             "turbo --turbo trajectory")
         log(f"resuming from the turbo in {turbo_dir}")
         return pipe, settings
     base_dir = args.out / "glyphworld-base"
