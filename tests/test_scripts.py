@@ -349,6 +349,31 @@ def test_bench_step_on_a_wider_random_dit_reports_the_three_ratios():
         assert all(r > 0 for r in lever["ratio_to_fp32"].values()) and lever["ms"]["fp32"] > 0
 
 
+@pytest.mark.slow
+def test_bench_run_reports_the_split_the_ratios_and_the_fraction_of_peak(tmp_path):
+    result = _script("bench_run.py", "--out", str(tmp_path), "--", "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    run, peaks = summary["runs"][0], summary["peak_gflops_per_s"]
+    assert summary["method"] == "dopsd" and summary["vs"]["method"] == "sft"
+    assert run["wall_s"] >= run["total_s"] >= run["train_s"] > 0 and run["sample_s"] > 0
+    assert 0 < peaks["fp32"] and 0 < peaks["bf16"]
+    assert run["fraction_of_fp32_peak"] == pytest.approx(run["train_gflops_per_s"] / peaks["fp32"], abs=2e-3)
+    # D-OPSD's step: K = 4 roll-out states, a teacher pass and a student pass per state (docs/budgets.md: 7.7x)
+    assert 5 < summary["flop_ratio"] < 12 and summary["step_time_ratio"] > 1
+
+
+def test_bench_run_achieved_rate_is_recorded_flops_over_recorded_seconds():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_run
+    finally:
+        sys.path.pop(0)
+    assert bench_run.achieved_gflops({"train_flops": 2e10, "train_seconds": 4.0, "train_steps": 2}) == 5.0
+    assert bench_run.achieved_gflops({}) is None  # a method that trains nothing records no cost
+    assert bench_run.matmul_gflops(torch.float32, side=64, seconds=0.01) > 0
+
+
 def test_bench_step_rejects_a_width_for_a_trained_model():
     result = _script("bench_step.py", "--model", "glyphworld", "--width", "128")
     assert result.returncode == 2 and "--width applies to --model random only" in result.stderr
