@@ -2,10 +2,10 @@
 
 torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention (element-wise ops are not
 counted) over one step exactly as the training loop runs it (`Method.loss_and_backward`: forward and backward, the
-text encoders and any teacher pass included). The count is a dispatch-level trace, slower than a plain step, which is
-why the loop counts one step before training instead of every step. The training loop (dopsd_bench/train.py) turns a
-FLOP budget into steps with it and records the FLOPs spent; scripts/bench_step.py and scripts/bench_gpu.py compare
-methods with it.
+text encoders where a step runs them, and any teacher pass). The count is a dispatch-level trace, slower than a
+plain step, which is why the loop counts one step before training instead of every step. The training loop
+(dopsd_bench/train.py) turns a FLOP budget into steps with it and records the FLOPs spent; scripts/bench_step.py and
+scripts/bench_gpu.py compare methods with it.
 
     python -c "import dopsd_bench.cost as c; print(c.steps_for_flops(2e13, 3.1e9))"
 """
@@ -45,16 +45,22 @@ def step_flops(method: Method, batch: Batch, generator: torch.Generator | None =
     """FLOPs of one training step of a set-up `method` on `batch` (one process's share under multi-GPU).
 
     The step leaves no trace on training: the global RNG states are restored, the gradients it made are dropped, and
-    there is no optimiser step and no `after_step` (an EMA update is element-wise: it counts 0 FLOPs anyway). The
-    FLOPs depend on shapes only, so any batch of the training batch's size gives the count."""
+    there is no optimiser step and no `after_step` (an EMA update is element-wise: it counts 0 FLOPs anyway). What is
+    counted is a steady-state step: one uncounted pass on `batch` first fills what a run computes once and then
+    caches (a backbone's prompt encodings), as a run's first step does. Otherwise the count would include the text
+    encoder for whichever captions were not yet cached, and vary with the minibatch drawn. Past that, the FLOPs
+    depend on shapes only, so any batch of the training batch's size gives the count."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     params = list(method.trainable_parameters())
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     python_state = random.getstate()
     try:
-        with torch.random.fork_rng(devices=devices), _no_grouped_query_attention(), \
-                FlopCounterMode(display=False) as counter:
-            method.loss_and_backward(batch, generator)
+        with torch.random.fork_rng(devices=devices), _no_grouped_query_attention():
+            method.loss_and_backward(batch, generator)  # uncounted: fills the caches
+            for p in params:
+                p.grad = None
+            with FlopCounterMode(display=False) as counter:
+                method.loss_and_backward(batch, generator)
     finally:
         random.setstate(python_state)
         for p in params:

@@ -55,6 +55,37 @@ def test_recorded_flops_per_step_are_what_the_flop_counter_measures_on_one_step(
     assert spent["train_flops"] == 3 * spent["flops_per_step"] and spent["train_steps"] == 3
 
 
+class CachingBackbone(FakeBackbone):
+    """Prompts encoded through a matmul (counted FLOPs) once each, then cached, as the real backbones do."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache: dict[str, torch.Tensor] = {}
+        self.encoder = torch.randn(64, 64)
+
+    def encode_prompts(self, prompts):
+        for p in dict.fromkeys(p for p in prompts if p not in self.cache):
+            self.cache[p] = torch.randn(1, 64) @ self.encoder
+        return super().encode_prompts(prompts)
+
+
+def test_the_count_is_a_steady_step_whatever_the_prompt_cache_holds():
+    from dopsd_bench.cost import step_flops
+
+    bb, batch = CachingBackbone(), fake_batch()
+    method = registered("sft")
+    method.setup(bb, batch, 2, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as cold:  # a first step encodes its captions
+        method.loss_and_backward(batch, torch.Generator().manual_seed(1))
+    counted_warm = step_flops(method, batch)
+    with FlopCounterMode(display=False) as warm:  # every later step finds them cached
+        method.loss_and_backward(batch, torch.Generator().manual_seed(1))
+    fresh = registered("sft")
+    fresh.setup(CachingBackbone(), batch, 2, torch.Generator().manual_seed(0))
+    counted_cold = step_flops(fresh, batch)  # counted before any step has filled the cache
+    assert counted_cold == counted_warm == warm.get_total_flops() < cold.get_total_flops()
+
+
 class GlobalNoiseSFT(FakeSFT):
     """Flow matching with its noise drawn from torch's global RNG (as a method may), which the count must not move."""
 
