@@ -3,7 +3,7 @@
 Every worker is the same sweep command (without --workers) and walks the same cells in the same order; a cell is
 taken by the first worker to lock it (rundir.cell_lock) and skipped by the others, so a worker that finishes early
 takes more cells and no cell runs twice. On a small model much of a step is per-op overhead that leaves cores
-idle, which a second single-threaded process fills (the measured gain: docs/budgets.md, "Cells side by side"). A
+idle, which a second single-threaded process fills (the measured gain: docs/speed.md, "Cells side by side"). A
 worker's output goes to OUT/sweep-worker<i>.log; this process shows one progress bar over the cells and exits 1 if
 a worker failed.
 
