@@ -363,12 +363,10 @@ def test_bench_run_reports_the_split_the_ratios_and_the_fraction_of_peak(tmp_pat
     assert 5 < summary["flop_ratio"] < 12 and summary["step_time_ratio"] > 1
 
 
-def test_bench_run_achieved_rate_is_recorded_flops_over_recorded_seconds():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_run
-    finally:
-        sys.path.pop(0)
+def test_bench_run_achieved_rate_is_recorded_flops_over_recorded_seconds(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_run
+
     assert bench_run.achieved_gflops({"train_flops": 2e10, "train_seconds": 4.0, "train_steps": 2}) == 5.0
     assert bench_run.achieved_gflops({}) is None  # a method that trains nothing records no cost
     assert bench_run.matmul_gflops(torch.float32, side=64, seconds=0.01) > 0
