@@ -12,7 +12,9 @@ where round k-1 ended. The task's `carry` (or `--set carry=...`) says how:
 Round 1 uses the run seed itself (it trains exactly as the single cell of its task instance does); later rounds use
 seeds derived from it. After every round, on the main process: the single run's scoring on that round's instance
 (retention and step curve included, vs the untuned model) and the fidelity on every earlier instance with the same
-prompts, seeds and native steps; from them the accuracy matrix R[i][j], ACC, BWT and forgetting (docs/continual.md).
+prompts, seeds and native steps; from them the accuracy matrix R[i][j], ACC, BWT and forgetting. For forward
+transfer, each round also scores the untuned model on its instance and, before the next round trains, the model on
+the next round's instance (docs/continual.md).
 
 Run dir: config.json; rounds/NN-<task>-<instance>/ with train_log.jsonl, adapter/, carry.pt (every LoRA weight at
 the end of the round) and round.json (written last: the round is finished); then result.json (schema 2, with
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import re
 import shutil
@@ -112,6 +115,20 @@ def forgetting(matrix: list[list[float]]) -> float | None:
     if last == 0:
         return None
     return sum(max(matrix[i][j] for i in range(j, last)) - matrix[last][j] for j in range(last)) / last
+
+
+def forward_transfer(before: list[float | None], untuned: list[float]) -> float | None:
+    """FWT = mean over 1 <= j <= T of before[j] - untuned[j] (GEM): before[j] = R[j-1][j], the fidelity on round j's
+    instance after round j-1 (before round j trains on it), untuned[j] = the untuned model's fidelity on it. > 0
+    when earlier rounds help a later one. before[0] is not used (round 0 starts from the untuned model). None for
+    1 round, or when a term was not measured."""
+    if len(before) != len(untuned):
+        raise ValueError(f"forward transfer needs one untuned fidelity per round ({len(untuned)}) and one "
+                         f"before-training fidelity per round ({len(before)})")
+    terms = list(zip(before[1:], untuned[1:]))
+    if not terms or any(b is None or u is None for b, u in terms):
+        return None
+    return sum(b - u for b, u in terms) / len(terms)
 
 
 # ---- LoRA state carried between rounds ----------------------------------------------------------------------
@@ -263,9 +280,21 @@ def accuracy_matrix(records: list[dict]) -> list[list[float]]:
     return [[float(rec["fidelity"][labels[j]]["mean"]) for j in range(i + 1)] for i, rec in enumerate(records)]
 
 
+def transfer_terms(records: list[dict]) -> tuple[list[float | None], list[float | None]]:
+    """(before, untuned) for forward_transfer from the rounds' records: before[j] = fidelity on round j's instance
+    after round j-1 (None for j = 0), untuned[j] = the untuned model's; None where a record lacks it."""
+    before: list[float | None] = [None]
+    for prev, rec in itertools.pairwise(records):
+        ahead = prev.get("next_fidelity") or {}
+        before.append(_entry_mean(ahead) if ahead.get("label") == rec["label"] else None)
+    return before, [_entry_mean(rec.get("untuned_fidelity")) for rec in records]
+
+
 def summary(records: list[dict]) -> list[dict]:
-    """Per round: ACC, BWT, forgetting of the matrix so far, few-step drift vs the untuned model, cumulative cost."""
+    """Per round: ACC, BWT, forgetting and FWT of the matrix so far, few-step drift vs the untuned model,
+    cumulative cost."""
     matrix = accuracy_matrix(records)
+    before, untuned = transfer_terms(records)
     out, train_s, flops = [], 0.0, 0.0
     for i, rec in enumerate(records):
         m = rec.get("metrics", {})
@@ -274,6 +303,7 @@ def summary(records: list[dict]) -> list[dict]:
         flops = flops + float(round_flops) if flops is not None and isinstance(round_flops, (int, float)) else None
         out.append({"round": i + 1, "label": rec["label"], "acc": average_accuracy(matrix[:i + 1]),
                     "bwt": backward_transfer(matrix[:i + 1]), "forgetting": forgetting(matrix[:i + 1]),
+                    "fwt": forward_transfer(before[:i + 1], untuned[:i + 1]),
                     **{k: _entry_mean(m.get(k)) for k in ("retention_fd_ratio", "retention_alignment",
                                                          "retention_alignment_untuned")},
                     "cumulative_train_s": train_s, "cumulative_train_flops": flops})
@@ -282,15 +312,23 @@ def summary(records: list[dict]) -> list[dict]:
 
 def accuracy_table(result: dict):
     """A rich Table of R: row i = after round i, column j = fidelity on round j's instance, with each round's
-    few-step drift vs the untuned model; ACC, BWT, forgetting and the training time in the caption."""
+    few-step drift vs the untuned model; above it the untuned model's row, and in (parentheses) the fidelity on the
+    next round's instance before that round trains; ACC, BWT, forgetting, FWT and the training time in the caption."""
     from rich.table import Table
 
     seq = result["sequence"]
     matrix, labels, per_round = seq["accuracy_matrix"], seq["rounds"], seq["per_round"]
+    before = seq.get("fidelity_before") or [None] * len(labels)  # absent from results made before FWT was scored
+    untuned = seq.get("fidelity_untuned") or [None] * len(labels)
     last = per_round[-1]
-    bwt, fgt = last["bwt"], last["forgetting"]
-    caption = (f"ACC {last['acc']:.4f}   BWT {'n/a' if bwt is None else f'{bwt:+.4f}'}   forgetting "
-               f"{'n/a' if fgt is None else f'{fgt:.4f}'}   training {last['cumulative_train_s']:.1f}s in all")
+
+    def signed(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.4f}"
+
+    fgt = last["forgetting"]
+    caption = (f"ACC {last['acc']:.4f}   BWT {signed(last['bwt'])}   forgetting "
+               f"{'n/a' if fgt is None else f'{fgt:.4f}'}   FWT {signed(last.get('fwt'))}   "
+               f"training {last['cumulative_train_s']:.1f}s in all")
     table = Table(title=f"{result['method']} on {result['task']}/{result['instance']} (carry={seq['carry']}, seed "
                         f"{result['seed']}): fidelity on instance j after round i", caption=caption)
     table.add_column("round i", overflow="fold")  # the one column that wraps on a narrow terminal
@@ -298,8 +336,12 @@ def accuracy_table(result: dict):
         table.add_column(f"j={j + 1}", justify="right", no_wrap=True, min_width=6)
     table.add_column("FD ratio", justify="right", no_wrap=True, min_width=8)
     table.add_column("align.", justify="right", no_wrap=True, min_width=6)
+    if any(u is not None for u in untuned):
+        table.add_row("[dim]untuned[/dim]", *("" if u is None else f"[dim]{u:.4f}[/dim]" for u in untuned), "1.000", "")
     for i, row in enumerate(matrix):
         cells = [f"{row[j]:.4f}" if j <= i else "" for j in range(len(labels))]
+        if i + 1 < len(labels) and before[i + 1] is not None:
+            cells[i + 1] = f"[dim]({before[i + 1]:.4f})[/dim]"
         ratio, align = per_round[i]["retention_fd_ratio"], per_round[i]["retention_alignment"]
         table.add_row(f"{i + 1} {labels[i]}", *cells, "" if ratio is None else f"{ratio:.3f}",
                       "" if align is None else f"{align:.3f}")
@@ -456,6 +498,9 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s  {name}[/dim]", highlight=False)
 
     eval_t: dict[str, float] = {}
+    phase("fidelity of the untuned model on this instance")
+    untuned = runner._CachedUntuned(backbone, cache_dir, weights_changed=merged)
+    untuned_fidelity = score_fidelity(backbone, datas[k], untuned, features[k], batch_size)
     metrics = runner._evaluate(backbone, datas[k], sampler, features[k], cache_dir, eval_t, progress=phase,
                                batch_size=batch_size)
     if k:
@@ -464,11 +509,17 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
     fidelity = {rounds[j].label: score_fidelity(backbone, datas[j], sampler, features[j], batch_size)
                 for j in range(k)}
     fidelity[rounds[k].label] = {key: metrics["fidelity"][key] for key in ("mean", "per_sample", "higher_is_better")}
+    ahead = None  # the next round's instance, before it trains on it: forward transfer's first term
+    if k + 1 < len(rounds):
+        phase(f"fidelity on the next round's instance ({rounds[k + 1].label})")
+        ahead = {"label": rounds[k + 1].label,
+                 **score_fidelity(backbone, datas[k + 1], sampler, features[k + 1], batch_size)}
     earlier_s = time.perf_counter() - t
     record = {
         "round": k + 1, "label": rounds[k].label, "task": datas[k].task, "instance": datas[k].instance,
         "family": datas[k].family, "model": model_id, "carry": options.carry, "replay": options.replay,
-        "seed": rcfg.seed, "fidelity": fidelity, "metrics": metrics,
+        "seed": rcfg.seed, "fidelity": fidelity, "untuned_fidelity": untuned_fidelity, "next_fidelity": ahead,
+        "metrics": metrics,
         "training": {key: train_t.get(key) for key in ("steps_run", "start_step", "final_loss")},
         "cost": {key: train_t.get(key) for key in COST_KEYS} if method.trains else None,
         "timings": {"train_s": float(train_t.get("train_s", 0.0)),
@@ -487,12 +538,14 @@ def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, recor
     """result.json of a sequence (its total time is added when it is written)."""
     matrix = accuracy_matrix(records)
     per_round = summary(records)
+    before, untuned = transfer_terms(records)
     last = per_round[-1]
     final = records[-1]["metrics"]
     metrics = {
         "acc": {"mean": last["acc"], "per_sample": None, "higher_is_better": True},
         "bwt": {"mean": last["bwt"], "per_sample": None, "higher_is_better": True},
         "forgetting": {"mean": last["forgetting"], "per_sample": None, "higher_is_better": False},
+        "fwt": {"mean": last["fwt"], "per_sample": None, "higher_is_better": True},
         **{k: final[k] for k in FINAL_RETENTION if k in final},
     }
     trained = method.trains
@@ -512,7 +565,8 @@ def _result(cfg: RunConfig, label: str, method: Method, tcfg: TrainConfig, recor
         rounds=records,
         sequence={"name": cfg.instance, "carry": options.carry, "replay": options.replay,
                   "rounds": [r.label for r in rounds], "accuracy_matrix": matrix, "acc": last["acc"],
-                  "bwt": last["bwt"], "forgetting": last["forgetting"], "per_round": per_round})
+                  "bwt": last["bwt"], "forgetting": last["forgetting"], "fwt": last["fwt"],
+                  "fidelity_before": before, "fidelity_untuned": untuned, "per_round": per_round})
 
 
 def _total_cost(records: list[dict]) -> dict:

@@ -186,10 +186,12 @@ class _CachedUntuned(Method):
 
 def _prefill_untuned(backbone, data, cache_dir: Path, batch_size: int | None = None) -> None:
     """Before a full fine-tune: cache every untuned output scoring and the base row will ask for."""
-    from dopsd_bench.metrics.evaluate import prepare_untuned
+    from dopsd_bench.metrics.evaluate import _in_batches, prepare_untuned
 
     prepare_untuned(backbone, data, cache_dir=cache_dir, batch_size=batch_size)
-    _CachedUntuned(backbone, cache_dir, weights_changed=False).sample(data.eval_prompts, data.eval_seeds)
+    # in the batches the base row and a sequence's untuned fidelity sample them, so the cache keys are the same
+    untuned = _CachedUntuned(backbone, cache_dir, weights_changed=False)
+    _in_batches(lambda p, s, _: untuned.sample(p, s), data.eval_prompts, data.eval_seeds, None, batch_size)
 
 
 def _tiles(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Continual tuning (dopsd_bench/continual.py): ACC/BWT/forgetting on hand-computed matrices, sequence task specs,
+"""Continual tuning (dopsd_bench/continual.py): ACC/BWT/forgetting/FWT on hand-computed matrices, sequence task specs,
 and sequence runs on the fake backbone: round-level resume that never re-trains a finished round and ends where an
 uninterrupted run ends, merge vs continue, D-OPSD's teacher across rounds."""
 
@@ -16,7 +16,7 @@ from helpers_train import FakeBackbone
 from test_runner import fake_evaluate
 
 from dopsd_bench import continual, runner
-from dopsd_bench.continual import average_accuracy, backward_transfer, forgetting
+from dopsd_bench.continual import average_accuracy, backward_transfer, forgetting, forward_transfer
 from dopsd_bench.errors import ConfigError, TaskError, UnknownNameError
 from dopsd_bench.method import Batch
 from dopsd_bench.runconfig import RunConfig
@@ -45,6 +45,18 @@ def test_metrics_when_later_rounds_help_and_for_one_round():
         average_accuracy([[0.1], [0.2]])
     with pytest.raises(ValueError, match="empty"):
         forgetting([])
+
+
+def test_forward_transfer_on_hand_computed_terms():
+    # before[j] = R[j-1][j]: fidelity on round j's instance after round j-1; untuned[j]: the untuned model's
+    before = [None, 0.30, 0.10, 0.25]
+    untuned = [0.05, 0.20, 0.15, 0.05]
+    assert forward_transfer(before, untuned) == pytest.approx(((0.30 - 0.20) + (0.10 - 0.15) + (0.25 - 0.05)) / 3)
+    assert forward_transfer([0.9, 0.2], [0.1, 0.2]) == 0.0  # before[0] is never read: round 0 starts untuned
+    assert forward_transfer([None], [0.4]) is None  # one round: nothing came before
+    assert forward_transfer([None, None], [0.1, 0.2]) is None  # a term not measured (a result made without it)
+    with pytest.raises(ValueError, match="one untuned fidelity per round"):
+        forward_transfer([None, 0.1], [0.1])
 
 
 # ---- sequence task specs -----------------------------------------------------------------------------------------
@@ -165,6 +177,16 @@ def test_a_sequence_run_scores_every_learned_instance_after_every_round(tmp_path
     assert seq["acc"] == pytest.approx(average_accuracy(matrix)) == result["metrics"]["acc"]["mean"]
     assert seq["bwt"] == pytest.approx(backward_transfer(matrix))
     assert seq["forgetting"] == pytest.approx(forgetting(matrix))
+    # forward transfer: round i also scored round i+1's instance, and each round the untuned model on its own
+    before, untuned = seq["fidelity_before"], seq["fidelity_untuned"]
+    assert before[0] is None and all(isinstance(v, float) for v in before[1:] + untuned)
+    for i, rec in enumerate(result["rounds"]):
+        ahead = rec["next_fidelity"]
+        assert (ahead is None) if i == 3 else (ahead["label"] == labels[i + 1] and ahead["mean"] == before[i + 1])
+        assert rec["untuned_fidelity"]["mean"] == untuned[i]
+    assert seq["fwt"] == pytest.approx(forward_transfer(before, untuned)) == result["metrics"]["fwt"]["mean"]
+    assert seq["fwt"] != 0.0  # the tuned adapter samples differently from the untuned model
+    assert [r["fwt"] is None for r in seq["per_round"]] == [True, False, False, False]
     cumulative = [r["cumulative_train_s"] for r in seq["per_round"]]
     assert cumulative == sorted(cumulative) and result["timings"]["train_s"] == cumulative[-1] > 0
     assert result["metrics"]["retention_fd_ratio"]["mean"] == 1.0  # the last round's drift, at the top
@@ -173,9 +195,17 @@ def test_a_sequence_run_scores_every_learned_instance_after_every_round(tmp_path
     assert (run_dir / "teacher.png").read_bytes()[:4] == b"\x89PNG"  # the last round's references and teachers
     out = " ".join(capsys.readouterr().out.split())
     assert "fidelity on instance j after round i" in out and "j=4" in out
-    assert "ACC" in out and "BWT" in out and "forgetting" in out
-    # 4 full scorings (one per round); the earlier instances are scored by score_fidelity (1 + 2 + 3 calls)
-    assert sum(1 for m in fakes["evaluate"] if not isinstance(m, runner._CachedUntuned)) == 4 + 6
+    assert "ACC" in out and "BWT" in out and "forgetting" in out and "FWT" in out and "untuned" in out
+    # 4 full scorings (one per round); the earlier instances are scored by score_fidelity (1 + 2 + 3 calls) and
+    # the next round's instance once after each round but the last (3 calls)
+    assert sum(1 for m in fakes["evaluate"] if not isinstance(m, runner._CachedUntuned)) == 4 + 6 + 3
+    assert sum(1 for m in fakes["evaluate"] if isinstance(m, runner._CachedUntuned)) >= 4  # one per instance
+
+
+def test_the_untuned_model_transfers_nothing_forward(tmp_path, sequence_task, fakes):
+    run_dir = runner.run_cell(seq_cfg(sequence_task, tmp_path / "runs", method="base"))
+    seq = json.loads((run_dir / "result.json").read_text())["sequence"]
+    assert seq["fwt"] == 0.0 and seq["fidelity_before"][1:] == seq["fidelity_untuned"][1:]
 
 
 @pytest.mark.parametrize("carry", ["continue", "merge"])
@@ -296,3 +326,16 @@ def test_sequence_and_version_1_results_load_in_the_store(tmp_path, sequence_tas
     result = json.loads((run_dir / "result.json").read_text())
     for name in ("acc", "bwt", "forgetting"):
         assert means[name] == pytest.approx(result["sequence"][name])
+
+
+def test_untuned_samples_are_cached_in_the_batches_scoring_reads(tmp_path, sequence_task):
+    """After merging, the untuned model is read only from the cache, in batches of the eval batch size: the cache
+    must hold those batches, or a sequence with more evaluation prompts than one batch stops in round 2."""
+    from dopsd_bench.metrics.evaluate import _in_batches
+
+    backbone = FakeBackbone()
+    data = load_task(str(tmp_path / "tiny_style.yaml")).build("dotted", 0, resolution=backbone.resolution)
+    runner._prefill_untuned(backbone, data, tmp_path / "cache", batch_size=2)
+    merged = runner._CachedUntuned(backbone, tmp_path / "cache", weights_changed=True)  # refuses to sample
+    images = _in_batches(lambda p, s, _: merged.sample(p, s), data.eval_prompts, data.eval_seeds, None, 2)
+    assert images.shape[0] == len(data.eval_prompts) == 4
