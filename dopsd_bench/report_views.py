@@ -59,7 +59,9 @@ def sequence_runs(cells: pd.DataFrame) -> pd.DataFrame:
             continue
         ratios = [_float(r.get(RETENTION)) for r in seq.get("per_round") or []]
         rows.append({k: c[k] for k in ("method", "task", "instance", "backbone", "seed", "budget")}
-                    | {"rounds": tuple(seq.get("rounds") or []), "matrix": seq["accuracy_matrix"],
+                    | {"rounds": tuple(seq.get("rounds") or []),
+                       "matrix": with_transfer(seq["accuracy_matrix"], seq.get("fidelity_before"),
+                                               seq.get("fidelity_untuned")),
                        "fd_ratio": ratios})
     return pd.DataFrame(rows)
 
@@ -68,10 +70,30 @@ def _float(x: object) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
 
 
+def with_transfer(matrix: list[list[float]], before: list | None, untuned: list | None) -> list[list[float]]:
+    """R with forward transfer's terms where the result has them: a first row of the untuned model's fidelity b[j],
+    and right of the diagonal of row i the fidelity on round i+1's instance before it trained. R as it is
+    otherwise (results made before they were scored, or with a term missing)."""
+    n = len(matrix)
+    if not before or not untuned or len(before) != n or len(untuned) != n or any(
+            not isinstance(v, (int, float)) for v in [*before[1:], *untuned]):
+        return matrix
+    return [list(untuned)] + [row + ([before[i + 1]] if i + 1 < n else []) for i, row in enumerate(matrix)]
+
+
 def mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
-    """The element-wise mean of lower-triangular matrices of one shape (row i has i + 1 entries): R over seeds."""
+    """The element-wise mean of ragged matrices of one shape (row i as long in each): R over seeds."""
     return [[float(np.mean([m[i][j] for m in matrices])) for j in range(len(row))]
             for i, row in enumerate(matrices[0])]
+
+
+def _seed_mean(matrices: list[list[list[float]]], n_rounds: int) -> list[list[float]]:
+    """The mean over seeds of R, with forward transfer's row and cells where every seed has them."""
+    shapes = {tuple(len(row) for row in m) for m in matrices}
+    if len(shapes) > 1:  # some seeds were scored without forward transfer: R alone
+        matrices = [m[len(m) - n_rounds:] for m in matrices]
+        matrices = [[row[:i + 1] for i, row in enumerate(m)] for m in matrices]
+    return mean_matrix(matrices)
 
 
 def _retention_by_round(runs: pd.DataFrame) -> list[tuple[float, float, float, float]]:
@@ -95,11 +117,13 @@ def sequence_section(cells: pd.DataFrame, backbone: str, task: str, budget: str,
     if runs.empty:
         return ""
     out = [("<h3>Continual tuning</h3><p class='note'>R[i][j] = fidelity on round j's instance after round i, mean "
-            "over seeds; grey cells: instance j is not learned yet. Retention: FD ratio of the retention samples over "
+            "over seeds; grey cells: instance j is not learned yet. Where forward transfer was scored, the first row "
+            "is the untuned model and the cell right of each diagonal one is the next instance before its round "
+            "(FWT: its mean excess over the untuned row). Retention: FD ratio of the retention samples over "
             "the untuned model's after each round (1 = unchanged, lower is better); bars: min to max over seeds.</p>")]
     for (instance, labels), g in runs.groupby(["instance", "rounds"], sort=True):
         methods = [m for m in method_order if m in set(g["method"])] + sorted(set(g["method"]) - set(method_order))
-        means = {m: mean_matrix(list(g.loc[g["method"] == m, "matrix"])) for m in methods}
+        means = {m: _seed_mean(list(g.loc[g["method"] == m, "matrix"]), len(labels)) for m in methods}
         values = [v for mat in means.values() for row in mat for v in row if math.isfinite(v)]
         vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
         rows = [f"after {i + 1}: {label}" for i, label in enumerate(labels)]
@@ -107,7 +131,9 @@ def sequence_section(cells: pd.DataFrame, backbone: str, task: str, budget: str,
         charts = []
         for m in methods:
             n = int((g["method"] == m).sum())
-            charts.append(heatmap_svg(means[m], rows, cols, f"{m}: R[i][j] ({n} seed{'s' * (n != 1)})", vmin, vmax))
+            transfer = len(means[m]) > len(labels)  # its untuned row leads
+            charts.append(heatmap_svg(means[m], ["untuned"] * transfer + rows, cols,
+                                      f"{m}: R[i][j] ({n} seed{'s' * (n != 1)})", vmin, vmax))
         series = {m: _retention_by_round(g[g["method"] == m]) for m in methods}
         series["untuned"] = [(1.0, 1.0, math.nan, math.nan), (float(len(labels)), 1.0, math.nan, math.nan)]
         charts.append(svg_chart(series, {**colours, "untuned": "#000"}, "retention FD ratio after each round",

@@ -113,6 +113,36 @@ def test_heatmap_holds_the_seed_mean_in_each_cell_and_blanks_the_upper_triangle(
     assert retention.count('stroke="#123456"/>') == 2  # min-max bars where the seeds differ: rounds 1 and 3
 
 
+def test_heatmap_shows_forward_transfer_where_every_seed_scored_it(tmp_path):
+    matrices = {0: [[0.2], [0.1, 0.5], [0.3, 0.4, 0.6]], 1: [[0.4], [0.3, 0.7], [0.1, 0.2, 0.8]]}
+    before = {0: [None, 0.05, 0.10], 1: [None, 0.15, 0.30]}
+    untuned = [0.01, 0.02, 0.03]
+    for seed, matrix in matrices.items():
+        res = _sequence_result("sft", seed, matrix, [1.0, 1.5, 2.0])
+        res["sequence"] |= {"fidelity_before": before[seed], "fidelity_untuned": untuned}
+        write_run(tmp_path / "both", res)
+        if seed == 0:  # the other dir: one seed scored forward transfer, the other did not
+            write_run(tmp_path / "mixed", res)
+        else:
+            write_run(tmp_path / "mixed", _sequence_result("sft", seed, matrix, [1.0, 1.5, 2.0]))
+
+    def heatmap(root: Path) -> str:
+        html = sequence_section(load_results(root).cells, "glyph-tiny", "sequence",
+                                "steps=10,batch_size=2,lr=0.0001,rank=4", ["sft"], {"sft": "#123456"})
+        return next(s for s in re.findall(r"<svg.*?</svg>", html, re.DOTALL) if "sft: R[i][j]" in s)
+
+    svg = heatmap(tmp_path / "both")
+    values, blanks = _cells(svg)
+    expected = {(0, 0): 0.01, (0, 1): 0.02, (0, 2): 0.03,  # the untuned model's row
+                (1, 0): 0.3, (1, 1): 0.1,  # after round 1: R, then instance 2 before its round (mean 0.05, 0.15)
+                (2, 0): 0.2, (2, 1): 0.6, (2, 2): 0.2,
+                (3, 0): 0.2, (3, 1): 0.3, (3, 2): 0.7}
+    assert values.keys() == expected.keys() and all(values[k] == pytest.approx(v) for k, v in expected.items())
+    assert blanks == {(1, 2)} and ">untuned</text>" in svg
+    values, blanks = _cells(heatmap(tmp_path / "mixed"))  # R alone, the mean of both seeds
+    assert values[(0, 0)] == pytest.approx(0.3) and values[(2, 2)] == pytest.approx(0.7) and len(values) == 6
+
+
 def test_sequence_view_only_with_sequence_results(sequence_results, tmp_path):
     res = load_results(sequence_results)
     assert "Continual tuning" in render_html(res, build_table(res, n_boot=50))
