@@ -189,7 +189,7 @@ def _prefill_untuned(backbone, data, cache_dir: Path, batch_size: int | None = N
     from dopsd_bench.metrics.evaluate import _in_batches, prepare_untuned
 
     prepare_untuned(backbone, data, cache_dir=cache_dir, batch_size=batch_size)
-    # in the batches the base row and a sequence's untuned fidelity sample them, so the cache keys are the same
+    # in the batches every reader samples them (the base row, the grid, a sequence's untuned fidelity): the same keys
     untuned = _CachedUntuned(backbone, cache_dir, weights_changed=False)
     _in_batches(lambda p, s, _: untuned.sample(p, s), data.eval_prompts, data.eval_seeds, None, batch_size)
 
@@ -458,7 +458,7 @@ def _run_locked(cfg: RunConfig, method: Method | None, tcfg: TrainConfig | None,
     metrics = _score(backbone, data, recorder, features, cache_dir, timings, eval_batch_size, console)
     base, base_source = _base_row(cfg, label, metrics, backbone, data, features, cache_dir, weights_changed, timings,
                                   batch_size=eval_batch_size)
-    grid = _grid_rows(method, recorder, backbone, data, cache_dir, weights_changed)
+    grid = _grid_rows(method, recorder, backbone, data, cache_dir, weights_changed, eval_batch_size)
     rundir.atomic_write_bytes(run_dir / rundir.SAMPLES_FILE, samples_grid(grid))
     if data.train_images.shape[0]:  # after scoring, so no metric can depend on it
         teacher = _teacher_rows(method, backbone, data, cache_dir, weights_changed)
@@ -523,14 +523,18 @@ def _score(backbone, data, recorder: _Recorder, features, cache_dir: Path, timin
     return metrics
 
 
-def _grid_rows(method: Method, recorder: _Recorder, backbone, data, cache_dir: Path, weights_changed: bool
-               ) -> list[torch.Tensor]:
+def _grid_rows(method: Method, recorder: _Recorder, backbone, data, cache_dir: Path, weights_changed: bool,
+               batch_size: int | None = None) -> list[torch.Tensor]:
     """samples.png's rows: the tuned model and the untuned one on the evaluation prompts, and the training images."""
+    from dopsd_bench.metrics.evaluate import _in_batches
+
     native = backbone.native_steps
     tuned = recorder.recorded(data.eval_prompts, data.eval_seeds, native)
     if tuned is None:  # evaluate sampled in pieces or at other steps: draw the grid's row directly
         tuned = method.sample(data.eval_prompts[:GRID_COLUMNS], data.eval_seeds[:GRID_COLUMNS], native)
-    untuned = _CachedUntuned(backbone, cache_dir, weights_changed).sample(data.eval_prompts, data.eval_seeds, native)
+    cached = _CachedUntuned(backbone, cache_dir, weights_changed)  # read in the batches the cache was filled in
+    untuned = _in_batches(lambda p, s, _: cached.sample(p, s, native), data.eval_prompts, data.eval_seeds, None,
+                          batch_size)
     return [tuned, untuned, data.train_images]
 
 

@@ -339,3 +339,7 @@ def test_untuned_samples_are_cached_in_the_batches_scoring_reads(tmp_path, seque
     merged = runner._CachedUntuned(backbone, tmp_path / "cache", weights_changed=True)  # refuses to sample
     images = _in_batches(lambda p, s, _: merged.sample(p, s), data.eval_prompts, data.eval_seeds, None, 2)
     assert images.shape[0] == len(data.eval_prompts) == 4
+    tuned = runner.build_method("base", {})
+    tuned.backbone = backbone
+    rows = runner._grid_rows(tuned, runner._Recorder(tuned), backbone, data, tmp_path / "cache", True, batch_size=2)
+    assert torch.equal(rows[1], images)  # samples.png's untuned row, from the same cached batches
