@@ -499,7 +499,7 @@ def _finish_round(k: int, method: Method, backbone, rounds: list[Round], datas: 
 
     eval_t: dict[str, float] = {}
     phase("fidelity of the untuned model on this instance")
-    untuned = runner._CachedUntuned(backbone, cache_dir, weights_changed=merged)
+    untuned = runner._CachedUntuned(backbone, cache_dir, weights_changed=merged and trained)
     untuned_fidelity = score_fidelity(backbone, datas[k], untuned, features[k], batch_size)
     metrics = runner._evaluate(backbone, datas[k], sampler, features[k], cache_dir, eval_t, progress=phase,
                                batch_size=batch_size)

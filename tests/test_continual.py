@@ -202,8 +202,9 @@ def test_a_sequence_run_scores_every_learned_instance_after_every_round(tmp_path
     assert sum(1 for m in fakes["evaluate"] if isinstance(m, runner._CachedUntuned)) >= 4  # one per instance
 
 
-def test_the_untuned_model_transfers_nothing_forward(tmp_path, sequence_task, fakes):
-    run_dir = runner.run_cell(seq_cfg(sequence_task, tmp_path / "runs", method="base"))
+@pytest.mark.parametrize("carry", ["continue", "merge"])
+def test_the_untuned_model_transfers_nothing_forward(tmp_path, sequence_task, fakes, carry):
+    run_dir = runner.run_cell(seq_cfg(sequence_task, tmp_path / "runs", method="base", overrides={"carry": carry}))
     seq = json.loads((run_dir / "result.json").read_text())["sequence"]
     assert seq["fwt"] == 0.0 and seq["fidelity_before"][1:] == seq["fidelity_untuned"][1:]
 
