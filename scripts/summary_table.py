@@ -6,7 +6,9 @@ each tuned method raise fidelity over `base` by more than the seed-to-seed sprea
     python scripts/summary_table.py --results runs/leaderboard --csv leaderboards/embedded.csv
     python scripts/summary_table.py --results runs/ci --csv leaderboards/ci.csv --methods base,sft,dopsd  # tiny
 
-With several budgets per method (a budget sweep) it prints one table and check per budget.
+With several budgets per method (a budget sweep) it prints one table and check per budget, then each method's
+paired difference between each budget and the reference budget (`--vs-budget`, default: the CSV's last), on
+fidelity and the retention FD ratio: the same instance, seed and prompt at both budgets, run-level bootstrap.
 The spread of a method on a task is max - min of its per-seed fidelity; a gain counts when the mean gain over
 `base` exceeds the larger of the two methods' spreads (base has none: its samples do not depend on the run seed).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dopsd_bench.stats import compare
 from dopsd_bench.store import NO_BUDGET, load_results
 
 COLUMNS = ("fidelity", "alignment", "retention_fd_ratio")
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, required=True, help="the sweep's output dir (holds result.json files)")
     ap.add_argument("--csv", type=Path, required=True, help="`dopsd-bench leaderboard --csv` output for them")
     ap.add_argument("--methods", default="", help="comma-separated subset and order (default: the CSV's order)")
+    ap.add_argument("--vs-budget", default="", help="a budget sweep's reference budget, as the CSV writes it "
+                    "(default: its last)")
     args = ap.parse_args()
 
     board = pd.read_csv(args.csv)
@@ -59,10 +64,41 @@ def main() -> None:
         print_table(board.drop_duplicates(["method", "task", "metric"]), runs, methods, families)
         print_budget_check(runs, None, methods, families)
         return
-    for budget in [b for b in dict.fromkeys(board["budget"]) if b != NO_BUDGET]:
+    budgets = [b for b in dict.fromkeys(board["budget"]) if b != NO_BUDGET]
+    for budget in budgets:
         print(f"\n### budget {budget}\n")
         print_table(board[board["budget"] == budget], runs[runs["budget"] == budget], methods, families)
         print_budget_check(runs, budget, methods, families)
+    reference = args.vs_budget or budgets[-1]
+    if reference not in budgets:
+        raise SystemExit(f"--vs-budget {reference!r} is not a budget of {args.csv}; it has: {', '.join(budgets)}")
+    print(f"\n### each budget vs {reference} (paired: same instance, seed and prompt; 95% interval)\n")
+    deltas = budget_deltas(load_results(args.results).samples, reference)
+    for _, d in deltas[deltas["method"].isin(methods)].iterrows():
+        print(f"  {d['task']:8s} {d['metric']:20s} {d['method']:10s} {d['budget']}: {fmt(d['mean'])} vs "
+              f"{fmt(d['reference_mean'])}  Δ {d['delta']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]")
+
+
+def budget_deltas(samples: pd.DataFrame, reference: str,
+                  metrics: tuple[str, ...] = ("fidelity", "retention_fd_ratio"), n_boot: int = 2000) -> pd.DataFrame:
+    """Per (task, metric, method, budget other than `reference`): the method's mean there, at `reference`, and
+    their paired difference with its interval (the leaderboard's paired bootstrap, with the two budgets of one
+    method as its two rows)."""
+    s = samples[(samples["budget"] != NO_BUDGET) & samples["metric"].isin(metrics)].copy()
+    s["method"] = s["method"] + "\t" + s["budget"]  # one row per method and budget, in one section
+    s["budget"] = "all"
+    refs = tuple(sorted({m for m in s["method"] if m.endswith("\t" + reference)}))
+    table = compare(s, references=refs, n_boot=n_boot).set_index(["task", "metric", "method"])
+    rows = []
+    for (task, metric, label), r in table.iterrows():
+        method, budget = label.split("\t")
+        ref = f"{method}\t{reference}"
+        if budget == reference or (task, metric, ref) not in table.index:
+            continue
+        rows.append({"task": task, "metric": metric, "method": method, "budget": budget, "mean": r["mean"],
+                     "reference_mean": table.loc[(task, metric, ref), "mean"], "delta": r[f"d_{ref}"],
+                     "lo": r[f"d_{ref}_lo"], "hi": r[f"d_{ref}_hi"]})
+    return pd.DataFrame(rows)
 
 
 def print_table(board: pd.DataFrame, runs: pd.DataFrame, methods: list[str], families: list[str]) -> None:

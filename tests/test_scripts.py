@@ -400,3 +400,28 @@ def test_flop_count_repeats_kv_heads_without_changing_the_count(monkeypatch):
         step(method, batch, 0)
     assert any(grouped)  # the unpatched step does run grouped-query attention
     assert flops(method, batch) == counter.get_total_flops() > 0
+
+
+def test_summary_table_pairs_each_budget_with_the_reference_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import pandas as pd
+    import summary_table
+
+    from dopsd_bench.store import NO_BUDGET
+
+    rows = []
+    for seed in (0, 1):
+        for sample in range(4):
+            value = 0.1 * sample + seed
+            common = {"backbone": "b", "task": "style", "metric": "fidelity", "instance": "dotted", "seed": seed,
+                      "sample": sample, "higher_is_better": True}
+            rows.append(common | {"method": "sft", "budget": "short", "value": value})
+            rows.append(common | {"method": "sft", "budget": "long", "value": value + 0.1 * (seed + 1)})
+            rows.append(common | {"method": "base", "budget": NO_BUDGET, "value": 0.0})
+    deltas = summary_table.budget_deltas(pd.DataFrame(rows), "long", n_boot=200)
+    assert len(deltas) == 1  # sft at its one other budget; base trains nothing, the reference is not its own row
+    d = deltas.iloc[0]
+    assert (d["method"], d["budget"], d["metric"]) == ("sft", "short", "fidelity")
+    assert d["delta"] == pytest.approx(-(0.1 + 0.2) / 2)  # seed 0 is 0.1 lower at the short budget, seed 1 0.2
+    assert d["mean"] - d["reference_mean"] == pytest.approx(d["delta"])
+    assert d["lo"] == pytest.approx(-0.2) and d["hi"] == pytest.approx(-0.1)  # two runs: the bootstrap's extremes
