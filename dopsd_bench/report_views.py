@@ -46,8 +46,9 @@ def pareto_front(points: Sequence[Sequence[float]], higher_is_better: Sequence[b
 
 # ---- continual tuning ---------------------------------------------------------------------------------------
 def sequence_runs(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per sequence cell: its keys, `rounds` (labels), `matrix` (R) and `fd_ratio` (after each round),
-    read from the cell's result.json. Empty when the results hold no sequence cell."""
+    """One row per sequence cell: its keys, `rounds` (labels), `matrix` (R), `transfer` (forward transfer's terms,
+    `_transfer_terms`) and `fd_ratio` (after each round), read from the cell's result.json. Empty when the results
+    hold no sequence cell."""
     rows = []
     family = cells["family"] if "family" in cells else pd.Series("", index=cells.index)
     for _, c in cells[family == "sequence"].iterrows():
@@ -60,9 +61,7 @@ def sequence_runs(cells: pd.DataFrame) -> pd.DataFrame:
         ratios = [_float(r.get(RETENTION)) for r in seq.get("per_round") or []]
         rows.append({k: c[k] for k in ("method", "task", "instance", "backbone", "seed", "budget")}
                     | {"rounds": tuple(seq.get("rounds") or []),
-                       "matrix": with_transfer(seq["accuracy_matrix"], seq.get("fidelity_before"),
-                                               seq.get("fidelity_untuned")),
-                       "fd_ratio": ratios})
+                       "matrix": seq["accuracy_matrix"], "transfer": _transfer_terms(seq), "fd_ratio": ratios})
     return pd.DataFrame(rows)
 
 
@@ -70,30 +69,38 @@ def _float(x: object) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
 
 
-def with_transfer(matrix: list[list[float]], before: list | None, untuned: list | None) -> list[list[float]]:
-    """R with forward transfer's terms where the result has them: a first row of the untuned model's fidelity b[j],
-    and right of the diagonal of row i the fidelity on round i+1's instance before it trained. R as it is
-    otherwise (results made before they were scored, or with a term missing)."""
+def _transfer_terms(seq: dict) -> tuple[list, list] | None:
+    """(fidelity_before, fidelity_untuned) of a sequence's result when every term was scored; None otherwise
+    (results made before forward transfer was scored)."""
+    n = len(seq["accuracy_matrix"])
+    before, untuned = seq.get("fidelity_before") or [], seq.get("fidelity_untuned") or []
+    if len(before) != n or len(untuned) != n or any(not isinstance(v, (int, float)) for v in [*before[1:], *untuned]):
+        return None
+    return before, untuned
+
+
+def with_transfer(matrix: list[list[float]], before: list, untuned: list) -> list[list[float]]:
+    """R with forward transfer's terms: a first row of the untuned model's fidelity b[j], and right of the diagonal
+    of row i the fidelity on round i+1's instance before it trained."""
     n = len(matrix)
-    if not before or not untuned or len(before) != n or len(untuned) != n or any(
-            not isinstance(v, (int, float)) for v in [*before[1:], *untuned]):
-        return matrix
     return [list(untuned)] + [row + ([before[i + 1]] if i + 1 < n else []) for i, row in enumerate(matrix)]
 
 
 def mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
-    """The element-wise mean of ragged matrices of one shape (row i as long in each): R over seeds."""
+    """The element-wise mean of lower-triangular matrices of one shape (row i has i + 1 entries): R over seeds."""
     return [[float(np.mean([m[i][j] for m in matrices])) for j in range(len(row))]
             for i, row in enumerate(matrices[0])]
 
 
-def _seed_mean(matrices: list[list[list[float]]], n_rounds: int) -> list[list[float]]:
-    """The mean over seeds of R, with forward transfer's row and cells where every seed has them."""
-    shapes = {tuple(len(row) for row in m) for m in matrices}
-    if len(shapes) > 1:  # some seeds were scored without forward transfer: R alone
-        matrices = [m[len(m) - n_rounds:] for m in matrices]
-        matrices = [[row[:i + 1] for i, row in enumerate(m)] for m in matrices]
-    return mean_matrix(matrices)
+def _seed_mean(runs: pd.DataFrame) -> list[list[float]]:
+    """R averaged over the runs (seeds), with forward transfer's row and cells where every run has its terms."""
+    matrix = mean_matrix(list(runs["matrix"]))
+    terms = list(runs["transfer"])
+    if not all(isinstance(t, tuple) for t in terms):
+        return matrix
+    before = [None] + [float(np.mean([t[0][j] for t in terms])) for j in range(1, len(matrix))]
+    untuned = [float(np.mean([t[1][j] for t in terms])) for j in range(len(matrix))]
+    return with_transfer(matrix, before, untuned)
 
 
 def _retention_by_round(runs: pd.DataFrame) -> list[tuple[float, float, float, float]]:
@@ -123,7 +130,7 @@ def sequence_section(cells: pd.DataFrame, backbone: str, task: str, budget: str,
             "the untuned model's after each round (1 = unchanged, lower is better); bars: min to max over seeds.</p>")]
     for (instance, labels), g in runs.groupby(["instance", "rounds"], sort=True):
         methods = [m for m in method_order if m in set(g["method"])] + sorted(set(g["method"]) - set(method_order))
-        means = {m: _seed_mean(list(g.loc[g["method"] == m, "matrix"]), len(labels)) for m in methods}
+        means = {m: _seed_mean(g[g["method"] == m]) for m in methods}
         values = [v for mat in means.values() for row in mat for v in row if math.isfinite(v)]
         vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
         rows = [f"after {i + 1}: {label}" for i, label in enumerate(labels)]
