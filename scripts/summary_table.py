@@ -22,17 +22,14 @@ from pathlib import Path
 import pandas as pd
 
 from dopsd_bench.stats import compare
-from dopsd_bench.store import NO_BUDGET, load_results
+from dopsd_bench.store import NO_BUDGET, Results, load_results
 
 COLUMNS = ("fidelity", "alignment", "retention_fd_ratio")
 ORDER = ("base", "icl", "sft", "sft-full", "dreambooth", "sft-teacher", "offpolicy", "dopsd", "base-transfer")
 
 
-def load_runs(results: Path) -> pd.DataFrame:
+def runs_of(res: Results) -> pd.DataFrame:
     """One row per run: method, family, budget, seed, fidelity (mean over samples) and step time."""
-    res = load_results(results)
-    if res.empty:
-        raise SystemExit(f"no result.json under {results}: run the sweep first")
     fidelity = (res.samples[res.samples["metric"] == "fidelity"].groupby("cell")["value"].mean()
                 .rename("fidelity"))
     runs = res.cells.join(fidelity, on="cell")
@@ -53,7 +50,10 @@ def main() -> None:
     args = ap.parse_args()
 
     board = pd.read_csv(args.csv)
-    runs = load_runs(args.results)
+    res = load_results(args.results)
+    if res.empty:
+        raise SystemExit(f"no result.json under {args.results}: run the sweep first")
+    runs = runs_of(res)
     present = list(dict.fromkeys(board["method"]))
     methods = (args.methods.split(",") if args.methods
                else [m for m in ORDER if m in present] + [m for m in present if m not in ORDER])
@@ -73,7 +73,7 @@ def main() -> None:
     if reference not in budgets:
         raise SystemExit(f"--vs-budget {reference!r} is not a budget of {args.csv}; it has: {', '.join(budgets)}")
     print(f"\n### each budget vs {reference} (paired: same instance, seed and prompt; 95% interval)\n")
-    deltas = budget_deltas(load_results(args.results).samples, reference)
+    deltas = budget_deltas(res.samples, reference)
     for _, d in deltas[deltas["method"].isin(methods)].iterrows():
         print(f"  {d['task']:8s} {d['metric']:20s} {d['method']:10s} {d['budget']}: {fmt(d['mean'])} vs "
               f"{fmt(d['reference_mean'])}  Δ {d['delta']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]")
