@@ -49,6 +49,10 @@ def main() -> None:
                     "(default: its last)")
     args = ap.parse_args()
 
+    for path, what in ((args.csv, "run `dopsd-bench leaderboard --results DIR --csv` first"),
+                       (args.results, "pass the --out dir of a sweep")):
+        if not path.exists():
+            ap.error(f"{path} does not exist: {what}")
     board = pd.read_csv(args.csv)
     res = load_results(args.results)
     if res.empty:

@@ -425,3 +425,13 @@ def test_summary_table_pairs_each_budget_with_the_reference_budget(monkeypatch):
     assert d["delta"] == pytest.approx(-(0.1 + 0.2) / 2)  # seed 0 is 0.1 lower at the short budget, seed 1 0.2
     assert d["mean"] - d["reference_mean"] == pytest.approx(d["delta"])
     assert d["lo"] == pytest.approx(-0.2) and d["hi"] == pytest.approx(-0.1)  # two runs: the bootstrap's extremes
+
+
+def test_summary_table_says_which_input_is_missing_without_a_traceback(tmp_path):
+    board = tmp_path / "board.csv"
+    done = _script("summary_table.py", "--results", str(tmp_path / "no-runs"), "--csv", str(board))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{board} does not exist" in done.stderr  # the CSV is checked first: it names what to run
+    board.write_text("method,task,metric\n")
+    done = _script("summary_table.py", "--results", str(tmp_path / "no-runs"), "--csv", str(board))
+    assert done.returncode == 2 and "no-runs does not exist: pass the --out dir of a sweep" in done.stderr
