@@ -292,6 +292,22 @@ def test_zimage_teacher_inputs_follow_the_vl_chat_format(zimage_dir):
     assert int(cond["prompt_mask"].sum()) == min(inputs["input_ids"].shape[1], backbone.teacher_max_length)
 
 
+def test_zimage_teacher_encodes_a_batch_as_it_encodes_each_sample_and_passes_gradients(zimage_dir):
+    backbone = BACKBONES.get("z-image").from_pretrained(str(zimage_dir), device="cpu")
+    teacher = backbone.teacher
+    prompts = ["a red circle", "a big blue square at the top left on a striped background", ""]  # unequal lengths
+    images = (_references(3, 0) + 1) / 2
+    with torch.no_grad():
+        batch = teacher.hidden_states(prompts, images, max_length=512)
+        alone = [teacher.hidden_states([p], images[i:i + 1], max_length=512)[0] for i, p in enumerate(prompts)]
+    assert len({len(b) for b in batch}) == 3  # the padding is dropped again
+    for b, a in zip(batch, alone):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    vision = teacher.model.model.visual.requires_grad_(True)
+    sum(h.pow(2).sum() for h in teacher.hidden_states(prompts, images, max_length=512)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.patch_embed.parameters())
+
+
 def test_a_merged_adapter_computes_what_the_active_adapter_does_and_restores_the_weights(model_dir):
     backbone = _load(model_dir)
     cond = backbone.encode_prompts(PROMPTS)

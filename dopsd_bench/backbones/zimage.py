@@ -132,18 +132,27 @@ class TeacherVL:
                 "mm_token_type_ids": (ids["input_ids"] == self.image_token_id).int(),
                 "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
 
-    @torch.no_grad()
     def hidden_states(self, prompts: list[str], images: torch.Tensor, max_length: int,
                       layer: int = -2) -> list[torch.Tensor]:
-        """Per sample (L_i, D) hidden states of the language model at `layer`, images (B, 3, H, W) in [0, 1]."""
+        """Per sample (L_i, D) hidden states of the language model at `layer`, images (B, 3, H, W) in [0, 1].
+
+        One forward for the batch, its sequences padded on the right: the language model is causal, so a real
+        token never sees the padding and reads what a forward of its sample alone gives (the paper encodes one at a
+        time). Gradients reach the vision tower when the caller enables them (the embedded model's build trains it).
+        """
         p = next(self.model.parameters())
-        out = []
-        for prompt, image in zip(prompts, images):  # one at a time, as the paper: no padding inside the VL model
-            inputs = {k: v.to(p.device) for k, v in self.inputs(prompt, image).items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(p.dtype)
-            hs = self.model.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-            out.append(hs.hidden_states[layer][0][inputs["attention_mask"][0].bool()][:max_length])
-        return out
+        samples = [self.inputs(prompt, image) for prompt, image in zip(prompts, images)]
+        length = max(s["input_ids"].shape[1] for s in samples)
+
+        def padded(key: str) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(s[key], (0, length - s[key].shape[1])) for s in samples])
+
+        inputs = {key: padded(key).to(p.device) for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        inputs["pixel_values"] = torch.cat([s["pixel_values"] for s in samples]).to(p.device, p.dtype)
+        inputs["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples]).to(p.device)
+        hs = self.model.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        states = hs.hidden_states[layer]
+        return [state[mask.bool()][:max_length] for state, mask in zip(states, inputs["attention_mask"])]
 
 
 # ---- the backbone ------------------------------------------------------------------------------------------------
