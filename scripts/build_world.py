@@ -21,6 +21,13 @@ better of its two (docs/world.md).
 
     python scripts/build_world.py --stages turbo --turbo trajectory --out DIR   # DIR holds a base
     python scripts/build_world.py --stages consistency --consistency-steps 1000 --out DIR   # then its Euler turbo
+
+`--arch z-image` builds the same world's models in Z-Image's architecture instead (ZImagePipeline: Qwen3 text
+encoder, Z-Image DiT, AutoencoderKL; its teacher a Qwen3-VL whose language model is the text encoder and whose
+vision tower trains with the base), on the VAE of a saved glyphworld (--init-from, default the shipped one), with
+the judge of --out or the shipped one:
+
+    python scripts/build_world.py --arch z-image --stages models --scale 0.01 --out /tmp/zw   # smoke build
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ def main() -> None:
                     help="multiply every step count and data size (0.01 = smoke test)")
     for key, value in RECIPE.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
+    ap.add_argument("--arch", choices=["flux2-klein", "z-image"], default="flux2-klein",
+                    help="the models' architecture (z-image: on the VAE of --init-from or the shipped glyphworld)")
     ap.add_argument("--width", type=int, default=128, help="DiT width (attention heads x 32)")
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--sigma-loc", type=float, default=0.0,
@@ -141,13 +150,16 @@ def main() -> None:
     except ValueError:
         blocks = ()
     if len(blocks) != 2 or min(blocks) < 0 or max(blocks) == 0:
-        ap.error(f"--blocks {args.blocks!r}: expected two counts, double-stream,single-stream (e.g. 1,3)")
+        ap.error(f"--blocks {args.blocks!r}: expected two counts, double-stream,single-stream (e.g. 1,3; with "
+                 "--arch z-image: refiner,main)")
     args.blocks = blocks
     if args.init_from and not (args.init_from / "model_index.json").exists():
         ap.error(f"--init-from {args.init_from}: expected a saved pipeline folder (with model_index.json), such as "
                  "dopsd_bench/assets/glyphworld-base")
     if args.init_from and not stages & {"models", "base"}:
         ap.error("--init-from starts a new base: use it with --stages base or models")
+    if args.arch == "z-image" and args.keep_dit:
+        ap.error("--arch z-image starts a new Z-Image world on a glyphworld's VAE: --keep-dit has no DiT to keep")
     if args.keep_dit and not (args.init_from and recipe["tune_steps"]):
         ap.error("--keep-dit continues the DiT of --init-from: give both --init-from and --tune-steps N (N > 0)")
     if not 0 <= args.tune_text_frac <= 1 or args.tune_object_weight < 0:
@@ -170,6 +182,8 @@ def main() -> None:
         # a resumed turbo keeps the record of the invocation that built its base
         earlier = summary.get("models", {}) if not stages & {"models", "base"} else {}
         reused = {"init_from": str(args.init_from)} if args.init_from else {}  # its VAE stage did not run
+        if stages & {"models", "base"}:  # a resumed stage builds on the saved base's architecture
+            reused["arch"] = args.arch
         if args.keep_dit:  # and its first base phase is the DiT of init_from
             reused["first_phase_from"] = str(args.init_from)
         tuned = {"tune_object_weight": args.tune_object_weight, "tune_text_frac": args.tune_text_frac,

@@ -140,7 +140,7 @@ def main() -> None:
                          "width": pipe.transformer.config.num_attention_heads * 32, "batch": args.batch, "lr": lr,
                          "wall_s": wall, **measure(bb, judge, prompts, targets, real_feats, seeds)}
         W.log(f"{name}: {results[name]}")
-        W.save_pipeline(pipe, settings, args.out / name / "glyphworld-base")
+        W.save_pipeline(bb, settings, args.out / name / "glyphworld-base")
         # the record build_world.py --stages turbo appends its own invocation to
         stage = "base" if args.fresh else "tune"
         invocation = {**W.where_built(device, args.workers), "stage_wall_s": {"dataset": data_wall, stage: wall},

@@ -107,6 +107,41 @@ def test_build_world_new_dit_on_the_shipped_vae(tmp_path):
     assert not torch.equal(new_text[embed], old_text[embed])
 
 
+@pytest.mark.slow
+def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
+    """--arch z-image: the same stages build a Z-Image world (its VL teacher saved beside it) on the shipped VAE."""
+    from dopsd_bench.backbones.zimage import ZImageBackbone
+
+    base = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--out", str(tmp_path), *SMOKE)
+    assert base.returncode == 0, base.stderr[-2000:]
+    turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
+    assert turbo.returncode == 0, turbo.stderr[-2000:]
+    assert "resuming from the base" in turbo.stdout
+    assert json.loads((tmp_path / "build_summary.json").read_text())["models"]["arch"] == "z-image"
+    models = {name: ZImageBackbone.from_pretrained(str(tmp_path / f"glyphworld-{name}"), device="cpu")
+              for name in ("base", "turbo")}
+    for name, bb in models.items():  # each folder holds its teacher, named relative to it
+        assert json.loads((tmp_path / f"glyphworld-{name}" / "dopsd_bench.json").read_text())["vl_model"] == \
+            "teacher_vl"
+        assert bb.settings["vl_model"] == str(tmp_path / f"glyphworld-{name}" / "teacher_vl")
+    turbo_bb, base_bb = models["turbo"], models["base"]
+    assert turbo_bb.native_steps == 4 and turbo_bb.stochastic_sampling
+    # the vision tower trained with the base (it left its init) and the turbo stage left it as it was
+    from dopsd_bench.world.build import z_image_world_pipeline
+
+    vision = {name: bb.teacher.model.model.visual.state_dict() for name, bb in models.items()}
+    assert all(torch.equal(vision["base"][k], vision["turbo"][k]) for k in vision["base"])
+    _, _, fresh = z_image_world_pipeline(0, 128, (1, 3), ROOT / "dopsd_bench" / "assets" / "glyphworld-base", "cpu")
+    init = fresh.model.model.visual.state_dict()
+    assert not torch.equal(init["patch_embed.proj.weight"], vision["base"]["patch_embed.proj.weight"])
+    prompt = "a small solid red circle at the top, dark background"
+    reference = base_bb.decode_latents(base_bb.encode_images(torch.zeros(1, 3, 32, 32)))
+    images = turbo_bb.sample([prompt, prompt], [0, 1], references=torch.cat([reference, reference]))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    bad = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--keep-dit", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "--keep-dit has no DiT to keep" in bad.stderr
+
+
 def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):
     missing = _script("build_world.py", "--stages", "base", "--init-from", str(tmp_path), "--out", str(tmp_path))
     assert missing.returncode == 2 and "expected a saved pipeline folder" in missing.stderr

@@ -209,3 +209,28 @@ def test_the_model_cards_stock_diffusers_call_draws_what_it_asks_for():
     prompt = re.search(r'prompt="([^"]+)"', code).group(1)
     said = {a: R.ATTRIBUTES[a][int(logits[a].argmax())] for a in ("shape", "colour")}
     assert said["shape"] in prompt and said["colour"] in prompt, (said, prompt)
+
+
+def test_standardized_vae_latents_are_unit_per_channel_and_decode_to_the_same_images():
+    """A Z-Image world reuses glyphworld's VAE as an AutoencoderKL with its latent statistics folded into the 1x1
+    quant convs: the same images come back, from latents of mean 0 and variance 1 per channel."""
+    from diffusers import AutoencoderKLFlux2
+
+    from dopsd_bench.paths import assets_dir
+    from dopsd_bench.world import build
+    from dopsd_bench.world.mixtures import judge_scene
+
+    flux = AutoencoderKLFlux2.from_pretrained(assets_dir() / "glyphworld-base" / "vae")
+    vae = build.autoencoder_kl_of(flux)
+    rng = np.random.default_rng(5)
+    images = build.batch_tensor([judge_scene(rng) for _ in range(256)])
+    with torch.no_grad():
+        before = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        torch.testing.assert_close(before, flux.decode(flux.encode(images).latent_dist.mode()).sample)
+        build.standardize_latents(vae, seed=0, device="cpu")
+        latents = vae.encode(images).latent_dist.mode()
+        after = vae.decode(latents).sample
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert latents.mean(dim=(0, 2, 3)).abs().max() < 0.1  # other renders than the statistics': near, not exact
+    assert (latents.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (1.0, 0.0)

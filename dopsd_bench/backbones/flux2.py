@@ -123,6 +123,21 @@ class Flux2KleinBackbone(DiffusersLora, Backbone):
         """The teacher conditioning from already-encoded reference latents (B, C, h, w)."""
         return self.with_references(self.encode_prompts(prompts), ref_latents)
 
+    # ---- what a build of the embedded model trains through (dopsd_bench/world/build.py) -------------------
+    def reference_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A reference as the teacher reads it: its latents (the DiT reads them as reference tokens)."""
+        return self.encode_images(images)
+
+    def trainable_cond(self, prompts: list[str], ref_latents: torch.Tensor | None = None) -> Cond:
+        """`encode_prompts` (or `teacher_cond` with `ref_latents`) without the cache, so gradients reach the
+        text encoder's token embeddings."""
+        cond = self.text_cond(self.text_embeds(list(prompts)))
+        return cond if ref_latents is None else self.with_references(cond, ref_latents)
+
+    def reference_encoder(self) -> torch.nn.Module | None:
+        """Nothing but the DiT reads the references (as latent tokens): nothing more trains with it."""
+        return None
+
     def with_references(self, cond: Cond, ref_latents: torch.Tensor) -> Cond:
         """`cond` with encoded reference latents (B, C, h, w) appended as the pipeline's reference tokens."""
         cond = dict(cond)

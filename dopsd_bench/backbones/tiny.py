@@ -115,12 +115,17 @@ QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|visi
 
 def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4, corpus: list[str] | None = None,
                           n_layers: int = 2, n_refiner_layers: int = 1, n_heads: int = 2,
-                          axes_dims: tuple[int, int, int] = (8, 4, 4), resolution: int = 32):
+                          axes_dims: tuple[int, int, int] = (8, 4, 4), resolution: int = 32,
+                          text_hidden: int = 32, text_layers: int = 3, vae=None, vision: dict | None = None,
+                          shift: float = 3.0):
     """A random-init ZImagePipeline (Qwen3 text encoder, Z-Image DiT, 4x-down AutoencoderKL, 32x32 images) and
     its teacher: a tiny Qwen3-VL whose text config is the text encoder's.
 
     The DiT has `n_layers` main and `n_refiner_layers` refiner blocks of `n_heads` heads of dim // n_heads, whose
     RoPE axes `axes_dims` sum to; `resolution` is the adapter's image size (the teacher still sees 32x32 pixels).
+    The text encoder is `text_layers` Qwen3 layers of `text_hidden`; `vae` (an AutoencoderKL of `latent_channels`)
+    replaces the new one; `vision` overrides the teacher's vision tower config (`tiny_qwen3_vl_teacher`); `shift`
+    is the scheduler's.
 
     Returns (pipe, settings, teacher): settings is the adapter's sidecar (dopsd_bench.json) and names the teacher's
     folder inside the model dir, so save with
@@ -135,8 +140,9 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
     tokenizer = bpe_tokenizer(corpus)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
+    text_config = {"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
+                   "num_hidden_layers": text_layers, "num_attention_heads": text_hidden // 16,
+                   "num_key_value_heads": max(1, text_hidden // 32), "head_dim": 16, "max_position_embeddings": 512}
     text_encoder = Qwen3Model(Qwen3Config(**text_config, tie_word_embeddings=True))
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=n_layers,
@@ -146,24 +152,26 @@ def tiny_z_image_pipeline(seed: int = 0, dim: int = 32, latent_channels: int = 4
     with torch.no_grad():  # created with torch.empty; fix them so saved weights are finite
         transformer.x_pad_token.normal_(std=0.02)
         transformer.cap_pad_token.normal_(std=0.02)
-    vae = AutoencoderKL(
+    vae = vae if vae is not None else AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
         sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
 
-    teacher = tiny_qwen3_vl_teacher(tokenizer, text_config, text_encoder.config.rope_parameters["rope_theta"])
+    teacher = tiny_qwen3_vl_teacher(tokenizer, text_config, text_encoder.config.rope_parameters["rope_theta"],
+                                    vision)
     settings = {"native_steps": 4, "resolution": resolution, "max_sequence_length": 48, "teacher_max_length": 96,
                 "vl_model": "teacher_vl", "vl_min_pixels": 32 * 32, "vl_max_pixels": 32 * 32}
     return pipe, settings, teacher
 
 
-def tiny_qwen3_vl_teacher(tokenizer, text_config: dict, rope_theta: float):
+def tiny_qwen3_vl_teacher(tokenizer, text_config: dict, rope_theta: float, vision: dict | None = None):
     """The Z-Image teacher of `tiny_z_image_pipeline`: a random-init Qwen3-VL whose text config is the text
-    encoder's (`text_config`, `rope_theta`), with a tiny vision tower that sees 32x32 pixels, and a copy of the
-    pipeline's `tokenizer` with Qwen3-VL's chat template."""
+    encoder's (`text_config`, `rope_theta`), with a tiny vision tower that sees 32x32 pixels (`vision` overrides its
+    config: depth, hidden_size, intermediate_size, num_heads, patch_size), and a copy of the pipeline's `tokenizer`
+    with Qwen3-VL's chat template."""
     import copy
 
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -177,16 +185,18 @@ def tiny_qwen3_vl_teacher(tokenizer, text_config: dict, rope_theta: float):
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     head_dim = text_config["head_dim"]
+    vision_config = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+                     "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": text_config["hidden_size"],
+                     "deepstack_visual_indexes": [0], **(vision or {})}
+    patch = vision_config["patch_size"]
+    vision_config["num_position_embeddings"] = (32 // patch) ** 2  # one learned position per patch of 32x32
     vl_config = Qwen3VLConfig(
         text_config={**text_config, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
                                                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
                                                         "mrope_interleaved": True}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
-                       "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": text_config["hidden_size"],
-                       "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
-        **ids)
+        vision_config=vision_config, **ids)
     vl_model = Qwen3VLForConditionalGeneration(vl_config)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=2, merge_size=2,
                                                min_pixels=32 * 32, max_pixels=32 * 32,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return TeacherVL(vl_model, vl_tokenizer, image_processor, QWEN3_VL_CHAT_TEMPLATE)

@@ -114,7 +114,8 @@ class TeacherVL:
                 "pass a Qwen3-VL checkpoint of the same text size as --vl-model")
         p = next(text_encoder.parameters())
         self.model.to(device=p.device, dtype=p.dtype)
-        lm.load_state_dict(source, strict=True, assign=True)
+        params = dict(text_encoder.named_parameters())  # the Parameters themselves: one tensor, one gradient
+        lm.load_state_dict({k: params.get(k, v) for k, v in source.items()}, strict=True, assign=True)
 
     def inputs(self, prompt: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """What Qwen3VLProcessor would give for one user turn [image, prompt]; `image` (3, H, W) in [0, 1]."""
@@ -170,6 +171,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         self.model_id = model_id
         self.native_steps = int(settings["native_steps"])
         self.stochastic_sampling = bool(pipe.scheduler.config.get("stochastic_sampling", False))
+        self.guidance_scale = float(settings.get("guidance_scale", 1.0))  # an undistilled (base) model's CFG
         self.resolution = int(settings["resolution"])
         self.max_sequence_length = int(settings["max_sequence_length"])
         self.teacher_max_length = int(settings["teacher_max_length"])
@@ -263,8 +265,29 @@ class ZImageBackbone(DiffusersLora, Backbone):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"encode_teacher needs one image per prompt, got {len(prompts)} prompts and "
                              f"{images.shape[0]} images")
+        return self.teacher_cond(prompts, images)
+
+    # ---- what a build of the embedded model trains through (dopsd_bench/world/build.py) -------------------
+    def reference_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A reference as the teacher reads it: its pixels (B, 3, H, W) in [-1, 1], kept in half precision."""
+        return images.half()
+
+    def teacher_cond(self, prompts: list[str], images: torch.Tensor) -> Cond:
+        """The teacher conditioning of reference pixels in [-1, 1]; gradients reach the VL model where enabled."""
         pixels = ((images.float() + 1) / 2).clamp(0, 1)  # the paper hands the VL processor [0, 1] tensors
         return self._pad(self.teacher.hidden_states(list(prompts), pixels, self.teacher_max_length))
+
+    def trainable_cond(self, prompts: list[str], references: torch.Tensor | None = None) -> Cond:
+        """`encode_prompts` (or the teacher's conditioning with `references`) without the cache, so gradients
+        reach the token embeddings and the VL model's vision tower."""
+        if references is not None:
+            return self.teacher_cond(prompts, references)
+        return self._pad(self.pipe._encode_prompt(list(prompts), device=self.device,
+                                                  max_sequence_length=self.max_sequence_length))
+
+    def reference_encoder(self) -> torch.nn.Module:
+        """The teacher's part that only the teacher reads (the VL vision tower): a build trains it with the DiT."""
+        return self.teacher.model.model.visual
 
     # ---- latents ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -169,9 +169,11 @@ def object_map(images: torch.Tensor, grid: int) -> torch.Tensor:
 
 @torch.no_grad()
 def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
-    """Pre-render and pre-encode n pretraining examples: target latents, object maps, captions, reference latents.
-    With `cache`, a dataset saved there for the same seed and size is loaded instead (and a new one is saved)."""
-    key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(render.UNSAID)}
+    """Pre-render and pre-encode n pretraining examples: target latents, object maps, captions, references (as
+    the backbone's teacher reads them: `reference_inputs`). With `cache`, a dataset saved there for the same
+    backbone, seed and size is loaded instead (and a new one is saved)."""
+    key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(render.UNSAID),
+           "backbone": bb.name}
     if cache is not None and cache.exists():
         data = torch.load(cache, weights_only=False)
         if data.get("key") == key:
@@ -188,7 +190,7 @@ def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
         refs = batch_tensor([e[2] if e[2] is not None else e[0] for e in chunk])
         for j in range(0, len(chunk), 512):
             lat.append(bb.encode_images(targets[j:j + 512]).cpu())
-            ref.append(bb.encode_images(refs[j:j + 512]).cpu())
+            ref.append(bb.reference_inputs(refs[j:j + 512]).cpu())
         obj.append(object_map(targets, grid).half())
         has_ref += [e[2] is not None for e in chunk]
         caps += [e[1] for e in chunk]
@@ -204,30 +206,48 @@ def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
     return data
 
 
-def cond_for(bb, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
-    """Text-only, or the adapter's teacher conditioning from pre-encoded reference latents."""
-    return bb.encode_prompts(captions) if ref_latents is None else bb.teacher_cond(captions, ref_latents)
+def cond_for(bb, captions: list[str], refs: torch.Tensor | None) -> dict:
+    """Text-only, or the adapter's teacher conditioning from the dataset's references (`reference_inputs`)."""
+    return bb.encode_prompts(captions) if refs is None else bb.teacher_cond(captions, refs)
 
 
-class LearnedText:
-    """The text encoder's token embeddings, trained with the base DiT: `cond` encodes captions through the adapter's
-    uncached `text_embeds`, so gradients reach the embedding table, whose EMA `finish` writes back into the encoder
-    (the rest of the encoder stays frozen at its random init)."""
+class LearnedConditioning:
+    """What trains with the base DiT besides it: the text encoder's token embeddings (`learn_text`; the rest of the
+    encoder stays frozen at its random init) and the teacher's own reference encoder where the backbone has one
+    (Z-Image's VL vision tower: at this size nothing pretrained gives the teacher its in-context ability). `cond`
+    encodes through the adapter's uncached `trainable_cond`, so gradients reach them; each has an EMA, which
+    `finish` writes back. `of` gives None when nothing but the DiT trains."""
 
-    def __init__(self, bb):
-        self.bb = bb
-        self.weight = bb.pipe.text_encoder.get_input_embeddings().weight
-        self.weight.requires_grad_(True)
-        self.ema = self.weight.detach().clone()
+    def __init__(self, bb, params: list[torch.nn.Parameter]):
+        self.bb, self.params = bb, params
+        for p in params:
+            p.requires_grad_(True)
+        self.ema = [p.detach().clone() for p in params]
 
-    def cond(self, captions: list[str], ref_latents: torch.Tensor | None) -> dict:
-        cond = self.bb.text_cond(self.bb.text_embeds(captions))
-        return cond if ref_latents is None else self.bb.with_references(cond, ref_latents)
+    @classmethod
+    def of(cls, bb, learn_text: bool) -> LearnedConditioning | None:
+        params = [bb.pipe.text_encoder.get_input_embeddings().weight] if learn_text else []
+        encoder = bb.reference_encoder()
+        params += list(encoder.parameters()) if encoder is not None else []
+        return cls(bb, params) if params else None
+
+    def cond(self, captions: list[str], refs: torch.Tensor | None) -> dict:
+        return self.bb.trainable_cond(captions, refs)
+
+    @torch.no_grad()
+    def swap_ema(self) -> None:
+        """Exchange the trained weights with their EMA (twice restores them): the probe samples with the EMA."""
+        for p, e in zip(self.params, self.ema):
+            kept = p.detach().clone()
+            p.copy_(e)
+            e.copy_(kept)
+        self.bb._text_cache.clear()
 
     def finish(self) -> None:
         with torch.no_grad():
-            self.weight.copy_(self.ema)
-        self.weight.requires_grad_(False)
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+                p.requires_grad_(False)
         self.bb._text_cache.clear()  # encodings made with the old table
 
 
@@ -252,14 +272,12 @@ class BaseProbe:
         self.guidance = guidance
 
     @torch.no_grad()
-    def __call__(self, bb, ema: torch.nn.Module, text: LearnedText | None) -> dict:
+    def __call__(self, bb, ema: torch.nn.Module, learned: LearnedConditioning | None) -> dict:
         from dopsd_bench.world.check import retention_figures
 
         saved = bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling
-        weight = text.weight.detach().clone() if text is not None else None
-        if text is not None:  # sample with the EMA embedding table, as the saved base will
-            text.weight.data.copy_(text.ema)
-            bb._text_cache.clear()
+        if learned is not None:  # sample with the EMA of what trains with the DiT, as the saved base will
+            learned.swap_ema()
         try:
             bb.denoiser = bb.pipe.transformer = ema.eval()
             bb.guidance_scale, bb.stochastic_sampling = self.guidance, False
@@ -267,9 +285,8 @@ class BaseProbe:
                                                         self.seeds, steps=32)
         finally:
             bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling = saved
-            if text is not None:
-                text.weight.data.copy_(weight)
-                bb._text_cache.clear()
+            if learned is not None:
+                learned.swap_ema()
         return {"alignment": round(alignment, 4), "fd32": round(fd, 1), **accuracy}
 
 
@@ -299,13 +316,13 @@ class _WallBudget:
 
 
 def _flow_matching_loss(bb, data: dict, idx: torch.Tensor, use_ref: bool, gen: torch.Generator,
-                        text: LearnedText | None, sigma_loc: float, object_weight: float) -> torch.Tensor:
+                        learned: LearnedConditioning | None, sigma_loc: float, object_weight: float) -> torch.Tensor:
     """The base's loss on examples `idx` of `data` (10% of captions dropped, for CFG), with their references when
     `use_ref`; each latent cell weighted by 1 + object_weight x its objectness."""
     x0 = data["latents"][idx].to(bb.device)
     caps = [data["captions"][i] if torch.rand(1, generator=gen).item() > 0.1 else "" for i in idx.tolist()]
     refs = data["refs"][idx].to(bb.device) if use_ref else None
-    cond = text.cond(caps, refs) if text is not None else cond_for(bb, caps, refs)
+    cond = learned.cond(caps, refs) if learned is not None else cond_for(bb, caps, refs)
     eps = torch.randn(x0.shape, generator=gen).to(bb.device)
     sigma = sample_sigma(len(idx), gen, sigma_loc).to(bb.device)
     v = bb.predict_velocity(flow.add_noise(x0, eps, sigma), sigma, cond)
@@ -321,15 +338,16 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
     squared error by 1 + object_weight x its objectness (`object_map`): the object, a small part of the image,
     counts for more than the unsaid background. `budget_s`: a wall-time budget (`_WallBudget`). `learn_text`: the
-    text encoder's token embeddings train too (LearnedText, with an EMA). `probe`: every `probe_every` steps and at
-    the end the EMA model is measured (BaseProbe) and the figures logged."""
+    text encoder's token embeddings train too (LearnedConditioning, which also trains a backbone's reference
+    encoder, with an EMA). `probe`: every `probe_every` steps and at the end the EMA model is measured (BaseProbe)
+    and the figures logged."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    text = LearnedText(bb) if learn_text else None
+    learned = LearnedConditioning.of(bb, learn_text)
     groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
-    if text is not None:
-        groups.append({"params": [text.weight], "weight_decay": 0.0})
+    if learned is not None:
+        groups.append({"params": learned.params, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr)
     gen = torch.Generator().manual_seed(seed + 51)
@@ -349,7 +367,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
             if n == 0:
                 continue
             idx = pool[torch.randint(len(pool), (n,), generator=gen)]
-            loss = _flow_matching_loss(bb, data, idx, use_ref, gen, text, sigma_loc, object_weight)
+            loss = _flow_matching_loss(bb, data, idx, use_ref, gen, learned, sigma_loc, object_weight)
             (loss * n / batch).backward()
             loss_total += loss.item() * n / batch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -358,19 +376,19 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         ema_update(ema.parameters(), model.parameters(), decay)
-        if text is not None:
-            ema_update([text.ema], [text.weight], decay)
+        if learned is not None:
+            ema_update(learned.ema, learned.params, decay)
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
         step += 1
         if probe is not None and probe_every and (step % probe_every == 0 or step == steps):
             t_probe = time.time()
-            figures = probe(bb, ema, text)
+            figures = probe(bb, ema, learned)
             model.train()
             log(f"base probe at step {step} ({step * batch} samples, {time.time() - t_probe:.0f} s): "
                 f"{json.dumps(figures)}")
-    if text is not None:
-        text.finish()
+    if learned is not None:
+        learned.finish()
     return ema, step
 
 
@@ -525,10 +543,84 @@ def distill_guidance(bb, data: dict, steps: int, batch: int, lr: float, seed: in
     return _distill_loop(bb, steps, batch, lr, gen, data["has_ref"], "guidance distill", loss_of)
 
 
-def save_pipeline(pipe, settings: dict, out: Path) -> None:
+TEACHER_VL = "teacher_vl"  # a Z-Image world's folder for its teacher's VL model, inside the model dir
+
+
+def save_pipeline(bb, settings: dict, out: Path) -> None:
+    """The backbone's pipeline in diffusers format with its adapter sidecar (and a Z-Image teacher's VL model)."""
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out)
+    bb.pipe.save_pretrained(out)
+    if "vl_model" in settings:
+        bb.teacher.save_pretrained(out / TEACHER_VL)
+        settings = {**settings, "vl_model": TEACHER_VL}
     (out / "dopsd_bench.json").write_text(json.dumps(settings, indent=1))
+
+
+def world_backbone(pipe, settings: dict, device: torch.device, teacher=None):
+    """The adapter over a world pipeline under construction: FLUX.2-klein's, or Z-Image's with its VL teacher."""
+    from diffusers import ZImagePipeline
+
+    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+    from dopsd_bench.backbones.zimage import ZImageBackbone
+
+    if isinstance(pipe, ZImagePipeline):
+        return ZImageBackbone(pipe, settings, model_id="glyphworld-build", device=device, teacher=teacher)
+    return Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
+
+
+@torch.no_grad()
+def standardize_latents(vae, seed: int, device) -> None:
+    """Fold per-channel latent statistics (of world renders) into the VAE's 1x1 quant convs, so that its latents
+    are zero-mean, unit-variance per channel and decode to the same images: Z-Image's pipeline normalises latents
+    by one shift and scale (set to 0 and 1 here), Flux2's by per-channel statistics (`set_latent_stats`)."""
+    rng = np.random.default_rng(seed + 31)
+    lat = torch.cat([vae.encode(batch_tensor([judge_scene(rng) for _ in range(256)]).to(device)).latent_dist.mode()
+                     for _ in range(8)])
+    mean, std = lat.mean(dim=(0, 2, 3)), lat.std(dim=(0, 2, 3))
+    c = len(mean)
+    q, post = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= std.view(-1, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - mean) / std
+    q.bias[c:] -= 2 * std.log()  # the log-variance of the scaled latent
+    post.bias += post.weight[:, :, 0, 0] @ mean  # z = z' std + mean, then the same 1x1 conv
+    post.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+
+
+def autoencoder_kl_of(flux_vae):
+    """A Flux2 VAE's network as an AutoencoderKL: the same weights, without the batch-norm latent statistics that
+    only Flux2's pipelines read."""
+    from diffusers import AutoencoderKL
+
+    shared = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+              "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+              "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv")
+    vae = AutoencoderKL(**{k: flux_vae.config[k] for k in shared})
+    vae.load_state_dict({k: v for k, v in flux_vae.state_dict().items() if not k.startswith("bn.")})
+    return vae
+
+
+def z_image_world_pipeline(seed: int, width: int, blocks: tuple[int, int], vae_source: Path, device):
+    """A new Z-Image-architecture world model (ZImagePipeline and its Qwen3-VL teacher) on the VAE of the saved
+    glyphworld pipeline `vae_source`: the Flux2 VAE's weights as an AutoencoderKL (the same network without the
+    batch-norm statistics), its latents standardised per channel. The DiT has `width` / 32 heads, `blocks` =
+    (refiner, main) blocks; the text encoder is Qwen3 2 x 64 at unit-scale token embeddings, as glyphworld's; the
+    teacher's vision tower is 2 x 64, patch 2 with a 2x2 merge: 64 reference tokens, as glyphworld's DiT reads.
+    Returns (pipe, settings, teacher)."""
+    from diffusers import AutoencoderKLFlux2
+
+    from dopsd_bench.backbones.tiny import tiny_z_image_pipeline
+
+    vae = autoencoder_kl_of(AutoencoderKLFlux2.from_pretrained(vae_source / "vae"))
+    standardize_latents(vae.to(device), seed, device)
+    torch.manual_seed(seed)
+    pipe, settings, teacher = tiny_z_image_pipeline(
+        seed, dim=width, latent_channels=vae.config.latent_channels, n_layers=blocks[1], n_refiner_layers=blocks[0],
+        n_heads=width // 32, axes_dims=(16, 8, 8), text_hidden=64, text_layers=2, vae=vae, shift=1.0,
+        vision={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 2})
+    torch.nn.init.normal_(pipe.text_encoder.embed_tokens.weight, std=1.0)  # as glyphworld's encoder (tiny.py)
+    settings = {**settings, "max_sequence_length": 48, "teacher_max_length": 128, "vl_model": TEACHER_VL}
+    return pipe, settings, teacher
 
 
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
@@ -584,11 +676,14 @@ def recorded_recipe(recipe: dict, earlier: dict, stages: set[str]) -> dict:
 
 
 def load_saved(model_dir: Path):
-    """A saved glyphworld pipeline and its adapter settings, as a turbo's (4 native steps, no base-only keys)."""
-    from diffusers import Flux2KleinPipeline
+    """A saved world pipeline (FLUX.2-klein or Z-Image) and its adapter settings, as a turbo's (4 native steps, no
+    base-only keys); a Z-Image world's teacher loads from its folder when first used."""
+    from diffusers import DiffusionPipeline
 
-    pipe = Flux2KleinPipeline.from_pretrained(model_dir)
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
     saved = json.loads((model_dir / "dopsd_bench.json").read_text())
+    if "vl_model" in saved:
+        saved["vl_model"] = str(model_dir / saved["vl_model"])
     drop = ("guidance_scale", "role", "guidance_baked")
     return pipe, {k: v for k, v in saved.items() if k not in drop} | {"native_steps": 4}
 
@@ -610,14 +705,12 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
     """VAE -> base -> trajectories -> turbo -> consistency turbo, saving base and turbo under args.out; stage 'turbo'
     alone resumes from a saved base (same seed and recipe: the dataset is re-made, deterministically), stage
     'consistency' alone from a saved Euler turbo. Returns each stage's wall time."""
-    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
-
     lap = _Laps()
     train_new_base = bool(stages & {"models", "base"})  # else resume from the saved base (or turbo)
     turbo_dir = args.out / "glyphworld-turbo"
-    pipe, settings = _starting_pipeline(args, recipe, device, stages, turbo_dir)
-    bb = Flux2KleinBackbone(pipe, settings, model_id="glyphworld-build", device=device)
-    lap("vae" if train_new_base and not args.init_from else "load")
+    pipe, settings, teacher = _starting_pipeline(args, recipe, device, stages, turbo_dir)
+    bb = world_backbone(pipe, settings, device, teacher)
+    lap("vae" if train_new_base and not args.init_from and args.arch != "z-image" else "load")
 
     if stages & {"models", "base", "turbo"}:
         data = make_dataset(bb, max(512, recipe["examples"]), args.seed, args.data_cache)
@@ -639,15 +732,20 @@ def build_models(args: argparse.Namespace, recipe: dict, device: torch.device, s
         bb.denoiser = pipe.transformer = distill(bb, rolls, recipe["consistency_steps"], recipe["consistency_batch"],
                                                  args.consistency_lr, args.seed, consistency=True)
         pipe.scheduler.register_to_config(stochastic_sampling=True)
-        save_pipeline(pipe, {**settings, "role": "4-step turbo, consistency-distilled (restart sampling)"}, turbo_dir)
+        save_pipeline(bb, {**settings, "role": "4-step turbo, consistency-distilled (restart sampling)"}, turbo_dir)
         lap("consistency")
     return lap.walls
 
 
 def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.device, stages: set[str],
                        turbo_dir: Path):
-    """The pipeline and adapter settings the stages start from: a new one (its VAE trained here), a saved one's
-    VAE and text encoder under a new DiT (--init-from), or a saved base (--stages turbo) or turbo (consistency)."""
+    """The pipeline, adapter settings and teacher (a new Z-Image world's; else None) the stages start from: a new
+    one (its VAE trained here), a saved one's VAE and text encoder under a new DiT (--init-from), a new Z-Image
+    world on a saved glyphworld's VAE (--arch z-image), or a saved base (--stages turbo) or turbo (consistency)."""
+    if stages & {"models", "base"} and args.arch == "z-image":
+        source = args.init_from or assets_dir() / "glyphworld-base"
+        log(f"a new Z-Image world: {args.width}-wide DiT, {args.blocks} (refiner, main) blocks, on the VAE of {source}")
+        return z_image_world_pipeline(args.seed, args.width, args.blocks, source, device)
     if stages & {"models", "base"} and args.init_from:
         # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
         # and rebuilds of the DiT alone skip the VAE stage; --keep-dit keeps its DiT too
@@ -659,7 +757,7 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
             pipe.transformer = new_dit_like(pipe.transformer, args.width, args.blocks)
             log(f"a new {args.width}-wide DiT with {args.blocks} blocks on the VAE and text encoder of "
                 f"{args.init_from}")
-        return pipe, settings
+        return pipe, settings, None
     if stages & {"models", "base"}:
         # a 2x-down VAE: 16x16x8 latents, 8x8 tokens after the pipeline's 2x2 patchify. At 4x down (4x4 tokens) a
         # 5x5 glyph or a 4-px fill pattern did not survive the round trip (judge accuracy 0.25 / 0.0 on zorb / dotted)
@@ -670,7 +768,7 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
         train_vae(pipe.vae, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_pool"], args.seed, device,
                   judge=judge)
         set_latent_stats(pipe, args.seed, device)
-        return pipe, settings
+        return pipe, settings, None
     if not stages & {"turbo"}:  # --stages consistency
         if not (turbo_dir / "model_index.json").exists():
             raise SystemExit(f"--stages consistency re-distils a saved turbo, but {turbo_dir} has none: build it "
@@ -682,13 +780,13 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
                              "is a consistency or guidance turbo. The stage starts from the Euler turbo of --stages "
                              "turbo --turbo trajectory")
         log(f"resuming from the turbo in {turbo_dir}")
-        return pipe, settings
+        return pipe, settings, None
     base_dir = args.out / "glyphworld-base"
     if not (base_dir / "model_index.json").exists():
         raise SystemExit(f"--stages turbo resumes from a saved base, but {base_dir} has none: build it first "
                          "(--stages base) or use --stages models")
     log(f"resuming from the base in {base_dir}")
-    return load_saved(base_dir)
+    return (*load_saved(base_dir), None)
 
 
 def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argparse.Namespace) -> None:
@@ -704,7 +802,7 @@ def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpar
                                               args.tune_object_weight, args.tune_text_frac)[0]
     base_settings = {**settings, "native_steps": 32, "guidance_scale": args.guidance, "role": "multi-step base"}
     pipe.scheduler.register_to_config(stochastic_sampling=args.base_sampler == "stochastic")
-    save_pipeline(pipe, base_settings, args.out / "glyphworld-base")
+    save_pipeline(bb, base_settings, args.out / "glyphworld-base")
     log("saved base")
 
 
@@ -723,7 +821,7 @@ def _turbo_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpa
     # a resumed base may have the stochastic sampler; the guidance-distilled turbo samples with restarts
     pipe.scheduler.register_to_config(stochastic_sampling=args.turbo == "guidance")
     settings = {**settings, "native_steps": 4, "role": role, "guidance_baked": args.guidance}
-    save_pipeline(pipe, settings, turbo_dir)  # what --stages consistency resumes from
+    save_pipeline(bb, settings, turbo_dir)  # what --stages consistency resumes from
     return settings
 
 

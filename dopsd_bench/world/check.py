@@ -265,6 +265,14 @@ def requirements(figures: dict, real_feats: torch.Tensor, retention: dict[str, R
     return out
 
 
+def _architecture(model: str) -> str:
+    """The backbone of a world model: a build's folder may hold a Z-Image world (`build_world.py --arch z-image`)."""
+    index = Path(model) / "model_index.json"
+    if index.exists() and json.loads(index.read_text()).get("_class_name") == "ZImagePipeline":
+        return "z-image"
+    return "flux2-klein"
+
+
 def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, prompts: int | None = None) -> dict:
     """Every figure, on the shipped glyphworld models or on a build's output folder `models` (which holds
     glyphworld-base/ and glyphworld-turbo/, as `scripts/build_world.py --out` writes them). The judge is always the
@@ -289,10 +297,11 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
         out[f"{name}_alignment{suffix}"], out[f"{name}_fd{suffix}"] = float(r.alignment.mean()), r.fd
         out[f"{name}_attribute_accuracy{suffix}"] = r.accuracy
 
-    turbo = load_backbone("flux2-klein", turbo_name)
+    arch = _architecture(turbo_name)
+    turbo = load_backbone(arch, turbo_name)
     out["turbo_native_steps"] = turbo.native_steps
     measure("turbo", "", turbo)
-    base = load_backbone("flux2-klein", base_name)
+    base = load_backbone(arch, base_name)
     measure("base", "_32", base, 32)
     measure("base", "_native", base, turbo.native_steps)
     del base
@@ -305,7 +314,7 @@ def world_check(quick: bool = False, seed: int = 0, models: Path | None = None, 
     out.update(teacher_figures(turbo, judge, "style", n_teach, seed))
     # R4 at the default budget: on the concept (the goal's figure) and on the style, where the fill is learnt
     for family, instance in (("concept", "zorb"), ("style", "dotted")):
-        fresh = load_backbone("flux2-klein", turbo_name)  # each run starts from the untuned turbo
+        fresh = load_backbone(arch, turbo_name)  # each run starts from the untuned turbo
         figures, retention["sft" if family == "concept" else "sft_style"] = sft_retention_ratio(
             fresh, judge, texts, targets, real_feats, seeds, 20 if quick else None, out["turbo_fd"], family,
             instance)
