@@ -82,6 +82,9 @@ def main() -> None:
                     help="base: every N steps, log the world judge's accuracy and alignment of the EMA base's "
                          "32-step samples on retention prompts (0 = off; the shipped judge must exist)")
     ap.add_argument("--probe-prompts", type=int, default=128, help="retention prompts per probe (default 128)")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="save the base stage's state to OUT/base-checkpoint.pt every N steps; the same command "
+                         "resumes from it after a stop (0: none)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a saved glyphworld pipeline (e.g. dopsd_bench/assets/glyphworld-base) whose VAE, latent "
                          "stats and text encoder a new base reuses: skips the VAE stage, trains a new --width DiT")

@@ -234,3 +234,39 @@ def test_standardized_vae_latents_are_unit_per_channel_and_decode_to_the_same_im
     assert latents.mean(dim=(0, 2, 3)).abs().max() < 0.1  # other renders than the statistics': near, not exact
     assert (latents.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (1.0, 0.0)
+
+
+def test_a_base_stopped_after_a_checkpoint_resumes_to_the_weights_of_an_unstopped_one(tmp_path):
+    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+    from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+    from dopsd_bench.world import build
+
+    def backbone():
+        pipe, settings = tiny_flux2_klein_pipeline(seed=0)
+        return Flux2KleinBackbone(pipe, settings, model_id="tiny-build", device="cpu")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):  # a build killed after its step-4 checkpoint
+        raise Stop
+
+    data = build.make_dataset(backbone(), 64, seed=0)
+    unstopped = backbone()
+    whole, _ = build.train_base(unstopped, data, steps=6, batch=4, lr=1e-3, seed=0, learn_text=True)
+    checkpoint = build.BaseCheckpoint(tmp_path / "base-checkpoint.pt", every=2, recipe={"steps": 6})
+    with pytest.raises(Stop):
+        build.train_base(backbone(), data, steps=6, batch=4, lr=1e-3, seed=0, learn_text=True, probe=stop,
+                         probe_every=4, checkpoint=checkpoint)
+    assert torch.load(checkpoint.path, weights_only=False)["step"] == 4
+    bb = backbone()
+    resumed, steps = build.train_base(bb, data, steps=6, batch=4, lr=1e-3, seed=0, learn_text=True,
+                                      checkpoint=checkpoint)
+    assert steps == 6
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    embeddings = [m.pipe.text_encoder.get_input_embeddings().weight for m in (unstopped, bb)]
+    torch.testing.assert_close(*embeddings, atol=0, rtol=0)  # the token embeddings trained on too
+    other = build.BaseCheckpoint(checkpoint.path, every=2, recipe={"steps": 8})
+    with pytest.raises(SystemExit, match="another recipe"):
+        build.train_base(backbone(), data, steps=8, batch=4, lr=1e-3, seed=0, checkpoint=other)

@@ -29,7 +29,7 @@ from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline, tiny_flux2_tra
 from dopsd_bench.losses import ema_update
 from dopsd_bench.paths import assets_dir
 from dopsd_bench.world import datasets, render
-from dopsd_bench.world.check import judge_accuracy, target_accuracy
+from dopsd_bench.world.check import judge_accuracy, target_accuracy, teacher_figures
 from dopsd_bench.world.judge import WorldJudge
 from dopsd_bench.world.mixtures import judge_scene, pretrain_example
 
@@ -262,7 +262,8 @@ def sample_sigma(n: int, gen: torch.Generator, loc: float = 0.0) -> torch.Tensor
 class BaseProbe:
     """What `world check` measures of a base, during training: the world judge's accuracy per attribute and its
     alignment on `n` retention prompts, sampled by the EMA DiT at 32 Euler steps with CFG `guidance` (fixed prompts
-    and seeds, so the figures of one build compare across steps)."""
+    and seeds, so the figures of one build compare across steps), and its in-context teacher's accuracy on the
+    held-out glyphs and fills (`world check`'s R3 figures, 4 samples per instance, at the same 32 steps)."""
 
     def __init__(self, n: int, guidance: float):
         from dopsd_bench.world.check import retention_setup
@@ -275,19 +276,63 @@ class BaseProbe:
     def __call__(self, bb, ema: torch.nn.Module, learned: LearnedConditioning | None) -> dict:
         from dopsd_bench.world.check import retention_figures
 
-        saved = bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling
+        saved = bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling, bb.native_steps
         if learned is not None:  # sample with the EMA of what trains with the DiT, as the saved base will
             learned.swap_ema()
         try:
             bb.denoiser = bb.pipe.transformer = ema.eval()
-            bb.guidance_scale, bb.stochastic_sampling = self.guidance, False
+            bb.guidance_scale, bb.stochastic_sampling, bb.native_steps = self.guidance, False, 32
             alignment, fd, accuracy = retention_figures(bb, self.judge, self.prompts, self.targets, self.real,
                                                         self.seeds, steps=32)
+            teacher = {k: round(v, 3) for family in ("concept", "style")
+                       for k, v in teacher_figures(bb, self.judge, family, 4, seed=0).items()}
         finally:
-            bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling = saved
+            bb.denoiser, bb.pipe.transformer, bb.guidance_scale, bb.stochastic_sampling, bb.native_steps = saved
             if learned is not None:
                 learned.swap_ema()
-        return {"alignment": round(alignment, 4), "fd32": round(fd, 1), **accuracy}
+        return {"alignment": round(alignment, 4), "fd32": round(fd, 1), **accuracy, **teacher}
+
+
+class BaseCheckpoint:
+    """The base stage's state (DiT, EMA, optimiser, data stream, what trains with the DiT and their EMAs) saved every
+    `every` steps to `path`, so a stopped build resumes where it was: the same command resumes from a state saved
+    for the same `recipe` (anything else is refused, not mixed). The stage's outcome does not depend on where it
+    was stopped: the random stream is saved with the weights."""
+
+    def __init__(self, path: Path, every: int, recipe: dict):
+        self.path, self.every, self.recipe = path, every, recipe
+
+    def resume(self, parts: dict, gen: torch.Generator, learned: LearnedConditioning | None) -> int:
+        """Load a saved state into `parts`, `gen` and `learned`; returns the step to go on from (0: none saved)."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=False)
+        if state["recipe"] != self.recipe:
+            raise SystemExit(f"{self.path} was saved by a base of another recipe ({state['recipe']}, not "
+                             f"{self.recipe}): delete it to start this one afresh")
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        gen.set_state(state["gen"])
+        with torch.no_grad():
+            for p, saved in zip(learned.params if learned else [], state["learned"]):
+                p.copy_(saved)
+            for e, saved in zip(learned.ema if learned else [], state["learned_ema"]):
+                e.copy_(saved)
+        log(f"base: resumed from {self.path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, parts: dict, gen: torch.Generator, learned: LearnedConditioning | None, step: int) -> None:
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state |= {"gen": gen.get_state(), "step": step, "recipe": self.recipe,
+                  "learned": [p.detach().clone() for p in (learned.params if learned else [])],
+                  "learned_ema": [e.clone() for e in (learned.ema if learned else [])]}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial)
+        os.replace(partial, self.path)  # atomic: a build stopped while saving keeps the previous state
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class _WallBudget:
@@ -332,15 +377,16 @@ def _flow_matching_loss(bb, data: dict, idx: torch.Tensor, use_ref: bool, gen: t
 
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
                object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None,
-               learn_text: bool = False, probe: BaseProbe | None = None, probe_every: int = 0
-               ) -> tuple[torch.nn.Module, int]:
+               learn_text: bool = False, probe: BaseProbe | None = None, probe_every: int = 0,
+               checkpoint: BaseCheckpoint | None = None) -> tuple[torch.nn.Module, int]:
     """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
     squared error by 1 + object_weight x its objectness (`object_map`): the object, a small part of the image,
     counts for more than the unsaid background. `budget_s`: a wall-time budget (`_WallBudget`). `learn_text`: the
     text encoder's token embeddings train too (LearnedConditioning, which also trains a backbone's reference
     encoder, with an EMA). `probe`: every `probe_every` steps and at the end the EMA model is measured (BaseProbe)
-    and the figures logged."""
+    and the figures logged. `checkpoint`: the stage's state is saved every `checkpoint.every` steps, and a saved
+    state of the same recipe is resumed (BaseCheckpoint)."""
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -356,6 +402,9 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     n_text = round(batch * text_frac)
     wall = _WallBudget(budget_s) if budget_s is not None else None
     step = 0
+    parts = {"model": model, "ema": ema, "opt": opt}
+    if checkpoint is not None:
+        step = checkpoint.resume(parts, gen, learned)
     while step < steps:
         if wall is not None:
             steps = wall.fitted(step, steps)
@@ -381,6 +430,8 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
         if step % 250 == 0 or step == steps - 1:
             log(f"base step {step}/{steps} loss {loss_total:.4f}")
         step += 1
+        if checkpoint is not None and step % checkpoint.every == 0 and step < steps:
+            checkpoint.save(parts, gen, learned, step)
         if probe is not None and probe_every and (step % probe_every == 0 or step == steps):
             t_probe = time.time()
             figures = probe(bb, ema, learned)
@@ -791,12 +842,19 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
 
 def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argparse.Namespace) -> None:
     """The base: flow matching (unless --keep-dit), an optional second phase, saved with its sampler."""
+    checkpoint = None
+    if args.checkpoint_every:
+        same = {k: recipe[k] for k in ("base_steps", "batch", "examples")} | {
+            "arch": args.arch, "seed": args.seed, "width": args.width, "blocks": list(args.blocks),
+            "init_from": str(args.init_from), "learn_text": args.learn_text, "object_weight": args.object_weight,
+            "sigma_loc": args.sigma_loc, "unsaid": dict(render.UNSAID)}
+        checkpoint = BaseCheckpoint(args.out / "base-checkpoint.pt", args.checkpoint_every, same)
     if not args.keep_dit:
         bb.denoiser = pipe.transformer = train_base(bb, data, recipe["base_steps"], recipe["batch"], BASE_LR,
                                                     args.seed, args.sigma_loc, object_weight=args.object_weight,
                                                     learn_text=args.learn_text, probe_every=args.probe_every,
                                                     probe=BaseProbe(args.probe_prompts, args.guidance)
-                                                    if args.probe_every else None)[0]
+                                                    if args.probe_every else None, checkpoint=checkpoint)[0]
     if recipe["tune_steps"]:
         bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
                                               args.tune_object_weight, args.tune_text_frac)[0]
@@ -804,6 +862,8 @@ def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpar
     pipe.scheduler.register_to_config(stochastic_sampling=args.base_sampler == "stochastic")
     save_pipeline(bb, base_settings, args.out / "glyphworld-base")
     log("saved base")
+    if checkpoint is not None:
+        checkpoint.finish()
 
 
 def _turbo_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argparse.Namespace, turbo_dir: Path,
