@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--learn-text", action=argparse.BooleanOptionalAction, default=True,
                     help="train the text encoder's token embeddings with the base DiT (the rest of the encoder stays "
                          "at its random init; default on); the turbo and every later user read the trained table")
+    ap.add_argument("--learn-text-encoder", action="store_true",
+                    help="the base trains the whole text encoder, not only its token embeddings (a Z-Image world's "
+                         "VL teacher reads through the same layers)")
     ap.add_argument("--object-weight", type=float, default=0.0,
                     help="base: extra loss weight on the object's latent cells (0 = plain flow matching)")
     ap.add_argument("--probe-every", type=int, default=0,
@@ -194,7 +197,8 @@ def main() -> None:
         if recipe["consistency_steps"] and stages & {"models", "turbo", "consistency"}:
             tuned["consistency_lr"] = args.consistency_lr
         if stages & {"models", "base"}:
-            tuned |= {"learn_text": args.learn_text, "object_weight": args.object_weight}
+            tuned |= {"learn_text": args.learn_text, "object_weight": args.object_weight,
+                      "learn_text_encoder": args.learn_text_encoder}
         if stages & {"models", "turbo"}:
             tuned["turbo"] = args.turbo
         invocations = earlier.get("invocations", []) + [{**where, "stage_wall_s": walls, "wall_s": wall}]

@@ -118,6 +118,10 @@ def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
     assert turbo.returncode == 0, turbo.stderr[-2000:]
     assert "resuming from the base" in turbo.stdout
     assert json.loads((tmp_path / "build_summary.json").read_text())["models"]["arch"] == "z-image"
+    from dopsd_bench.world.check import _architecture  # what `world check --models` loads the folders as
+
+    assert _architecture(str(tmp_path / "glyphworld-turbo")) == "z-image"
+    assert _architecture("glyphworld-turbo") == "flux2-klein"  # the shipped model, by name
     models = {name: ZImageBackbone.from_pretrained(str(tmp_path / f"glyphworld-{name}"), device="cpu")
               for name in ("base", "turbo")}
     for name, bb in models.items():  # each folder holds its teacher, named relative to it

@@ -213,10 +213,11 @@ def cond_for(bb, captions: list[str], refs: torch.Tensor | None) -> dict:
 
 class LearnedConditioning:
     """What trains with the base DiT besides it: the text encoder's token embeddings (`learn_text`; the rest of the
-    encoder stays frozen at its random init) and the teacher's own reference encoder where the backbone has one
-    (Z-Image's VL vision tower: at this size nothing pretrained gives the teacher its in-context ability). `cond`
-    encodes through the adapter's uncached `trainable_cond`, so gradients reach them; each has an EMA, which
-    `finish` writes back. `of` gives None when nothing but the DiT trains."""
+    encoder stays frozen at its random init unless `learn_encoder`, which trains all of it) and the teacher's own
+    reference encoder where the backbone has one (Z-Image's VL vision tower: at this size nothing pretrained gives
+    the teacher its in-context ability). `cond` encodes through the adapter's uncached `trainable_cond`, so
+    gradients reach them; each has an EMA, which `finish` writes back. `of` gives None when nothing but the DiT
+    trains."""
 
     def __init__(self, bb, params: list[torch.nn.Parameter]):
         self.bb, self.params = bb, params
@@ -225,8 +226,10 @@ class LearnedConditioning:
         self.ema = [p.detach().clone() for p in params]
 
     @classmethod
-    def of(cls, bb, learn_text: bool) -> LearnedConditioning | None:
-        params = [bb.pipe.text_encoder.get_input_embeddings().weight] if learn_text else []
+    def of(cls, bb, learn_text: bool, learn_encoder: bool = False) -> LearnedConditioning | None:
+        encoder = bb.pipe.text_encoder
+        params = list(encoder.parameters()) if learn_encoder else [encoder.get_input_embeddings().weight] if \
+            learn_text else []
         encoder = bb.reference_encoder()
         params += list(encoder.parameters()) if encoder is not None else []
         return cls(bb, params) if params else None
@@ -378,7 +381,8 @@ def _flow_matching_loss(bb, data: dict, idx: torch.Tensor, use_ref: bool, gen: t
 def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sigma_loc: float = 0.0,
                object_weight: float = 0.0, text_frac: float = 0.5, budget_s: float | None = None,
                learn_text: bool = False, probe: BaseProbe | None = None, probe_every: int = 0,
-               checkpoint: BaseCheckpoint | None = None) -> tuple[torch.nn.Module, int]:
+               checkpoint: BaseCheckpoint | None = None, learn_encoder: bool = False
+               ) -> tuple[torch.nn.Module, int]:
     """Flow matching on `data`; returns the EMA of the trained DiT and the steps it took. Each batch holds
     `text_frac` text-only examples, the rest with their reference. `object_weight` > 0 weights each latent cell's
     squared error by 1 + object_weight x its objectness (`object_map`): the object, a small part of the image,
@@ -390,7 +394,7 @@ def train_base(bb, data: dict, steps: int, batch: int, lr: float, seed: int, sig
     model = bb.denoiser
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    learned = LearnedConditioning.of(bb, learn_text)
+    learned = LearnedConditioning.of(bb, learn_text, learn_encoder)
     groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
     if learned is not None:
         groups.append({"params": learned.params, "weight_decay": 0.0})
@@ -847,6 +851,7 @@ def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpar
         same = {k: recipe[k] for k in ("base_steps", "batch", "examples")} | {
             "arch": args.arch, "seed": args.seed, "width": args.width, "blocks": list(args.blocks),
             "init_from": str(args.init_from), "learn_text": args.learn_text, "object_weight": args.object_weight,
+            "learn_text_encoder": args.learn_text_encoder,
             "sigma_loc": args.sigma_loc, "unsaid": dict(render.UNSAID)}
         checkpoint = BaseCheckpoint(args.out / "base-checkpoint.pt", args.checkpoint_every, same)
     if not args.keep_dit:
@@ -854,7 +859,8 @@ def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpar
                                                     args.seed, args.sigma_loc, object_weight=args.object_weight,
                                                     learn_text=args.learn_text, probe_every=args.probe_every,
                                                     probe=BaseProbe(args.probe_prompts, args.guidance)
-                                                    if args.probe_every else None, checkpoint=checkpoint)[0]
+                                                    if args.probe_every else None, checkpoint=checkpoint,
+                                                    learn_encoder=args.learn_text_encoder)[0]
     if recipe["tune_steps"]:
         bb.denoiser = pipe.transformer = tune(bb, data, recipe["tune_steps"], recipe["batch"], args.seed,
                                               args.tune_object_weight, args.tune_text_frac)[0]
