@@ -271,6 +271,7 @@ def test_zimage_teacher_language_model_is_the_text_encoder(zimage_dir):
     teacher, text_encoder = backbone.teacher, backbone.pipe.text_encoder
     lm = teacher.model.model.language_model
     assert lm.embed_tokens.weight.data_ptr() == text_encoder.embed_tokens.weight.data_ptr()  # shared, not copied
+    assert lm.layers[0].mlp.up_proj.weight is text_encoder.layers[0].mlp.up_proj.weight  # one Parameter, one .grad
     ids = backbone.pipe.tokenizer(["a green triangle"], return_tensors="pt")
     with torch.no_grad():
         want = text_encoder(**ids, output_hidden_states=True).hidden_states[-2]
