@@ -227,11 +227,11 @@ class LearnedConditioning:
 
     @classmethod
     def of(cls, bb, learn_text: bool, learn_encoder: bool = False) -> LearnedConditioning | None:
-        encoder = bb.pipe.text_encoder
-        params = list(encoder.parameters()) if learn_encoder else [encoder.get_input_embeddings().weight] if \
+        text = bb.pipe.text_encoder
+        params = list(text.parameters()) if learn_encoder else [text.get_input_embeddings().weight] if \
             learn_text else []
-        encoder = bb.reference_encoder()
-        params += list(encoder.parameters()) if encoder is not None else []
+        reference = bb.reference_encoder()
+        params += list(reference.parameters()) if reference is not None else []
         return cls(bb, params) if params else None
 
     def cond(self, captions: list[str], refs: torch.Tensor | None) -> dict:
