@@ -270,3 +270,20 @@ def test_a_base_stopped_after_a_checkpoint_resumes_to_the_weights_of_an_unstoppe
     other = build.BaseCheckpoint(checkpoint.path, every=2, recipe={"steps": 8})
     with pytest.raises(SystemExit, match="another recipe"):
         build.train_base(backbone(), data, steps=8, batch=4, lr=1e-3, seed=0, checkpoint=other)
+
+
+def test_reference_use_is_zero_when_every_example_has_the_same_reference_and_moves_otherwise():
+    from dopsd_bench.backbones.flux2 import Flux2KleinBackbone
+    from dopsd_bench.backbones.tiny import tiny_flux2_klein_pipeline
+    from dopsd_bench.world import build
+
+    pipe, settings = tiny_flux2_klein_pipeline(seed=0)
+    bb = Flux2KleinBackbone(pipe, settings, model_id="tiny-build", device="cpu")
+    data = build.make_dataset(bb, 64, seed=0)
+    own = build.reference_use(bb, data, n=8)
+    assert own["ref_gap"] == pytest.approx((own["ref_loss_other"] - own["ref_loss_own"]) / own["ref_loss_own"],
+                                           abs=1e-3)
+    assert own["ref_loss_own"] != own["ref_loss_other"]  # a random DiT attends to its reference tokens
+    same = {**data, "refs": data["refs"][:1].expand_as(data["refs"]).clone()}
+    figures = build.reference_use(bb, same, n=8)
+    assert figures["ref_gap"] == 0.0 and figures["ref_loss_own"] == figures["ref_loss_other"]
