@@ -23,9 +23,10 @@ better of its two (docs/world.md).
     python scripts/build_world.py --stages consistency --consistency-steps 1000 --out DIR   # then its Euler turbo
 
 `--arch z-image` builds the same world's models in Z-Image's architecture instead (ZImagePipeline: Qwen3 text
-encoder, Z-Image DiT, AutoencoderKL; its teacher a Qwen3-VL whose language model is the text encoder and whose
-vision tower trains with the base), on the VAE of a saved glyphworld (--init-from, default the shipped one), with
-the judge of --out or the shipped one:
+encoder, Z-Image DiT, AutoencoderKL), on the VAE of a saved glyphworld (--init-from, default the shipped one), with
+the judge of --out or the shipped one. Its teacher (--teacher) is the DiT's omni mode reading the reference's
+latents, or a Qwen3-VL whose language model is the text encoder and whose vision tower trains with the base (at this
+size that path does not learn to read its references: docs/world.md):
 
     python scripts/build_world.py --arch z-image --stages models --scale 0.01 --out /tmp/zw   # smoke build
 """
@@ -69,6 +70,11 @@ def main() -> None:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"recipe (default {value})")
     ap.add_argument("--arch", choices=["flux2-klein", "z-image"], default="flux2-klein",
                     help="the models' architecture (z-image: on the VAE of --init-from or the shipped glyphworld)")
+    ap.add_argument("--teacher", choices=["omni", "vl"], default="omni",
+                    help="a Z-Image world's in-context teacher: omni (default), the DiT reads the reference's latents "
+                         "as a clean condition image (ZImageOmniPipeline's path); vl, a Qwen3-VL reads its pixels "
+                         "into the caption stream (the paper's Z-Image-Turbo teacher), whose vision tower trains "
+                         "with the base")
     ap.add_argument("--width", type=int, default=128, help="DiT width (attention heads x 32)")
     ap.add_argument("--blocks", default="1,3", help="DiT blocks: double-stream,single-stream (default 1,3)")
     ap.add_argument("--sigma-loc", type=float, default=0.0,

@@ -17,6 +17,7 @@ import torch
 
 from dopsd_bench import flow
 from dopsd_bench.backbones.base import cat_conds, index_cond, repeat_cond, step_noise_seed
+from dopsd_bench.errors import UserError
 from dopsd_bench.registry import BACKBONES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,3 +344,69 @@ def test_a_second_adapter_is_added_without_a_warning(model_dir):
         warnings.simplefilter("error")  # any warning fails the test
         backbone.add_lora("student", rank=2)
         backbone.add_lora("teacher", rank=2)
+
+
+# ---- z-image: the omni teacher (the DiT reads the reference's latents) -------------------------------------------
+@pytest.fixture(scope="module")
+def zimage_omni_dir(tmp_path_factory) -> Path:
+    from dopsd_bench.backbones.tiny import tiny_z_image_pipeline
+
+    path = tmp_path_factory.mktemp("z-image-omni")
+    pipe, settings, _ = tiny_z_image_pipeline(seed=0)
+    pipe.save_pretrained(path)
+    settings = {k: v for k, v in settings.items() if not k.startswith("vl_")} | {"teacher": "omni"}
+    (path / "dopsd_bench.json").write_text(json.dumps(settings))
+    return path
+
+
+def test_zimage_omni_teacher_calls_the_dit_as_the_stock_omni_pipeline_does(zimage_omni_dir):
+    from diffusers import ZImageOmniPipeline
+
+    backbone = BACKBONES.get("z-image").from_pretrained(str(zimage_omni_dir), device="cpu")
+    images = _references(2, 0)
+    cond = backbone.encode_teacher(PROMPTS, images)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((2, *backbone.latent_shape()), generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    pipe = backbone.pipe
+    with torch.no_grad():
+        got = backbone.predict_velocity(x, sigma, cond)
+        # the omni pipeline's own caption segments and transformer call (ZImageOmniPipeline.__call__)
+        segments = ZImageOmniPipeline._encode_prompt(pipe, list(PROMPTS), device="cpu",
+                                                     max_sequence_length=backbone.max_sequence_length,
+                                                     num_condition_images=1)
+        refs = backbone.encode_images(images).unsqueeze(2)
+        out = pipe.transformer([[r, xi] for r, xi in zip(refs, x.unsqueeze(2))], 1 - sigma, segments,
+                               siglip_feats=[None, None], image_noise_mask=[[0, 1], [0, 1]], return_dict=False)[0]
+        want = -torch.stack(out).squeeze(2)
+        other = backbone.predict_velocity(x, sigma, backbone.encode_teacher(PROMPTS, images.flip(0)))
+        text_only = backbone.predict_velocity(x, sigma, backbone.encode_prompts(PROMPTS))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - other).abs().max() > 1e-3 and (got - text_only).abs().max() > 1e-3  # it reads the reference
+    blank = backbone.blank_teacher_cond(2)
+    assert set(blank) == set(cond) and blank["ref_latents"].shape == cond["ref_latents"].shape
+    with torch.no_grad():
+        assert backbone.predict_velocity(x, sigma, blank).shape == x.shape
+    assert backbone.reference_encoder() is None
+
+
+def test_zimage_omni_teacher_trains_the_token_embeddings_and_samples_with_references(zimage_omni_dir):
+    backbone = BACKBONES.get("z-image").from_pretrained(str(zimage_omni_dir), device="cpu")
+    table = backbone.pipe.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+    refs = backbone.reference_inputs(_references(2, 0))
+    assert refs.shape == (2, *backbone.latent_shape())  # latents, as the DiT reads them
+    x = torch.randn((2, *backbone.latent_shape()), generator=torch.Generator().manual_seed(1))
+    cond = backbone.trainable_cond(PROMPTS, refs)
+    backbone.predict_velocity(x, torch.tensor([0.5, 0.5]), cond).pow(2).mean().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    images = backbone.sample(PROMPTS, SEEDS, steps=2, references=_references(2, 0))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_zimage_refuses_an_unknown_teacher(zimage_omni_dir, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(zimage_omni_dir, path)
+    (path / "dopsd_bench.json").write_text(json.dumps(json.loads((path / "dopsd_bench.json").read_text())
+                                                      | {"teacher": "siglip"}))
+    with pytest.raises(UserError, match="expected one of vl, omni"):
+        BACKBONES.get("z-image").from_pretrained(str(path), device="cpu")

@@ -112,7 +112,8 @@ def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
     """--arch z-image: the same stages build a Z-Image world (its VL teacher saved beside it) on the shipped VAE."""
     from dopsd_bench.backbones.zimage import ZImageBackbone
 
-    base = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--out", str(tmp_path), *SMOKE)
+    base = _script("build_world.py", "--arch", "z-image", "--teacher", "vl", "--stages", "base", "--out",
+                   str(tmp_path), *SMOKE)
     assert base.returncode == 0, base.stderr[-2000:]
     turbo = _script("build_world.py", "--stages", "turbo", "--out", str(tmp_path), *SMOKE)
     assert turbo.returncode == 0, turbo.stderr[-2000:]
@@ -135,7 +136,8 @@ def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
 
     vision = {name: bb.teacher.model.model.visual.state_dict() for name, bb in models.items()}
     assert all(torch.equal(vision["base"][k], vision["turbo"][k]) for k in vision["base"])
-    _, _, fresh = z_image_world_pipeline(0, 128, (1, 3), ROOT / "dopsd_bench" / "assets" / "glyphworld-base", "cpu")
+    _, _, fresh = z_image_world_pipeline(0, 128, (1, 3), ROOT / "dopsd_bench" / "assets" / "glyphworld-base", "cpu",
+                                         teacher="vl")
     init = fresh.model.model.visual.state_dict()
     assert not torch.equal(init["patch_embed.proj.weight"], vision["base"]["patch_embed.proj.weight"])
     prompt = "a small solid red circle at the top, dark background"
@@ -144,6 +146,25 @@ def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     bad = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--keep-dit", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--keep-dit has no DiT to keep" in bad.stderr
+
+
+@pytest.mark.slow
+def test_build_world_z_image_omni_teacher_base(tmp_path):
+    """--arch z-image's default teacher: the DiT reads the reference's latents; no VL model is built or saved, and
+    the base probe logs how much the loss depends on the references."""
+    from dopsd_bench.backbones.zimage import ZImageBackbone
+
+    base = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--probe-every", "10",
+                   "--probe-prompts", "4", "--out", str(tmp_path), *SMOKE)
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert "omni teacher" in base.stdout and '"ref_gap"' in base.stdout
+    folder = tmp_path / "glyphworld-base"
+    assert json.loads((folder / "dopsd_bench.json").read_text())["teacher"] == "omni"
+    assert not (folder / "teacher_vl").exists()
+    bb = ZImageBackbone.from_pretrained(str(folder), device="cpu")
+    reference = bb.decode_latents(bb.encode_images(torch.zeros(1, 3, 32, 32)))
+    images = bb.sample(["a small solid red circle at the top, dark background"], [0], steps=2, references=reference)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
 def test_build_world_init_from_needs_a_saved_pipeline_and_a_new_base(tmp_path):

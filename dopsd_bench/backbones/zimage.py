@@ -15,6 +15,12 @@ comes from `vl_model` (a path or hub id; default Qwen/Qwen3-VL-4B-Instruct, as t
 first teacher call; its processing (chat template, Qwen2-VL image patches, one <|image_pad|> per merged patch) is
 done here with the tokenizer and the PIL image processor, because transformers' Qwen3VLProcessor also needs
 torchvision for its video half.
+
+Or (`"teacher": "omni"` in the sidecar) the DiT's own in-context path, as ZImageOmniPipeline calls it: the
+reference's latents are a clean condition image beside the noisy one (the transformer's omni mode, timestep 1 for
+clean tokens, the image at its own RoPE slot with the same h/w grid) and the prompt is split into the pipeline's
+three caption segments around the two images. No VL model is read. A DiT that also reads SigLIP features of its
+condition images (Z-Image-Omni's `siglip_feat_dim`) is refused: this teacher passes latents only.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ Z_IMAGE_SETTINGS = {"native_steps": 9, "resolution": 1024, "max_sequence_length"
 LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 SIDECAR = "dopsd_bench.json"
+TEACHERS = ("vl", "omni")
+# ZImageOmniPipeline's caption segments for one condition image: before it, between it and the target, after it
+OMNI_SEGMENTS = ("<|im_start|>user\n<|vision_start|>",
+                 "<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>",
+                 "<|vision_end|><|im_end|>")
 
 
 def resolve_model(model: str) -> tuple[str, dict]:
@@ -177,6 +188,14 @@ class ZImageBackbone(DiffusersLora, Backbone):
         self.teacher_max_length = int(settings["teacher_max_length"])
         # one padded length for text and teacher conds, so any two conds of this backbone concatenate
         self.cond_length = max(self.max_sequence_length, self.teacher_max_length)
+        self.teacher_kind = settings.get("teacher", "vl")
+        if self.teacher_kind not in TEACHERS:
+            raise UserError(f"{model_id}: its {SIDECAR} names teacher {self.teacher_kind!r}; expected one of "
+                            f"{', '.join(TEACHERS)} (vl: a Qwen3-VL reads the reference; omni: the DiT reads its "
+                            "latents)")
+        if self.teacher_kind == "omni" and pipe.transformer.config.get("siglip_feat_dim") is not None:
+            raise UserError(f"{model_id}: its DiT reads SigLIP features of condition images (Z-Image-Omni), which "
+                            "the omni teacher does not compute; it passes the reference's latents only")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe.to(self.device)
         self.denoiser = pipe.transformer
@@ -186,7 +205,7 @@ class ZImageBackbone(DiffusersLora, Backbone):
         self._teacher = teacher
         if teacher is not None:
             self._prepare_teacher(teacher)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str | tuple[str, str], torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
@@ -235,6 +254,14 @@ class ZImageBackbone(DiffusersLora, Backbone):
         return self._blank(rows, text_tokens or self.max_sequence_length)
 
     def blank_teacher_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
+        if self.teacher_kind == "omni":  # the prompt's segment, the two fixed ones and the reference latents
+            cond = self._blank(rows, text_tokens or self.max_sequence_length)
+            first, last = (self._segment_states([OMNI_SEGMENTS[i]])[0] for i in (0, 2))
+            cond["omni_first"] = torch.zeros(rows, *first.shape, device=self.device, dtype=cond["prompt_embeds"].dtype)
+            cond["omni_last"] = torch.zeros(rows, *last.shape, device=self.device, dtype=cond["prompt_embeds"].dtype)
+            cond["ref_latents"] = torch.zeros(rows, *self.latent_shape(), device=self.device,
+                                              dtype=cond["prompt_embeds"].dtype)
+            return cond
         # the VL teacher's hidden states of prompt and image: its image tokens dominate, so the maximum
         return self._blank(rows, self.teacher_max_length)
 
@@ -265,16 +292,46 @@ class ZImageBackbone(DiffusersLora, Backbone):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"encode_teacher needs one image per prompt, got {len(prompts)} prompts and "
                              f"{images.shape[0]} images")
-        return self.teacher_cond(prompts, images)
+        return self.teacher_cond(prompts, self.encode_images(images) if self.teacher_kind == "omni" else images)
+
+    # ---- the omni teacher's caption segments -------------------------------------------------------------
+    def _segment_states(self, texts: list[str]) -> list[torch.Tensor]:
+        """hidden_states[-2] of each raw text (no chat template), cut to its tokens, as ZImageOmniPipeline encodes
+        its caption segments; cached unless gradients are on."""
+        grad = torch.is_grad_enabled()
+        missing = texts if grad else list(dict.fromkeys(t for t in texts if ("omni", t) not in self._text_cache))
+        if missing:
+            ids = self.pipe.tokenizer(missing, padding="max_length", max_length=self.max_sequence_length,
+                                      truncation=True, return_tensors="pt")
+            mask = ids.attention_mask.to(self.device).bool()
+            states = self.pipe.text_encoder(input_ids=ids.input_ids.to(self.device), attention_mask=mask,
+                                            output_hidden_states=True).hidden_states[-2]
+            encoded = [state[m] for state, m in zip(states, mask)]
+            if grad:
+                return encoded
+            self._text_cache.update({("omni", t): e for t, e in zip(missing, encoded)})
+        return [self._text_cache[("omni", t)] for t in texts]
+
+    def _omni_cond(self, prompts: list[str], ref_latents: torch.Tensor) -> Cond:
+        cond = self._pad(self._segment_states([OMNI_SEGMENTS[1].format(prompt=p) for p in prompts]))
+        first, last = (self._segment_states([OMNI_SEGMENTS[i]])[0] for i in (0, 2))
+        cond["omni_first"] = first.expand(len(prompts), -1, -1)
+        cond["omni_last"] = last.expand(len(prompts), -1, -1)
+        cond["ref_latents"] = ref_latents.to(self.device, torch.float32)
+        return cond
 
     # ---- what a build of the embedded model trains through (dopsd_bench/world/build.py) -------------------
     def reference_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """A reference as the teacher reads it: its pixels (B, 3, H, W) in [-1, 1], kept in half precision."""
-        return images.half()
+        """A reference as the teacher reads it: the VL teacher its pixels (B, 3, H, W) in [-1, 1], kept in half
+        precision; the omni teacher its latents."""
+        return self.encode_images(images) if self.teacher_kind == "omni" else images.half()
 
-    def teacher_cond(self, prompts: list[str], images: torch.Tensor) -> Cond:
-        """The teacher conditioning of reference pixels in [-1, 1]; gradients reach the VL model where enabled."""
-        pixels = ((images.float() + 1) / 2).clamp(0, 1)  # the paper hands the VL processor [0, 1] tensors
+    def teacher_cond(self, prompts: list[str], references: torch.Tensor) -> Cond:
+        """The teacher conditioning of `reference_inputs`; gradients reach the text encoder's token embeddings and
+        the VL model where enabled."""
+        if self.teacher_kind == "omni":
+            return self._omni_cond(list(prompts), references)
+        pixels = ((references.float() + 1) / 2).clamp(0, 1)  # the paper hands the VL processor [0, 1] tensors
         return self._pad(self.teacher.hidden_states(list(prompts), pixels, self.teacher_max_length))
 
     def trainable_cond(self, prompts: list[str], references: torch.Tensor | None = None) -> Cond:
@@ -285,9 +342,10 @@ class ZImageBackbone(DiffusersLora, Backbone):
         return self._pad(self.pipe._encode_prompt(list(prompts), device=self.device,
                                                   max_sequence_length=self.max_sequence_length))
 
-    def reference_encoder(self) -> torch.nn.Module:
-        """The teacher's part that only the teacher reads (the VL vision tower): a build trains it with the DiT."""
-        return self.teacher.model.model.visual
+    def reference_encoder(self) -> torch.nn.Module | None:
+        """The teacher's part that only the teacher reads (the VL vision tower): a build trains it with the DiT.
+        The omni teacher has none: the DiT reads the reference's latents."""
+        return None if self.teacher_kind == "omni" else self.teacher.model.model.visual
 
     # ---- latents ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,7 +372,15 @@ class ZImageBackbone(DiffusersLora, Backbone):
         latents = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, h, w) per sample
         embeds = cond["prompt_embeds"].to(dtype)
         caps = [e[m] for e, m in zip(embeds, cond["prompt_mask"])]
-        out = self.denoiser(latents, t, caps, return_dict=False)[0]
+        if "ref_latents" in cond:  # the omni teacher: [reference, target] images around three caption segments
+            refs = cond["ref_latents"].to(dtype).unsqueeze(2).unbind(0)
+            images = [[r, x] for r, x in zip(refs, latents)]
+            segments = [[first, cap, last] for first, cap, last in
+                        zip(cond["omni_first"].to(dtype), caps, cond["omni_last"].to(dtype))]
+            out = self.denoiser(images, t, segments, siglip_feats=[None] * b, image_noise_mask=[[0, 1]] * b,
+                                return_dict=False)[0]
+        else:
+            out = self.denoiser(latents, t, caps, return_dict=False)[0]
         return -torch.stack(out).squeeze(2).to(x.dtype)  # the model predicts x0 - eps
 
     def sigmas(self, steps: int) -> torch.Tensor:

@@ -172,8 +172,9 @@ def make_dataset(bb, n: int, seed: int, cache: Path | None = None) -> dict:
     """Pre-render and pre-encode n pretraining examples: target latents, object maps, captions, references (as
     the backbone's teacher reads them: `reference_inputs`). With `cache`, a dataset saved there for the same
     backbone, seed and size is loaded instead (and a new one is saved)."""
+    reference = bb.reference_inputs(torch.zeros(1, 3, render.RES, render.RES))  # what the teacher reads
     key = {"seed": seed, "n": n, "latent_shape": list(bb.latent_shape()), "unsaid": dict(render.UNSAID),
-           "backbone": bb.name}
+           "backbone": bb.name, "reference": [*reference.shape[1:], str(reference.dtype)]}
     if cache is not None and cache.exists():
         data = torch.load(cache, weights_only=False)
         if data.get("key") == key:
@@ -680,13 +681,15 @@ def autoencoder_kl_of(flux_vae):
     return vae
 
 
-def z_image_world_pipeline(seed: int, width: int, blocks: tuple[int, int], vae_source: Path, device):
+def z_image_world_pipeline(seed: int, width: int, blocks: tuple[int, int], vae_source: Path, device,
+                           teacher: str = "omni"):
     """A new Z-Image-architecture world model (ZImagePipeline and its Qwen3-VL teacher) on the VAE of the saved
     glyphworld pipeline `vae_source`: the Flux2 VAE's weights as an AutoencoderKL (the same network without the
     batch-norm statistics), its latents standardised per channel. The DiT has `width` / 32 heads, `blocks` =
     (refiner, main) blocks; the text encoder is Qwen3 2 x 64 at unit-scale token embeddings, as glyphworld's; the
-    teacher's vision tower is 2 x 64, patch 2 with a 2x2 merge: 64 reference tokens, as glyphworld's DiT reads.
-    Returns (pipe, settings, teacher)."""
+    `teacher` "omni": the DiT reads the reference's latents (no VL model); "vl": a Qwen3-VL whose vision tower is
+    2 x 64, patch 2 with a 2x2 merge: 64 reference tokens, as glyphworld's DiT reads. Returns (pipe, settings, the
+    VL teacher or None)."""
     from diffusers import AutoencoderKLFlux2
 
     from dopsd_bench.backbones.tiny import tiny_z_image_pipeline
@@ -694,13 +697,16 @@ def z_image_world_pipeline(seed: int, width: int, blocks: tuple[int, int], vae_s
     vae = autoencoder_kl_of(AutoencoderKLFlux2.from_pretrained(vae_source / "vae"))
     standardize_latents(vae.to(device), seed, device)
     torch.manual_seed(seed)
-    pipe, settings, teacher = tiny_z_image_pipeline(
+    pipe, settings, vl_teacher = tiny_z_image_pipeline(
         seed, dim=width, latent_channels=vae.config.latent_channels, n_layers=blocks[1], n_refiner_layers=blocks[0],
         n_heads=width // 32, axes_dims=(16, 8, 8), text_hidden=64, text_layers=2, vae=vae, shift=1.0,
         vision={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 2})
     torch.nn.init.normal_(pipe.text_encoder.embed_tokens.weight, std=1.0)  # as glyphworld's encoder (tiny.py)
-    settings = {**settings, "max_sequence_length": 48, "teacher_max_length": 128, "vl_model": TEACHER_VL}
-    return pipe, settings, teacher
+    settings = {**settings, "max_sequence_length": 48, "teacher_max_length": 128}
+    if teacher == "omni":
+        settings = {k: v for k, v in settings.items() if not k.startswith("vl_")} | {"teacher": "omni"}
+        return pipe, settings, None
+    return pipe, settings | {"vl_model": TEACHER_VL, "teacher": "vl"}, vl_teacher
 
 
 RECIPE = {  # the shipped model's recipe; --scale multiplies every entry but the batch sizes (smoke builds)
@@ -824,8 +830,9 @@ def _starting_pipeline(args: argparse.Namespace, recipe: dict, device: torch.dev
     world on a saved glyphworld's VAE (--arch z-image), or a saved base (--stages turbo) or turbo (consistency)."""
     if stages & {"models", "base"} and args.arch == "z-image":
         source = args.init_from or assets_dir() / "glyphworld-base"
-        log(f"a new Z-Image world: {args.width}-wide DiT, {args.blocks} (refiner, main) blocks, on the VAE of {source}")
-        return z_image_world_pipeline(args.seed, args.width, args.blocks, source, device)
+        log(f"a new Z-Image world ({args.teacher} teacher): {args.width}-wide DiT, {args.blocks} (refiner, main) "
+            f"blocks, on the VAE of {source}")
+        return z_image_world_pipeline(args.seed, args.width, args.blocks, source, device, args.teacher)
     if stages & {"models", "base"} and args.init_from:
         # a new DiT on a saved pipeline's VAE (with its latent stats), tokenizer and text encoder: width experiments
         # and rebuilds of the DiT alone skip the VAE stage; --keep-dit keeps its DiT too
@@ -874,7 +881,8 @@ def _base_stage(bb, pipe, settings: dict, data: dict, recipe: dict, args: argpar
     checkpoint = None
     if args.checkpoint_every:
         same = {k: recipe[k] for k in ("base_steps", "batch", "examples")} | {
-            "arch": args.arch, "seed": args.seed, "width": args.width, "blocks": list(args.blocks),
+            "arch": args.arch, "teacher": args.teacher if args.arch == "z-image" else None, "seed": args.seed,
+            "width": args.width, "blocks": list(args.blocks),
             "init_from": str(args.init_from), "learn_text": args.learn_text, "object_weight": args.object_weight,
             "learn_text_encoder": args.learn_text_encoder,
             "sigma_loc": args.sigma_loc, "unsaid": dict(render.UNSAID)}
