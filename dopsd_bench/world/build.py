@@ -683,7 +683,7 @@ def autoencoder_kl_of(flux_vae):
 
 def z_image_world_pipeline(seed: int, width: int, blocks: tuple[int, int], vae_source: Path, device,
                            teacher: str = "omni"):
-    """A new Z-Image-architecture world model (ZImagePipeline and its Qwen3-VL teacher) on the VAE of the saved
+    """A new Z-Image-architecture world model (ZImagePipeline and its in-context teacher) on the VAE of the saved
     glyphworld pipeline `vae_source`: the Flux2 VAE's weights as an AutoencoderKL (the same network without the
     batch-norm statistics), its latents standardised per channel. The DiT has `width` / 32 heads, `blocks` =
     (refiner, main) blocks; the text encoder is Qwen3 2 x 64 at unit-scale token embeddings, as glyphworld's; the
