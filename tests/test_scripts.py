@@ -150,14 +150,12 @@ def test_build_world_z_image_base_then_resumed_turbo(tmp_path):
 
 @pytest.mark.slow
 def test_build_world_z_image_omni_teacher_base(tmp_path):
-    """--arch z-image's default teacher: the DiT reads the reference's latents; no VL model is built or saved, and
-    the base probe logs how much the loss depends on the references."""
+    """--arch z-image's default teacher: the DiT reads the reference's latents; no VL model is built or saved."""
     from dopsd_bench.backbones.zimage import ZImageBackbone
 
-    base = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--probe-every", "10",
-                   "--probe-prompts", "4", "--out", str(tmp_path), *SMOKE)
+    base = _script("build_world.py", "--arch", "z-image", "--stages", "base", "--out", str(tmp_path), *SMOKE)
     assert base.returncode == 0, base.stderr[-2000:]
-    assert "omni teacher" in base.stdout and '"ref_gap"' in base.stdout
+    assert "omni teacher" in base.stdout
     folder = tmp_path / "glyphworld-base"
     assert json.loads((folder / "dopsd_bench.json").read_text())["teacher"] == "omni"
     assert not (folder / "teacher_vl").exists()
