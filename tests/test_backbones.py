@@ -410,3 +410,16 @@ def test_zimage_refuses_an_unknown_teacher(zimage_omni_dir, tmp_path):
                                                       | {"teacher": "siglip"}))
     with pytest.raises(UserError, match="expected one of vl, omni"):
         BACKBONES.get("z-image").from_pretrained(str(path), device="cpu")
+
+
+def test_plan_reads_an_omni_z_image_model_without_a_vl_model(zimage_omni_dir):
+    """No VL model to find for the omni teacher, and its teacher pass is counted on the meta device as it runs."""
+    from dopsd_bench.plan import make_plan, teacher_forward_bytes
+
+    plan = make_plan("z-image", str(zimage_omni_dir), "dopsd", "style", batch_size=2, rank=4)
+    assert plan.problems == [] and "teacher_vision" not in plan.params
+    real = BACKBONES.get("z-image").from_pretrained(str(zimage_omni_dir), device="cpu")
+    assert plan.teacher_bytes == pytest.approx(teacher_forward_bytes(real, plan.teacher_rows, plan.text_tokens),
+                                               rel=0.01)
+    with pytest.raises(UserError, match="does not have"):
+        make_plan("z-image", str(zimage_omni_dir), "dopsd", "style", teacher_model="some/vl-model")

@@ -60,6 +60,8 @@ def resolve_model(model: str) -> tuple[str, dict]:
             raise UserError(f"{model} is not a diffusers pipeline folder: expected {path}/model_index.json")
         if (path / SIDECAR).exists():
             settings.update(json.loads((path / SIDECAR).read_text()))
+        if settings.get("teacher") == "omni":  # the DiT is its own teacher: no VL model to find, plan or load
+            return str(model), {k: v for k, v in settings.items() if not k.startswith("vl_")}
         vl = Path(settings["vl_model"])
         if not vl.is_absolute() and (path / vl).is_dir():  # a VL model shipped inside the model dir
             settings["vl_model"] = str(path / vl)
@@ -256,11 +258,11 @@ class ZImageBackbone(DiffusersLora, Backbone):
     def blank_teacher_cond(self, rows: int, text_tokens: int | None = None) -> Cond:
         if self.teacher_kind == "omni":  # the prompt's segment, the two fixed ones and the reference latents
             cond = self._blank(rows, text_tokens or self.max_sequence_length)
-            first, last = (self._segment_states([OMNI_SEGMENTS[i]])[0] for i in (0, 2))
-            cond["omni_first"] = torch.zeros(rows, *first.shape, device=self.device, dtype=cond["prompt_embeds"].dtype)
-            cond["omni_last"] = torch.zeros(rows, *last.shape, device=self.device, dtype=cond["prompt_embeds"].dtype)
-            cond["ref_latents"] = torch.zeros(rows, *self.latent_shape(), device=self.device,
-                                              dtype=cond["prompt_embeds"].dtype)
+            embeds = cond["prompt_embeds"]
+            for key, segment in (("omni_first", OMNI_SEGMENTS[0]), ("omni_last", OMNI_SEGMENTS[2])):
+                tokens = len(self.pipe.tokenizer(segment).input_ids)  # shapes only: no encoder pass (meta device)
+                cond[key] = embeds.new_zeros(rows, tokens, embeds.shape[-1])
+            cond["ref_latents"] = embeds.new_zeros(rows, *self.latent_shape())
             return cond
         # the VL teacher's hidden states of prompt and image: its image tokens dominate, so the maximum
         return self._blank(rows, self.teacher_max_length)
@@ -313,8 +315,9 @@ class ZImageBackbone(DiffusersLora, Backbone):
         return [self._text_cache[("omni", t)] for t in texts]
 
     def _omni_cond(self, prompts: list[str], ref_latents: torch.Tensor) -> Cond:
-        cond = self._pad(self._segment_states([OMNI_SEGMENTS[1].format(prompt=p) for p in prompts]))
-        first, last = (self._segment_states([OMNI_SEGMENTS[i]])[0] for i in (0, 2))
+        first, last, *middle = self._segment_states(
+            [OMNI_SEGMENTS[0], OMNI_SEGMENTS[2], *(OMNI_SEGMENTS[1].format(prompt=p) for p in prompts)])
+        cond = self._pad(middle)
         cond["omni_first"] = first.expand(len(prompts), -1, -1)
         cond["omni_last"] = last.expand(len(prompts), -1, -1)
         cond["ref_latents"] = ref_latents.to(self.device, torch.float32)

@@ -274,10 +274,10 @@ def reference_use(bb, data: dict, learned: LearnedConditioning | None = None, n:
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(bb.device)
     captions = [data["captions"][i] for i in idx.tolist()]
     refs = data["refs"][idx].to(bb.device)
+    sigmas = [torch.full((len(idx),), s, device=bb.device) for s in (0.2, 0.5, 0.8)]
     loss = {}
     for name, given in (("own", refs), ("other", refs.roll(1, 0))):
         cond = learned.cond(captions, given) if learned is not None else cond_for(bb, captions, given)
-        sigmas = [torch.full((len(idx),), s, device=bb.device) for s in (0.2, 0.5, 0.8)]
         loss[name] = sum((bb.predict_velocity(flow.add_noise(x0, eps, s), s, cond)
                           - flow.velocity_target(x0, eps)).pow(2).mean().item() for s in sigmas) / len(sigmas)
     return {"ref_loss_own": round(loss["own"], 4), "ref_loss_other": round(loss["other"], 4),
